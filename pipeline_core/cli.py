@@ -1,0 +1,150 @@
+"""The `batchrun` command line: thin click wrappers over plain functions, and the exit-code policy.
+
+`batchrun JOB.yaml` is `batchrun run JOB.yaml`. User errors print one message and exit with the
+contract's code; a traceback appears only for internal errors with BATCHRUN_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from pipeline_core import __version__
+from pipeline_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BatchrunError, NotImplementedYet, UsageError
+from pipeline_core.manifest import Job, load_job
+
+SET_HELP = "Override one manifest key by its dotted path; VALUE is YAML (batching.max_tokens=8192). Repeatable."
+
+
+class _RunByDefault(click.Group):
+    """Treat `batchrun JOB.yaml ...` as `batchrun run JOB.yaml ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_RunByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batchrun")
+def cli():
+    """Run a Hugging Face model over a dataset from a YAML job manifest, into resumable Parquet parts.
+
+    `batchrun JOB.yaml` is short for `batchrun run JOB.yaml`.
+    """
+
+
+def _set_option(function):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(function)
+
+
+@cli.command()
+@click.argument("job_file", metavar="JOB.yaml")
+@_set_option
+@click.option("--output", metavar="PATH", help="Output directory; same as --set output.path=PATH.")
+@click.option("--limit", type=click.IntRange(min=1), help="Process only the first N rows of the split (a smoke run).")
+@click.option("--fresh", is_flag=True, help="Discard what OUTPUT holds and start over.")
+@click.option("--num-shards", type=click.IntRange(min=1), help="Run one of N independent shards (with --shard-index).")
+@click.option("--shard-index", type=click.IntRange(min=0), help="Which shard, 0 to N-1 (with --num-shards).")
+@click.option("--no-progress", is_flag=True, help="Log a line every few seconds instead of a progress bar.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def run(job_file, overrides, output, limit, fresh, num_shards, shard_index, no_progress, log_format):
+    """Run the job; resumes when OUTPUT holds a compatible unfinished run."""
+    if (num_shards is None) != (shard_index is None):
+        raise UsageError("--num-shards and --shard-index go together: --num-shards 4 --shard-index 0")
+    if num_shards is not None and shard_index >= num_shards:
+        raise UsageError(f"--shard-index must be below --num-shards ({num_shards}), got {shard_index}")
+    extra = [f"output.path={output}"] if output is not None else []
+    load_job(job_file, [*overrides, *extra])
+    raise NotImplementedYet("`batchrun run` is not implemented yet (issue #4); the manifest is valid")
+
+
+@cli.command()
+@click.argument("job_files", nargs=-1, required=True, metavar="JOB.yaml...")
+@_set_option
+def validate(job_files, overrides):
+    """Check manifests without loading a model; prints every problem at once."""
+    failed = 0
+    for job_file in job_files:
+        try:
+            job = load_job(job_file, list(overrides))
+        except UsageError as error:
+            failed += 1
+            click.echo(f"error: {error}", err=True)
+        else:
+            click.echo(f"{job_file}: ok ({describe(job)})")
+    if failed:
+        raise SystemExit(UsageError.exit_code)
+
+
+def describe(job: Job) -> str:
+    """One line a person can check a job by: task, model, data and where it writes."""
+    data = job.get("dataset.path")
+    if job.get("dataset.data_files"):
+        data += f" {job.get('dataset.data_files')}"
+    return (
+        f"{job.get('task')} with {job.get('model.name')} on {data} [{job.get('dataset.split')}]"
+        f" -> {job.get('output.path')}"
+    )
+
+
+@cli.command()
+@click.argument("job_file", metavar="JOB.yaml")
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan(job_file, overrides, as_json):
+    """Run the staged initializer without processing rows and print what it resolved."""
+    load_job(job_file, list(overrides))
+    raise NotImplementedYet("`batchrun plan` is not implemented yet (issue #3); the manifest is valid")
+
+
+@cli.command()
+@click.argument("output", metavar="OUTPUT")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(output, as_json):
+    """Progress of a run directory: parts and rows done, rows/s, ETA, complete or not."""
+    raise NotImplementedYet("`batchrun status` is not implemented yet (issue #5)")
+
+
+@cli.command()
+@click.argument("output", metavar="OUTPUT")
+def evaluate(output):
+    """Recompute _eval.json from a finished run's parts."""
+    raise NotImplementedYet("`batchrun evaluate` is not implemented yet (planned)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and turn every outcome into the contract's exit code."""
+    sys.exit(run_cli(argv))
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("BATCHRUN_DEBUG", "") not in ("", "0")
+    try:
+        cli.main(args=argv, prog_name="batchrun", standalone_mode=False)
+    except click.exceptions.Exit as done:  # --help, --version
+        return done.exit_code
+    except click.ClickException as error:  # bad option or argument: click's own message, exit 2
+        error.show()
+        return error.exit_code
+    except BatchrunError as error:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {error}", err=True)
+        return error.exit_code
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else EXIT_FAILURE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        if debug:
+            traceback.print_exc()
+        click.echo(
+            f"internal error: {type(error).__name__}: {error}\n(set BATCHRUN_DEBUG=1 for the traceback)", err=True
+        )
+        return EXIT_FAILURE
+    return 0

@@ -1,0 +1,140 @@
+"""Check a parsed job against the key table, collecting every problem, then fill in defaults.
+
+Each problem names the dotted key, the bad value and what is allowed:
+"batching.max_tokens must be a positive integer, got -5".
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import string
+from typing import Any
+
+from pipeline_core.manifest.spec import (
+    DERIVED,
+    KEYS,
+    KEYS_BY_PATH,
+    RESERVED_COLUMNS,
+    SECTIONS,
+    TASK_COLUMNS,
+    show,
+)
+from pipeline_core.manifest.suggest import unknown_key_problem
+
+
+def check_job(job: Any) -> list[str]:
+    """Every problem of a parsed manifest; an empty list means it is valid."""
+    if job is None:
+        return ["is empty; a job needs at least task, model.name and dataset.path"]
+    if not isinstance(job, dict):
+        return [f"must be a mapping of keys (task: ..., model: ...), got {type(job).__name__} {show(job)}"]
+    problems = _check_known_keys(job, "")
+    for key in KEYS:
+        present, value = lookup(job, key.path)
+        if not present:
+            if key.required:
+                problems.append(f"{key.path} is required: {key.help[0].lower()}{key.help[1:]}")
+        elif not key.type.accepts(value):
+            suggestion = key.type.suggest(value)
+            hint = f"; did you mean {suggestion}?" if suggestion else ""
+            problems.append(f"{key.path} must be {key.type.description}, got {show(value)}{hint}")
+    if not problems:  # cross-key checks assume each value has its type
+        problems += _check_together(job)
+    return problems
+
+
+def lookup(job: dict, path: str) -> tuple[bool, Any]:
+    node: Any = job
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _check_known_keys(node: dict, prefix: str) -> list[str]:
+    problems = []
+    for name, value in node.items():
+        path = f"{prefix}{name}"
+        if not isinstance(name, str):
+            problems.append(f"{prefix or 'the top level'}: keys must be strings, got {show(name)}")
+        elif path in KEYS_BY_PATH:
+            continue
+        elif path in SECTIONS:
+            if isinstance(value, dict):
+                problems += _check_known_keys(value, path + ".")
+            else:
+                problems.append(f"{path} must be a mapping of settings ({path}: {{...}}), got {show(value)}")
+        else:
+            problems.append(unknown_key_problem(path))
+    return problems
+
+
+def _check_together(job: dict) -> list[str]:
+    """Rules that involve more than one key, or more than a key's type."""
+    problems = []
+    task = job["task"]
+    _, keep = lookup(job, "dataset.keep_columns")
+    taken = set(RESERVED_COLUMNS) | set(TASK_COLUMNS[task])
+    for column in keep or []:
+        if column in taken:
+            problems.append(
+                f"dataset.keep_columns holds {show(column)}, which the {task} output already has "
+                f"(output columns: {', '.join(sorted(taken))}); drop it or rename it upstream"
+            )
+    duplicates = sorted({column for column in keep or [] if keep.count(column) > 1})
+    if duplicates:
+        problems.append(f"dataset.keep_columns lists {', '.join(duplicates)} more than once")
+    _, prompt = lookup(job, "model.prompt")
+    if prompt is not None:
+        problems += _check_prompt(prompt)
+    _, generation = lookup(job, "model.generation")
+    if generation:
+        problems += _check_generation(generation)
+    return problems
+
+
+def _check_prompt(prompt: str) -> list[str]:
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(prompt) if field is not None]
+    except ValueError as error:
+        return [f"model.prompt is not a valid template ({error}); write columns as {{text}} and braces as {{{{ }}}}"]
+    if any(field == "" or field.isdigit() for field in fields):
+        return [f"model.prompt must name its columns ({{text}}), not use positional fields: {show(prompt)}"]
+    if not fields:
+        return [f"model.prompt must use at least one column, such as {{text}}; got {show(prompt)}"]
+    return []
+
+
+def _check_generation(generation: dict) -> list[str]:
+    """Names in model.generation must be generate() settings: a typo would otherwise be ignored or crash late.
+
+    Values are checked by the initializer, once merged with the model's own settings.
+    """
+    from transformers import GenerationConfig  # deferred: only jobs that set generation pay for the import
+
+    known = sorted(set(GenerationConfig().to_dict()) - {"_from_model_config", "transformers_version"})
+    problems = []
+    for name in generation:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean model.generation.{close[0]}?" if close else ""
+            problems.append(f"model.generation.{name}: not a generate() setting{hint}")
+    return problems
+
+
+def fill_defaults(job: dict, stem: str) -> dict:
+    """A full job in the key table's order, defaults filled and derived ones (name, output.path) computed."""
+    full: dict = {}
+    for key in KEYS:
+        present, value = lookup(job, key.path)
+        # `generation:` left empty reads as null; it means "none", i.e. the empty default.
+        if not present or (value is None and isinstance(key.default, (dict, list))):
+            value = None if key.default is DERIVED else key.default
+        section, _, leaf = key.path.rpartition(".")
+        node = full.setdefault(section, {}) if section else full
+        node[leaf] = copy.deepcopy(value)
+    full["name"] = full["name"] or stem
+    full["output"]["path"] = full["output"]["path"] or f"outputs/{full['name']}"
+    return full

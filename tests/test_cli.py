@@ -1,0 +1,127 @@
+"""The command line as schedulers see it: exit codes, `batchrun JOB.yaml` as `run`, no tracebacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_core import cli
+from pipeline_core.cli import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARIZE = str(ROOT / "jobs" / "summarize.yaml")
+
+
+def batchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real entry point, `python -m pipeline_core`, in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline_core", *args],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=120,
+    )
+
+
+def test_validate_shipped_jobs_in_a_child_process():
+    jobs = sorted(str(path) for path in (ROOT / "jobs").glob("*.yaml"))
+    result = batchrun("validate", *jobs)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": ok (") == len(jobs)
+
+
+def test_bad_manifest_in_a_child_process_exits_2_without_traceback(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("task: summarization\nmodel: {name: m}\ndataset: {path: json}\nbatching: {max_tokens: -5}\n")
+    for args in (["validate", str(job)], [str(job)], ["run", str(job), "--limit", "3"]):
+        result = batchrun(*args)
+        assert result.returncode == 2
+        assert "batching.max_tokens must be a positive integer, got -5" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("batchrun")
+    if not script.exists():
+        pytest.skip("batchrun is not installed in this environment (pip install -e .)")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "batchrun" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", SUMMARIZE], "`batchrun run` is not implemented yet"),
+        ([SUMMARIZE], "`batchrun run` is not implemented yet"),
+        (["plan", SUMMARIZE, "--json"], "`batchrun plan` is not implemented yet"),
+        (["status", "outputs/x"], "`batchrun status` is not implemented yet"),
+        (["evaluate", "outputs/x"], "`batchrun evaluate` is not implemented yet"),
+    ],
+)
+def test_commands_not_landed_refuse_instead_of_pretending(capsys, args, message):
+    assert run_cli(args) == 2
+    out, err = capsys.readouterr()
+    assert message in err and out == ""
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", SUMMARIZE, "--limit", "0"], "Invalid value for '--limit'"),
+        (["run", SUMMARIZE, "--num-shards", "2"], "--num-shards and --shard-index go together"),
+        (["run", SUMMARIZE, "--num-shards", "2", "--shard-index", "2"], "--shard-index must be below --num-shards"),
+        (["run", SUMMARIZE, "--log-format", "xml"], "Invalid value for '--log-format'"),
+        (["run"], "Missing argument 'JOB.yaml'"),
+        (["validate"], "Missing argument"),
+        (["run", SUMMARIZE, "--no-such-option"], "No such option"),
+    ],
+)
+def test_usage_errors_exit_2(capsys, args, message):
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_output_option_is_a_manifest_override(capsys):
+    assert run_cli(["run", SUMMARIZE, "--output", ""]) == 2
+    assert "output.path must be a non-empty string" in capsys.readouterr().err
+
+
+def test_help_lists_every_command(capsys):
+    assert run_cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("run", "validate", "plan", "status", "evaluate"):
+        assert f"  {command} " in out
+
+
+def test_internal_error_is_one_line_unless_debugging(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("wiring is wrong")
+
+    monkeypatch.setattr(cli, "load_job", broken)
+    monkeypatch.delenv("BATCHRUN_DEBUG", raising=False)
+    assert run_cli(["validate", SUMMARIZE]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: wiring is wrong" in err and "Traceback" not in err
+    monkeypatch.setenv("BATCHRUN_DEBUG", "1")
+    assert run_cli(["validate", SUMMARIZE]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_interrupt_exits_75(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_job", interrupted)
+    assert run_cli(["validate", SUMMARIZE]) == 75
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = quickstart.strip().splitlines()
+    assert len(commands) == 2
+    test_command = commands[1].split(" && ")[-1]
+    assert test_command == "python -m pytest -q"
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
