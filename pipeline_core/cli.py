@@ -6,6 +6,8 @@ contract's code; a traceback appears only for internal errors with BATCHRUN_DEBU
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 import traceback
@@ -57,9 +59,17 @@ def run(job_file, overrides, output, limit, fresh, num_shards, shard_index, no_p
         raise UsageError("--num-shards and --shard-index go together: --num-shards 4 --shard-index 0")
     if num_shards is not None and shard_index >= num_shards:
         raise UsageError(f"--shard-index must be below --num-shards ({num_shards}), got {shard_index}")
+    if num_shards is not None:
+        raise NotImplementedYet("--num-shards / --shard-index are planned (scale-out); run without them for now")
+    if log_format == "json":
+        raise NotImplementedYet("--log-format json is planned; use --log-format text")
     extra = [f"output.path={output}"] if output is not None else []
-    load_job(job_file, [*overrides, *extra])
-    raise NotImplementedYet("`batchrun run` is not implemented yet (issue #4); the manifest is valid")
+    job = load_job(job_file, [*overrides, *extra])
+    setup_logging()
+    from pipeline_core.runner import RunOptions, run_job  # deferred: imports torch, transformers, datasets
+
+    options = RunOptions(limit=limit, fresh=fresh, progress_bar=False if no_progress else None)
+    raise SystemExit(run_job(job, options))
 
 
 @cli.command()
@@ -97,8 +107,43 @@ def describe(job: Job) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(job_file, overrides, as_json):
     """Run the staged initializer without processing rows and print what it resolved."""
-    load_job(job_file, list(overrides))
-    raise NotImplementedYet("`batchrun plan` is not implemented yet (issue #3); the manifest is valid")
+    job = load_job(job_file, list(overrides))
+    setup_logging()
+    from pipeline_core.initializer import initialize, plan_summary  # deferred: imports torch and transformers
+
+    summary = plan_summary(initialize(job))
+    click.echo(json.dumps(summary, indent=2) if as_json else render_plan(job, summary))
+
+
+def render_plan(job: Job, summary: dict) -> str:
+    """The plan as a person reads it: what will run where, and what each stage cost."""
+    generation = summary["generation_config"]
+    rows = [
+        ("task", summary["task"]),
+        ("model", f"{summary['model_class']} from {job.get('model.name')}"),
+        ("tokenizer", summary["tokenizer_class"] or "-"),
+        ("processor", summary["processor_class"] or "-"),
+        ("device", f"{summary['device']} ({summary['dtype']})"),
+        ("device map", json.dumps(summary["hf_device_map"]) if summary["hf_device_map"] else "-"),
+        ("input prefix", repr(summary["input_prefix"]) if summary["input_prefix"] else "-"),
+        ("generation", ", ".join(f"{k}={v}" for k, v in sorted(generation.items())) if generation else "-"),
+        ("stages", ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in summary["stages"])),
+    ]
+    return f"plan for {job.source}\n" + "\n".join(f"  {name:<13} {value}" for name, value in rows)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """batchrun's log lines go to stderr, so stdout stays the command's result (plan --json pipes cleanly)."""
+    logger = logging.getLogger("batchrun")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s batchrun %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    # batchrun logs each stage's time; transformers' per-weight loading bars would only add noise to cron logs
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 @cli.command()

@@ -1,0 +1,131 @@
+"""The staged initializer: load the inference pipeline once, stage by stage, each stage named and timed.
+
+components -> device resolution -> placement -> isolated generation config -> processor inference ->
+inference state, then compatibility checks. `batchrun run` and `batchrun plan` share `initialize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline_core.initializer.compat import check_compatibility
+from pipeline_core.initializer.components import Components, load_components
+from pipeline_core.initializer.device import (
+    available_accelerators,
+    check_device_request,
+    distributed_local_rank,
+    resolve_device,
+)
+from pipeline_core.initializer.generation import (
+    GENERATIVE_TASKS,
+    align_special_tokens,
+    generation_settings,
+    isolate_generation_config,
+)
+from pipeline_core.initializer.placement import place_model
+from pipeline_core.initializer.processors import infer_processor_parts
+from pipeline_core.manifest import Job
+
+log = logging.getLogger("batchrun")
+
+
+@dataclass
+class InferencePipeline:
+    """Everything a task needs to run rows: the placed model, its preprocessing and its settings."""
+
+    task: str
+    components: Components
+    device: torch.device
+    generation_config: Any = None  # GenerationConfig for generative tasks
+    input_prefix: str | None = None
+    stages: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def model(self):
+        return self.components.model
+
+    @property
+    def tokenizer(self):
+        return self.components.tokenizer
+
+
+@contextmanager
+def stage(name: str, stages: list):
+    started = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - started
+    stages.append((name, seconds))
+    log.info("stage %-20s %.2fs", name, seconds)
+
+
+def initialize(job: Job) -> InferencePipeline:
+    task, stages = job.get("task"), []
+    accelerators = available_accelerators()
+    check_device_request(job.get("model.device"), job.get("model.device_map"), accelerators)
+    with stage("components", stages):
+        components = load_components(job)
+    model = components.model
+    # accelerate records hf_device_map only when it spreads a model; on one device the map is implicit
+    placed_by_accelerate = job.get("model.device_map") is not None
+    device_map = getattr(model, "hf_device_map", None) or ({"": model.device} if placed_by_accelerate else None)
+    with stage("device_resolution", stages):
+        device = torch.device(resolve_device(
+            job.get("model.device"),
+            accelerators,
+            hf_device_map=device_map,
+            model_device=model.device,
+            local_rank=distributed_local_rank(),
+        ))
+    with stage("placement", stages):
+        if not placed_by_accelerate:
+            place_model(model, device)
+    with stage("generation_config", stages):
+        generation_config, prefix = None, None
+        if task in GENERATIVE_TASKS:
+            generation_config, prefix = isolate_generation_config(model, task, job.get("model.generation"))
+    with stage("processor_inference", stages):
+        infer_processor_parts(components)
+        if generation_config is not None and components.tokenizer is not None:
+            is_causal = not getattr(model.config, "is_encoder_decoder", False)
+            align_special_tokens(generation_config, components.tokenizer, is_causal)
+    with stage("inference_state", stages):
+        set_inference_state(model)
+    with stage("compatibility", stages):
+        check_compatibility(task, components, generation_config)
+    return InferencePipeline(task, components, device, generation_config, prefix, stages)
+
+
+def set_inference_state(model) -> None:
+    """eval() for dropout and norms; no parameter asks for gradients, so no forward pass can build a graph."""
+    model.eval()
+    model.requires_grad_(False)
+
+
+def plan_summary(pipeline: InferencePipeline) -> dict:
+    """The object `batchrun plan --json` prints (keys fixed by the contract)."""
+    parts = pipeline.components
+    return {
+        "task": pipeline.task,
+        "model_class": type(parts.model).__name__,
+        "tokenizer_class": type(parts.tokenizer).__name__ if parts.tokenizer is not None else None,
+        "processor_class": _processor_class(parts),
+        "device": str(pipeline.device),
+        "dtype": str(parts.model.dtype).removeprefix("torch."),
+        "hf_device_map": getattr(parts.model, "hf_device_map", None),
+        "generation_config": generation_settings(pipeline.generation_config),
+        "input_prefix": pipeline.input_prefix,
+        "stages": [{"name": name, "seconds": round(seconds, 4)} for name, seconds in pipeline.stages],
+    }
+
+
+def _processor_class(parts: Components) -> str | None:
+    for processor in (parts.processor, parts.image_processor, parts.feature_extractor):
+        if processor is not None:
+            return type(processor).__name__
+    return None

@@ -1,0 +1,121 @@
+"""Device resolution: priority order, explicit names, -1, device maps, distributed ranks, and each error.
+
+Accelerator availability is faked by patching the backend checks the module calls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline_core.errors import UsageError
+from pipeline_core.initializer import device as device_stage
+from pipeline_core.initializer.device import (
+    PRIORITY,
+    available_accelerators,
+    check_device_request,
+    resolve_device,
+)
+
+
+@pytest.fixture
+def fake_accelerators(monkeypatch):
+    """Make exactly the given accelerator kinds available, with the given device counts."""
+
+    def install(**counts):
+        for kind in PRIORITY:
+            monkeypatch.setattr(device_stage, device_stage._CHECKS[kind], lambda kind=kind: kind in counts)
+        monkeypatch.setattr(device_stage, "device_count", lambda kind: counts[kind])
+        return available_accelerators()
+
+    return install
+
+
+def test_no_accelerator_means_cpu_for_auto_index_and_minus_one(fake_accelerators):
+    found = fake_accelerators()
+    assert found == {}
+    for requested in ("auto", 0, 3, -1, "cpu"):
+        assert resolve_device(requested, found) == "cpu"
+
+
+def test_priority_order_mlu_musa_cuda_npu_hpu_xpu_mps(fake_accelerators):
+    assert PRIORITY == ("mlu", "musa", "cuda", "npu", "hpu", "xpu", "mps")
+    everything = dict.fromkeys(PRIORITY, 2)
+    for position, kind in enumerate(PRIORITY):
+        found = fake_accelerators(**{k: n for k, n in everything.items() if PRIORITY.index(k) >= position})
+        assert next(iter(found)) == kind
+        assert resolve_device("auto", found) == f"{kind}:0"
+        assert resolve_device(1, found) == f"{kind}:1"
+
+
+def test_cuda_before_xpu_and_mps(fake_accelerators):
+    found = fake_accelerators(mps=1, xpu=1, cuda=4)
+    assert list(found) == ["cuda", "xpu", "mps"]
+    assert resolve_device("auto", found) == "cuda:0"
+    assert resolve_device(3, found) == "cuda:3"
+    assert resolve_device("xpu", found) == "xpu:0"
+    assert resolve_device("mps", found) == "mps:0"
+
+
+def test_index_past_the_last_device_is_an_error(fake_accelerators):
+    found = fake_accelerators(cuda=2)
+    with pytest.raises(UsageError, match=r"model.device=2 asks for cuda:2, but this machine has cuda:0, cuda:1, cpu"):
+        resolve_device(2, found)
+    with pytest.raises(UsageError, match=r"'cuda:5', but this machine has only cuda:0, cuda:1, cpu"):
+        resolve_device("cuda:5", found)
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:0", "xpu", "hpu", "npu", "mlu", "musa", "mps"])
+def test_named_device_that_is_missing_fails_and_lists_what_exists(fake_accelerators, requested):
+    found = fake_accelerators()
+    kind = requested.split(":")[0].upper()
+    with pytest.raises(UsageError, match=rf"{kind} is not available on this machine; available: cpu"):
+        resolve_device(requested, found)
+    with pytest.raises(UsageError, match="not available"):  # also before any weights load
+        check_device_request(requested, None, found)
+
+
+def test_named_device_never_falls_back(fake_accelerators):
+    found = fake_accelerators(xpu=1)
+    with pytest.raises(UsageError, match=r"CUDA is not available on this machine; available: xpu:0, cpu"):
+        resolve_device("cuda", found)
+
+
+def test_minus_one_is_the_models_own_device(fake_accelerators):
+    found = fake_accelerators(cuda=1)
+    assert resolve_device(-1, found, model_device=torch.device("cpu")) == "cpu"
+    assert resolve_device(-1, found, model_device="cuda:0") == "cuda:0"
+    assert resolve_device(-1, found) == "cpu"
+
+
+@pytest.mark.parametrize("requested", ["cpu", "cuda", 0, -1])
+def test_device_map_plus_explicit_device_conflicts(fake_accelerators, requested):
+    found = fake_accelerators(cuda=2)
+    with pytest.raises(UsageError, match="conflicting device specifications"):
+        check_device_request(requested, "auto", found)
+    with pytest.raises(UsageError, match="conflicting device specifications"):
+        resolve_device(requested, found, hf_device_map={"encoder": 0, "decoder": 1})
+
+
+def test_device_map_with_auto_uses_the_first_device_of_the_map(fake_accelerators):
+    found = fake_accelerators(cuda=2)
+    assert resolve_device("auto", found, hf_device_map={"embed": 1, "layers": 0}) == "cuda:1"
+    assert resolve_device("auto", found, hf_device_map={"embed": "cpu", "layers": 0}) == "cpu"
+    assert resolve_device("auto", found, hf_device_map={"": "disk"}) == "cpu"
+    assert resolve_device("auto", fake_accelerators(), hf_device_map={"": torch.device("cpu")}) == "cpu"
+
+
+def test_distributed_rank_wins(fake_accelerators):
+    found = fake_accelerators(cuda=8)
+    assert resolve_device("cuda:0", found, local_rank=3) == "cuda:3"
+    assert resolve_device("auto", found, local_rank=5) == "cuda:5"
+    assert resolve_device("auto", fake_accelerators(), local_rank=1) == "cpu"
+
+
+def test_distributed_local_rank_reads_the_process_group(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert device_stage.distributed_local_rank() == 2
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    assert device_stage.distributed_local_rank() is None
+
