@@ -1,0 +1,106 @@
+"""Preprocessing in DataLoader workers: each worker reads the split and prepares its own parts, whole.
+
+Part i belongs to worker i mod num_workers, so the split of work is deterministic. A prepared part holds its
+rows' encodings and the padded tensors of its length-sorted batches, ready for the device; the model's process
+only runs forward passes and writes. Every worker ends with a marker saying how many parts the split has.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from pipeline_core.data.batching import pack_batches
+from pipeline_core.data.source import Split
+from pipeline_core.tasks.text import Encoded
+
+
+@dataclass
+class PreparedPart:
+    index: int
+    first_row: int
+    kept: pa.Table  # the keep_columns of the part's rows, in input order
+    encoded: Encoded
+    batches: list[dict]  # {"rows": positions in the part, "inputs": {name: tensor}}
+    tokens: int  # real (unpadded) input tokens
+
+    @property
+    def num_rows(self) -> int:
+        return self.kept.num_rows
+
+
+@dataclass
+class EndOfSplit:
+    parts: int  # how many parts the split has in all
+
+
+@dataclass
+class BatchLimits:
+    max_tokens: int
+    max_batch_size: int
+    pad_multiple: int = 1
+
+
+class PreparedParts(torch.utils.data.IterableDataset):
+    def __init__(self, split: Split, task, rows_per_part: int, keep_columns: list[str], limits: BatchLimits,
+                 skip: frozenset[int] = frozenset()):
+        self.split = split
+        self.task = task
+        self.rows_per_part = rows_per_part
+        self.keep_columns = keep_columns
+        self.limits = limits
+        self.skip = skip
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        seen = 0
+
+        def wanted(index: int) -> bool:
+            nonlocal seen
+            seen = max(seen, index + 1)
+            return index % workers == worker and index not in self.skip
+
+        for index, table in self.split.parts(self.rows_per_part, wanted):
+            yield prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
+        yield EndOfSplit(seen)
+
+
+def prepare_part(index: int, first_row: int, table: pa.Table, task, keep_columns: list[str],
+                 limits: BatchLimits) -> PreparedPart:
+    encoded = task.encode(table)
+    valid = [row for row, ids in enumerate(encoded.ids) if ids is not None]
+    lengths = [len(encoded.ids[row]) for row in valid]
+    packed = pack_batches(lengths, limits.max_tokens, limits.max_batch_size, limits.pad_multiple)
+    batches = []
+    for batch in packed:
+        rows = [valid[position] for position in batch]
+        batches.append({"rows": rows, "inputs": task.collate(encoded, rows)})
+    return PreparedPart(index, first_row, table.select(keep_columns), encoded, batches, sum(lengths))
+
+
+def _pass_through(item):
+    return item
+
+
+def _quiet_worker(_worker_id: int) -> None:
+    # The model's process owns the cores for its matmuls; a worker tokenizing with many threads would fight it.
+    torch.set_num_threads(1)
+
+
+def part_loader(parts: PreparedParts, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    if num_workers:
+        # forked workers must not inherit a running Rust thread pool (the tokenizers library warns, then serialises)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return torch.utils.data.DataLoader(
+        parts,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_pass_through,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if num_workers else None,
+        worker_init_fn=_quiet_worker if num_workers else None,
+    )

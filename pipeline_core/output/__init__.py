@@ -1,0 +1,1 @@
+"""The run directory: a narrow storage interface, Parquet parts, run metadata and progress."""

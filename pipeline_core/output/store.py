@@ -1,0 +1,54 @@
+"""The one narrow interface through which batchrun touches storage: whole named objects, written atomically.
+
+Everything in a run directory (parts, _batchrun.json, _progress.json, _SUCCESS) goes through `put`, which writes
+under a hidden temporary name and renames into place, so a reader or a killed run never sees half a file.
+Local directories today; an fsspec store (s3://, gs://) implements the same five methods.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        temporary = self.root / f".{name}.tmp-{os.getpid()}"
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temporary, self.root / name)
+        _fsync_directory(self.root)  # and the rename itself survives a power cut
+
+    def get(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(entry.name for entry in self.root.iterdir() if entry.is_file())
+
+    def remove(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

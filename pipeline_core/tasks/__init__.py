@@ -1,0 +1,42 @@
+"""Tasks: small objects with encode (in workers), collate, forward (on the device), decode, and their columns.
+
+`build_task` picks the task of the job and wires it to the initialized pipeline; there is no registry.
+"""
+
+from __future__ import annotations
+
+from pipeline_core.errors import NotImplementedYet
+from pipeline_core.initializer import InferencePipeline
+from pipeline_core.manifest import Job
+from pipeline_core.tasks.classification import TextClassificationTask
+from pipeline_core.tasks.feature_extraction import FeatureExtractionTask
+from pipeline_core.tasks.generation import GenerationTask
+from pipeline_core.tasks.text import TextEncoder, model_input_limit
+from pipeline_core.tasks.token_classification import TokenClassificationTask
+
+
+def build_task(job: Job, pipeline: InferencePipeline):
+    task = job.get("task")
+    model = pipeline.model
+    # CUDA kernels prefer shapes in multiples of 8; elsewhere padding is pure waste
+    pad_multiple = 8 if pipeline.device.type == "cuda" else 1
+    encoder = TextEncoder(
+        pipeline.tokenizer,
+        job.get("dataset.input_column"),
+        max_length=job.get("batching.max_length") or model_input_limit(pipeline.tokenizer, model.config),
+        prefix=pipeline.input_prefix,
+        prompt=job.get("model.prompt"),
+        chat_template=job.get("model.chat_template"),
+        offsets=task == "token-classification",
+    )
+    if task in ("summarization", "text-generation"):
+        column = "summary_text" if task == "summarization" else "generated_text"
+        decoder_only = not model.config.is_encoder_decoder
+        return GenerationTask(encoder, pipeline.generation_config, column, decoder_only, pad_multiple)
+    if task == "text-classification":
+        return TextClassificationTask(encoder, model.config, pad_multiple)
+    if task == "token-classification":
+        return TokenClassificationTask(encoder, model.config, pad_multiple)
+    if task == "feature-extraction":
+        return FeatureExtractionTask(encoder, job.get("model.pooling"), job.get("model.normalize"), pad_multiple)
+    raise NotImplementedYet(f"task {task!r} is planned but `batchrun run` cannot run it yet")

@@ -1,0 +1,38 @@
+"""text-classification: one label and its score per row.
+
+Softmax over the labels; a single-logit model or one configured for multi-label classification uses a sigmoid,
+as the transformers pipeline does. Computed on whole batches, not row by row.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from pipeline_core.tasks.text import Encoded, TextEncoder, pad
+
+
+class TextClassificationTask:
+    columns = {"label": pa.string(), "score": pa.float32()}
+
+    def __init__(self, encoder: TextEncoder, model_config, pad_multiple: int):
+        self.encoder = encoder
+        self.pad_id = encoder.tokenizer.pad_token_id
+        self.labels = [model_config.id2label[index] for index in range(model_config.num_labels)]
+        self.sigmoid = model_config.num_labels == 1 or model_config.problem_type == "multi_label_classification"
+        self.pad_multiple = pad_multiple
+
+    def encode(self, table: pa.Table) -> Encoded:
+        return self.encoder(table)
+
+    def collate(self, encoded: Encoded, rows: list[int]) -> dict:
+        return pad([encoded.ids[row] for row in rows], self.pad_id, multiple=self.pad_multiple)
+
+    def forward(self, model, inputs: dict):
+        return model(**inputs).logits
+
+    def decode(self, logits, inputs: dict, encoded: Encoded, rows: list[int]) -> dict[str, list]:
+        logits = logits.float()
+        scores = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits, dim=-1)
+        best, index = scores.max(dim=-1)
+        return {"label": [self.labels[i] for i in index.tolist()], "score": best.cpu().numpy()}

@@ -1,0 +1,249 @@
+"""`batchrun run` end to end on the tiny models, each task checked against a plain one-row-at-a-time reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
+
+from pipeline_core.cli import run_cli
+from pipeline_core.initializer import initialize
+from pipeline_core.manifest import load_job
+
+WORDS = ("the quick brown fox jumps over the lazy dog while a cat sleeps in the warm sun and "
+         "people walk through the old city of london near the river on a quiet morning").split()
+
+
+def sample_rows(count: int = 23) -> list[dict]:
+    """Rows of varied length (1 to ~60 words), deterministic."""
+    generator = np.random.default_rng(0)
+    rows = []
+    for index in range(count):
+        length = int(generator.integers(1, 60)) if index % 4 else int(generator.integers(1, 6))
+        words = [WORDS[int(i)] for i in generator.integers(0, len(WORDS), length)]
+        rows.append({"id": f"r{index:03d}", "text": " ".join(words)})
+    return rows
+
+
+def write_job(tmp_path: Path, task: str, model: Path, rows: list[dict], extra: str = "", rows_per_part: int = 5):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"task: {task}\nmodel:\n  name: '{model}'\n{extra}"
+        f"dataset: {{path: json, data_files: '{data}', keep_columns: [id]}}\n"
+        f"batching: {{max_tokens: 200, max_batch_size: 4, num_workers: 0}}\n"
+        f"output: {{path: '{tmp_path / 'out'}', rows_per_part: {rows_per_part}}}\n"
+    )
+    return job
+
+
+def run(job: Path, *args: str) -> int:
+    return run_cli(["run", str(job), "--no-progress", *args])
+
+
+def read(output: Path) -> pd.DataFrame:
+    return pd.read_parquet(output)
+
+
+def test_output_tree_row_order_and_readers(tmp_path, tiny_models):
+    rows = sample_rows(23)
+    job = write_job(tmp_path, "feature-extraction", tiny_models.embedder, rows)
+    assert run(job) == 0
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.iterdir()) == [
+        "_SUCCESS", "_batchrun.json", "_progress.json",
+        "part-000000.parquet", "part-000001.parquet", "part-000002.parquet", "part-000003.parquet",
+        "part-000004.parquet",
+    ]
+    table = pads.dataset(out).to_table()
+    assert table.column_names == ["row_id", "id", "embedding", "error"]
+    assert table.column("row_id").to_pylist() == list(range(23))
+    assert table.column("id").to_pylist() == [row["id"] for row in rows]
+    assert table.column("error").null_count == 23
+    assert len(read(out)) == 23
+    loaded = datasets.load_dataset("parquet", data_dir=str(out), split="train")
+    assert loaded["row_id"] == list(range(23))
+    info = json.loads((out / "_batchrun.json").read_text())
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and len(info["fingerprint"]) == 16
+    assert info["finished"] and info["manifest"]["task"] == "feature-extraction"
+    progress = json.loads((out / "_progress.json").read_text())
+    assert (progress["parts_done"], progress["rows_done"], progress["complete"]) == (5, 23, True)
+
+
+@pytest.mark.parametrize("pooling, normalize", [("mean", False), ("cls", True)])
+def test_embeddings_match_one_row_at_a_time(tmp_path, tiny_models, pooling, normalize):
+    rows = sample_rows()
+    extra = f"  pooling: {pooling}\n  normalize: {str(normalize).lower()}\n"
+    assert run(write_job(tmp_path, "feature-extraction", tiny_models.embedder, rows, extra)) == 0
+    got = np.stack(read(tmp_path / "out")["embedding"].to_numpy())
+    assert got.dtype == np.float32
+    model = AutoModel.from_pretrained(tiny_models.embedder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.embedder)
+    for index, row in enumerate(rows):
+        with torch.no_grad():
+            hidden = model(**tokenizer(row["text"], return_tensors="pt")).last_hidden_state[0]
+        vector = hidden.mean(dim=0) if pooling == "mean" else hidden[0]
+        if normalize:
+            vector = vector / vector.norm()
+        np.testing.assert_allclose(got[index], vector.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_text_classification_matches_one_row_at_a_time(tmp_path, tiny_models):
+    rows = sample_rows()
+    assert run(write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)) == 0
+    got = read(tmp_path / "out")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models.text_classifier).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.text_classifier)
+    for index, row in enumerate(rows):
+        with torch.no_grad():
+            probabilities = model(**tokenizer(row["text"], return_tensors="pt")).logits[0].softmax(-1)
+        assert got["label"][index] == model.config.id2label[int(probabilities.argmax())]
+        assert got["score"][index] == pytest.approx(float(probabilities.max()), abs=1e-5)
+
+
+def reference_entities(text, tokenizer, model) -> list[tuple]:
+    """A plain reference: label every token, then merge runs of one entity type (B- starts a new one)."""
+    encoding = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+    offsets = encoding.pop("offset_mapping")[0].tolist()
+    with torch.no_grad():
+        probabilities = model(**encoding).logits[0].softmax(-1)
+    spans = []
+    for (start, end), token in zip(offsets, probabilities):
+        label = model.config.id2label[int(token.argmax())]
+        if start == end or label == "O":
+            spans.append(None)
+            continue
+        tag, kind = label.split("-", 1)
+        if spans and spans[-1] is not None and spans[-1][0] == kind and tag != "B":
+            spans[-1][2] = end
+            spans[-1][3].append(float(token.max()))
+        else:
+            spans.append([kind, start, end, [float(token.max())]])
+    return [(kind, text[start:end], start, end, sum(s) / len(s)) for kind, start, end, s in filter(None, spans)]
+
+
+def test_token_classification_matches_one_row_at_a_time(tmp_path, tiny_models):
+    rows = sample_rows()
+    assert run(write_job(tmp_path, "token-classification", tiny_models.token_classifier, rows)) == 0
+    got = read(tmp_path / "out")
+    model = AutoModelForTokenClassification.from_pretrained(tiny_models.token_classifier).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.token_classifier)
+    found = 0
+    for index, row in enumerate(rows):
+        expected = reference_entities(row["text"], tokenizer, model)
+        entities = list(got["entities"][index])
+        assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in entities] == [e[:4] for e in expected]
+        for entity, reference in zip(entities, expected):
+            assert entity["score"] == pytest.approx(reference[4], abs=1e-5)
+        found += len(entities)
+    assert found > 0  # the tiny model's random weights do tag some tokens
+
+
+def reference_generation(model_class, path, rows, settings, prefix=""):
+    """Greedy generate() one row at a time, no padding anywhere."""
+    model = model_class.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = []
+    for row in rows:
+        inputs = tokenizer(prefix + row["text"], return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, generation_config=settings)
+        if not model.config.is_encoder_decoder:
+            output = output[:, inputs["input_ids"].shape[1]:]
+        texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    return texts
+
+
+def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_models):
+    rows = sample_rows()
+    extra = "  generation: {num_beams: 1, do_sample: false, max_new_tokens: 8}\n"
+    job = write_job(tmp_path, "summarization", tiny_models.seq2seq, rows, extra)
+    assert run(job) == 0
+    settings = initialize(load_job(job)).generation_config
+    expected = reference_generation(AutoModelForSeq2SeqLM, tiny_models.seq2seq, rows, settings,
+                                    prefix="summarize: ")
+    assert read(tmp_path / "out")["summary_text"].tolist() == [text.strip() for text in expected]
+
+
+def test_text_generation_returns_only_new_text_and_matches_one_row_at_a_time(tmp_path, tiny_models):
+    rows = sample_rows()
+    extra = "  generation: {max_new_tokens: 6, min_new_tokens: 6, do_sample: false}\n"
+    job = write_job(tmp_path, "text-generation", tiny_models.causal_lm, rows, extra)
+    assert run(job) == 0
+    pipeline = initialize(load_job(job))
+    expected = reference_generation(AutoModelForCausalLM, tiny_models.causal_lm, rows,
+                                    pipeline.generation_config)
+    got = read(tmp_path / "out")["generated_text"].tolist()
+    assert got == expected
+    assert not any(text.startswith(row["text"]) and row["text"] for text, row in zip(got, rows))
+
+
+def test_workers_give_the_same_output_as_the_main_process(tmp_path, tiny_models):
+    rows = sample_rows(31)
+    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows, rows_per_part=4)
+    assert run(job, "--set", "batching.num_workers=0") == 0
+    alone = read(tmp_path / "out")
+    assert run(job, "--fresh", "--set", "batching.num_workers=2") == 0
+    pd.testing.assert_frame_equal(read(tmp_path / "out"), alone)
+
+
+def test_bad_rows_are_recorded_and_good_rows_unchanged(tmp_path, tiny_models):
+    rows = sample_rows(12)
+    bad = [dict(row) for row in rows]
+    bad[3]["text"], bad[7]["text"] = None, 12345
+    assert run(write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)) == 0
+    clean = read(tmp_path / "out")
+    (tmp_path / "bad").mkdir()
+    assert run(write_job(tmp_path / "bad", "text-classification", tiny_models.text_classifier, bad),
+               "--set", "errors.max_error_rate=0.5") == 0
+    got = read(tmp_path / "bad" / "out")
+    assert got["error"][3] == "input column 'text' is null"
+    assert got["error"][7] == "input column 'text' holds int, not text"
+    assert got["label"][3] is None and np.isnan(got["score"][7])
+    good = [index for index in range(12) if index not in (3, 7)]
+    pd.testing.assert_frame_equal(got.iloc[good].reset_index(drop=True), clean.iloc[good].reset_index(drop=True))
+
+
+def test_error_rate_over_the_threshold_exits_3(tmp_path, tiny_models):
+    rows = sample_rows(6)
+    rows[0]["text"] = None
+    assert run(write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)) == 3
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_limit_takes_the_first_rows(tmp_path, tiny_models):
+    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, sample_rows())
+    assert run(job, "--limit", "7") == 0
+    assert read(tmp_path / "out")["row_id"].tolist() == list(range(7))
+
+
+def test_rerun_of_a_finished_job_recomputes_nothing(tmp_path, tiny_models):
+    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, sample_rows())
+    assert run(job) == 0
+    part = tmp_path / "out" / "part-000000.parquet"
+    stamp = part.stat().st_mtime_ns
+    assert run(job) == 0
+    assert part.stat().st_mtime_ns == stamp
+
+
+def test_rerun_with_another_identity_exits_2_naming_the_key(tmp_path, tiny_models, capsys):
+    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, sample_rows())
+    assert run(job) == 0
+    assert run(job, "--set", "output.rows_per_part=3") == 2
+    assert "output.rows_per_part: 5 -> 3" in capsys.readouterr().err
+    assert run(job, "--set", "batching.max_tokens=999") == 0  # batching is not identity
