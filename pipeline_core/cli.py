@@ -132,11 +132,23 @@ def render_plan(job: Job, summary: dict) -> str:
     return f"plan for {job.source}\n" + "\n".join(f"  {name:<13} {value}" for name, value in rows)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so a redirected or captured stderr gets the log lines."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """batchrun's log lines go to stderr, so stdout stays the command's result (plan --json pipes cleanly)."""
     logger = logging.getLogger("batchrun")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s batchrun %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)

@@ -24,7 +24,7 @@ def fake_accelerators(monkeypatch):
 
     def install(**counts):
         for kind in PRIORITY:
-            monkeypatch.setattr(device_stage, device_stage._CHECKS[kind], lambda kind=kind: kind in counts)
+            monkeypatch.setitem(device_stage.AVAILABILITY, kind, lambda kind=kind: kind in counts)
         monkeypatch.setattr(device_stage, "device_count", lambda kind: counts[kind])
         return available_accelerators()
 

@@ -49,7 +49,7 @@ def test_plan_json_for_every_task(tmp_path, capsys, tiny_models, task, fixture, 
     assert [stage["name"] for stage in plan["stages"]] == STAGES
     assert all(stage["seconds"] >= 0 for stage in plan["stages"])
     if task == "image-classification":
-        assert plan["tokenizer_class"] is None and plan["processor_class"] == "ViTImageProcessor"
+        assert plan["tokenizer_class"] is None and plan["processor_class"].startswith("ViTImageProcessor")
     else:
         assert plan["tokenizer_class"] and plan["processor_class"] is None
     if task in ("summarization", "text-generation"):
@@ -189,7 +189,7 @@ def test_tokenizer_needs_a_pad_token_and_generation_an_eos(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)
     with pytest.raises(UsageError) as caught:
         check_compatibility("text-generation", components(model, tokenizer), GenerationConfig())
-    assert "no pad token" in str(caught.value) and "no EOS token" in str(caught.value)
+    assert "no pad token" in str(caught.value) and "EOS token to stop on" in str(caught.value)
 
 
 def test_missing_tokenizer_is_refused(tiny_models):

@@ -43,7 +43,8 @@ class Split:
 
 def input_columns(job: Job) -> list[str]:
     """Columns the job reads: the input (or image) column, the prompt's fields, and the kept ones."""
-    main = job.get("dataset.image_column") if job.get("task") == "image-classification" else job.get("dataset.input_column")
+    image = job.get("task") == "image-classification"
+    main = job.get("dataset.image_column") if image else job.get("dataset.input_column")
     prompt = job.get("model.prompt")
     fields = [field for _, field, _, _ in string.Formatter().parse(prompt) if field] if prompt else []
     return list(dict.fromkeys([main, *fields, *job.get("dataset.keep_columns")]))

@@ -26,7 +26,9 @@ def check_compatibility(task: str, components, generation_config) -> None:
 
 def _check_tokenizer(task, tokenizer, model, generation_config) -> list[str]:
     if tokenizer is None:
-        return [f"{task} needs a tokenizer, and none was found beside the model (tokenizer.json / tokenizer_config.json)"]
+        return [
+            f"{task} needs a tokenizer, and none was found beside the model (tokenizer.json, tokenizer_config.json)"
+        ]
     problems = []
     embeddings = model.get_input_embeddings()
     rows = getattr(embeddings, "num_embeddings", None)
@@ -37,7 +39,8 @@ def _check_tokenizer(task, tokenizer, model, generation_config) -> list[str]:
         )
     if generation_config is not None:
         if not model.can_generate():
-            problems.append(f"{type(model).__name__} cannot generate text, which {task} needs; choose a generative model")
+            name = type(model).__name__
+            problems.append(f"{name} cannot generate text, which {task} needs; choose a generative model")
         if generation_config.eos_token_id is None:
             problems.append("neither the model's generation config nor the tokenizer has an EOS token to stop on")
     if tokenizer.pad_token_id is None:

@@ -22,26 +22,22 @@ from transformers.utils import (
 
 from pipeline_core.errors import UsageError
 
-# (name, availability check) in priority order; the checks are module globals so tests can patch them.
-PRIORITY = ("mlu", "musa", "cuda", "npu", "hpu", "xpu", "mps")
-_CHECKS = {
-    "mlu": "is_torch_mlu_available",
-    "musa": "is_torch_musa_available",
-    "cuda": "is_torch_cuda_available",
-    "npu": "is_torch_npu_available",
-    "hpu": "is_torch_hpu_available",
-    "xpu": "is_torch_xpu_available",
-    "mps": "is_torch_mps_available",
+# Accelerator kinds in priority order, each with its availability check (tests replace the checks).
+AVAILABILITY = {
+    "mlu": is_torch_mlu_available,
+    "musa": is_torch_musa_available,
+    "cuda": is_torch_cuda_available,
+    "npu": is_torch_npu_available,
+    "hpu": is_torch_hpu_available,
+    "xpu": is_torch_xpu_available,
+    "mps": is_torch_mps_available,
 }
+PRIORITY = tuple(AVAILABILITY)
 
 
 def available_accelerators() -> dict[str, int]:
     """{kind: device count} for every accelerator torch can use here, in priority order."""
-    found = {}
-    for kind in PRIORITY:
-        if globals()[_CHECKS[kind]]():
-            found[kind] = device_count(kind)
-    return found
+    return {kind: device_count(kind) for kind, is_available in AVAILABILITY.items() if is_available()}
 
 
 def device_count(kind: str) -> int:

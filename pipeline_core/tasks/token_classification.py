@@ -41,7 +41,8 @@ class TokenClassificationTask:
         scores, labels = scores.cpu().tolist(), labels.cpu().tolist()
         entities = []
         for batch_row, row in enumerate(rows):
-            tokens = zip(encoded.offsets[row], labels[batch_row], scores[batch_row])
+            # offsets cover the row's real tokens; labels and scores run on over the padding, which zip drops
+            tokens = zip(encoded.offsets[row], labels[batch_row], scores[batch_row], strict=False)
             entities.append(group_entities(tokens, self.labels, encoded.texts[row]))
         return {"entities": entities}
 

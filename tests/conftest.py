@@ -1,0 +1,100 @@
+"""Pytest setup: the Hugging Face libraries run offline, no test may open a connection off this machine, and the
+tiny models of tests/tiny_models.py are built once per session.
+
+Import-time work stays cheap: transformers is imported only when the models are built.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+import pytest
+from tiny_models import TinyModels, build_all
+
+# Forced, not defaulted: huggingface_hub reads these once, at its import, and a "0" in the shell must not win.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                  TOKENIZERS_PARALLELISM="false")
+
+LOCAL_HOST_NAMES = {"localhost", "localhost.localdomain"}
+
+
+class NetworkBlockedError(RuntimeError):
+    """Not an OSError: libraries that read a failed connection as "offline, carry on" must not swallow it."""
+
+
+def is_loopback(host) -> bool:
+    if isinstance(host, str) and host.lower() in LOCAL_HOST_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(str(host).split("%")[0])  # without an IPv6 scope such as %lo
+    except ValueError:
+        return False  # any other host name needs a DNS server, which is off this machine too
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def refuse_unless_loopback(address) -> None:
+    if not is_loopback(address[0]):
+        raise NetworkBlockedError(f"tests may not use the network: connection to {address!r} refused")
+
+
+def guard_method(method):
+    """socket.socket.connect or connect_ex, refusing internet addresses; Unix sockets pass (worker processes)."""
+    def guarded(sock, address, *args):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            refuse_unless_loopback(address)
+        return method(sock, address, *args)
+    return guarded
+
+
+def guard_create_connection(create_connection):
+    """Refuses before the name lookup, so a blocked host costs no DNS query either."""
+    def guarded(address, *args, **kwargs):
+        refuse_unless_loopback(address)
+        return create_connection(address, *args, **kwargs)
+    return guarded
+
+
+@pytest.fixture(scope="session", autouse=True)
+def block_network():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", guard_method(socket.socket.connect))
+        patch.setattr(socket.socket, "connect_ex", guard_method(socket.socket.connect_ex))
+        patch.setattr(socket, "create_connection", guard_create_connection(socket.create_connection))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return build_all(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq(tiny_models):
+    return tiny_models.seq2seq
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tiny_models):
+    return tiny_models.causal_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_text_classifier(tiny_models):
+    return tiny_models.text_classifier
+
+
+@pytest.fixture(scope="session")
+def tiny_token_classifier(tiny_models):
+    return tiny_models.token_classifier
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tiny_models):
+    return tiny_models.embedder
+
+
+@pytest.fixture(scope="session")
+def tiny_image_classifier(tiny_models):
+    return tiny_models.image_classifier
