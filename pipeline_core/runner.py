@@ -17,13 +17,23 @@ import torch
 from pipeline_core import __version__
 from pipeline_core.data.loader import BatchLimits, EndOfSplit, PreparedParts, part_loader
 from pipeline_core.data.source import open_split
-from pipeline_core.errors import EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
+from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
+from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.initializer import initialize, plan_summary
 from pipeline_core.manifest import Job
 from pipeline_core.output.identity import differences, fingerprint, identity
-from pipeline_core.output.parts import assemble_part, commit_part, committed_parts
+from pipeline_core.output.lock import RunLock
+from pipeline_core.output.parts import (
+    PartFacts,
+    assemble_part,
+    commit_part,
+    committed_parts,
+    part_name,
+    read_part_facts,
+)
 from pipeline_core.output.progress import Progress
 from pipeline_core.output.store import LocalStore
+from pipeline_core.signals import StopOnSignals
 from pipeline_core.tasks import build_task
 
 log = logging.getLogger("batchrun")
@@ -40,65 +50,112 @@ class RunOptions:
 
 def run_job(job: Job, options: RunOptions) -> int:
     store = LocalStore(job.get("output.path"))
-    run_identity = identity(job, options.limit)
-    if options.fresh:
-        _discard(store)
-    if _already_finished(store, run_identity):
-        log.info("%s already holds this finished run; nothing to do", store)
-        return EXIT_OK
+    with RunLock(store):
+        remove_leftovers(store)
+        if options.fresh:
+            _discard(store)
+        run_identity = identity(job, options.limit)
+        if _already_finished(store, run_identity):
+            log.info("%s already holds this finished run; nothing to do", store)
+            return EXIT_OK
+        with StopOnSignals() as stop:
+            return _run(job, options, store, run_identity, stop)
+
+
+def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, stop: StopFlag) -> int:
     pipeline = initialize(job)
-    task = build_task(job, pipeline)
+    task = build_task(job, pipeline, should_stop=lambda: stop.requested)
     split = open_split(job, options.limit)
-    done = committed_parts(store.names())
     info = _run_info(job, run_identity, pipeline)
+    rows_per_part = job.get("output.rows_per_part")
+    done = verified_parts(store, info["fingerprint"], rows_per_part)
     store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
     log.info("run %s: %s rows, %d parts already committed, device %s", info["fingerprint"],
              split.total if split.total is not None else "unknown", len(done), pipeline.device)
-    rows_per_part = job.get("output.rows_per_part")
     limits = BatchLimits(job.get("batching.max_tokens"), job.get("batching.max_batch_size"),
                          8 if pipeline.device.type == "cuda" else 1)
     parts = PreparedParts(split, task, rows_per_part, job.get("dataset.keep_columns"), limits, frozenset(done))
     loader = part_loader(parts, job.get("batching.num_workers"), pin_memory=pipeline.device.type == "cuda")
-    rows_done = _rows_in(done, split.total, rows_per_part)
-    progress = Progress(store, split.total, rows_per_part, rows_done, len(done), options.progress_bar)
-    total_parts, failed_rows, rows_seen = 0, 0, 0
+    progress = Progress(store, split.total, rows_per_part, sum(f.rows for f in done.values()), len(done),
+                        options.progress_bar)
+    progress.failed_rows = sum(f.failed_rows for f in done.values())
+    runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(job.get("batching.max_tokens")), stop,
+                        on_batch=progress.advance)
+    total_parts = 0
     try:
-        for item in loader:
+        for item in _until_stopped(loader, stop):
             if isinstance(item, EndOfSplit):
                 total_parts = max(total_parts, item.parts)
                 continue
-            failed = _process_part(item, task, pipeline, job, store, progress)
-            failed_rows += failed
-            rows_seen += item.num_rows
+            done[item.index] = _process_part(item, runner, job, store, progress, info["fingerprint"])
+    except Interrupted:
+        store.put("_progress.json", json.dumps(progress.snapshot(), indent=2).encode())
+        log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
+                    stop.signal_name, progress.parts_done)
+        return EXIT_INTERRUPTED
     finally:
         progress.close()
-    missing = set(range(total_parts)) - committed_parts(store.names())
+    missing = sorted(set(range(total_parts)) - set(done))
     if missing:
-        raise BatchrunError(f"parts {sorted(missing)[:5]} were not committed; rerun to resume")
+        raise BatchrunError(f"parts {missing[:5]} were not committed; rerun to resume")
     info["finished"] = _now()
     store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
     store.put("_progress.json", json.dumps(progress.snapshot(complete=True), indent=2).encode())
     store.put(SUCCESS, b"")
     log.info("done: %s", progress.line())
-    return _exit_for_errors(failed_rows, rows_seen, job.get("errors.max_error_rate"))
+    rows = sum(facts.rows for facts in done.values())
+    return _exit_for_errors(sum(facts.failed_rows for facts in done.values()), rows,
+                            job.get("errors.max_error_rate"))
 
 
-def _process_part(part, task, pipeline, job, store, progress) -> int:
-    results = []
-    for batch in part.batches:
-        inputs = {name: tensor.to(pipeline.device, non_blocking=True) for name, tensor in batch["inputs"].items()}
-        with torch.inference_mode():
-            outputs = task.forward(pipeline.model, inputs)
-            results.append((batch["rows"], task.decode(outputs, inputs, part.encoded, batch["rows"])))
-        progress.advance(len(batch["rows"]), int(batch["inputs"]["attention_mask"].sum()))
+def _until_stopped(loader, stop: StopFlag):
+    """The loader's items until a stop is requested; workers killed by the same Ctrl-C end it quietly too."""
+    iterator = iter(loader)
+    while True:
+        if stop.requested:
+            raise Interrupted
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if stop.requested:
+                raise Interrupted from None
+            raise
+        yield item
+
+
+def _process_part(part, runner: PartRunner, job: Job, store, progress: Progress, run_fingerprint: str) -> PartFacts:
+    results = runner.run(part)
     failed = [row for row, error in enumerate(part.encoded.errors) if error is not None]
     if failed and job.get("errors.on_error") == "fail":
         row = failed[0]
         raise BatchrunError(f"row {part.first_row + row} failed: {part.encoded.errors[row]} (errors.on_error: fail)")
-    progress.advance(len(failed), 0)
-    commit_part(store, part.index, assemble_part(part, results, task.columns), job.get("output.compression"))
+    progress.advance(len(part.encoded.errors) - sum(len(rows) for rows, _ in results), 0)
+    table = assemble_part(part, results, runner.task.columns)
+    commit_part(store, part.index, table, job.get("output.compression"), run_fingerprint)
     progress.part_committed(len(failed))
-    return len(failed)
+    return PartFacts(part.index, part.num_rows, len(failed))
+
+
+def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int) -> dict[int, PartFacts]:
+    """Committed parts whose footers check out; a truncated, unreadable or foreign part is removed and redone."""
+    done = {}
+    for index in sorted(committed_parts(store.names())):
+        facts = read_part_facts(store, index, run_fingerprint, rows_per_part)
+        if facts is None:
+            log.warning("%s is damaged or not from this run: it will be computed again", part_name(index))
+            store.remove(part_name(index))
+        else:
+            done[index] = facts
+    return done
+
+
+def remove_leftovers(store: LocalStore) -> None:
+    """Temporary files of a run killed mid-write (the lock is held, so none belongs to a live run)."""
+    for name in store.names():
+        if name.startswith(".") and ".tmp-" in name:
+            store.remove(name)
 
 
 def _exit_for_errors(failed_rows: int, rows: int, max_error_rate: float) -> int:
@@ -134,13 +191,6 @@ def _discard(store: LocalStore) -> None:
     for name in store.names():
         if committed_parts([name]) or name in (RUN_INFO, SUCCESS, "_progress.json") or name.startswith("."):
             store.remove(name)
-
-
-def _rows_in(done: set[int], total: int | None, rows_per_part: int) -> int:
-    rows = len(done) * rows_per_part
-    if total is not None and done and max(done) == -(-total // rows_per_part) - 1:
-        rows -= rows_per_part - (total - max(done) * rows_per_part)  # the last part is short
-    return rows
 
 
 def _run_info(job: Job, run_identity: dict, pipeline) -> dict:

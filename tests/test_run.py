@@ -255,3 +255,21 @@ def test_rerun_with_another_identity_exits_2_naming_the_key(tmp_path, tiny_model
     assert run(job, "--set", "output.rows_per_part=3") == 2
     assert "output.rows_per_part: 5 -> 3" in capsys.readouterr().err
     assert run(job, "--set", "batching.max_tokens=999") == 0  # batching is not identity
+
+
+def test_parquet_source_knows_its_total_and_logs_progress_without_a_terminal(tmp_path, tiny_models, monkeypatch,
+                                                                             caplog):
+    from pipeline_core.output import progress
+
+    rows = sample_rows(9)
+    pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
+    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)
+    job.write_text(job.read_text().replace("{path: json, data_files: '" + str(tmp_path / "rows.jsonl"),
+                                           "{path: parquet, data_files: '" + str(tmp_path / "rows.parquet")))
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="batchrun"):
+        assert run(job) == 0
+    assert "run " in caplog.text and ": 9 rows, 0 parts already committed" in caplog.text
+    assert "/9 rows" in caplog.text and "rows/s" in caplog.text and "ETA" in caplog.text
+    snapshot = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert (snapshot["rows_total"], snapshot["parts_total"], snapshot["rows_done"]) == (9, 2, 9)

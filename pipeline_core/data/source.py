@@ -7,6 +7,7 @@ skip/take; percentages need the split's size, which only a non-streaming source 
 
 from __future__ import annotations
 
+import glob
 import re
 import string
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import datasets
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
@@ -63,7 +65,7 @@ def open_split(job: Job, limit: int | None = None) -> Split:
             rows = rows.skip(start)
         if stop is not None:
             rows = rows.take(max(stop - (start or 0), 0))
-        total = _known_size(rows, base_split, start, stop)
+        total = _known_size(rows, base_split, start, stop, _parquet_rows(job, base_split))
     else:
         total = len(rows)
     if limit is not None:
@@ -116,10 +118,28 @@ def _check_columns(job: Job, available: list[str] | None, needed: list[str]) -> 
         )
 
 
-def _known_size(rows, split: str, start: int | None, stop: int | None) -> int | None:
+def _known_size(rows, split: str, start: int | None, stop: int | None, counted: int | None) -> int | None:
+    """Rows a streamed split will yield, from the dataset's metadata or the Parquet footers, when known."""
     splits = getattr(rows.info, "splits", None) or {}
-    size = splits[split].num_examples if split in splits and splits[split].num_examples else None
+    size = splits[split].num_examples if split in splits and splits[split].num_examples else counted
     if size is None:
         return None
     end = min(size, stop) if stop is not None else size
     return max(end - (start or 0), 0)
+
+
+def _parquet_rows(job: Job, split: str) -> int | None:
+    """Local Parquet files state their row counts in their footers: a total for the progress bar, for free."""
+    files = job.get("dataset.data_files")
+    if job.get("dataset.path") != "parquet" or files is None:
+        return None
+    if isinstance(files, dict):
+        files = files.get(split)
+    paths = [files] if isinstance(files, str) else list(files or [])
+    if not paths or any("://" in path for path in paths):
+        return None
+    matched = sorted({match for path in paths for match in glob.glob(path, recursive=True)})
+    try:
+        return sum(pq.ParquetFile(path).metadata.num_rows for path in matched) if matched else None
+    except (OSError, pa.ArrowInvalid):
+        return None  # unreadable here: datasets will say why when it reads

@@ -7,6 +7,7 @@ row. A part's file appears only complete (store.put writes a hidden temporary, t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -51,11 +52,44 @@ def _as_array(values, kind: pa.DataType) -> pa.Array:
     return pa.array(values, kind)
 
 
-def encode_parquet(table: pa.Table, compression: str) -> bytes:
+def encode_parquet(table: pa.Table, compression: str, facts: dict) -> bytes:
+    """Parquet bytes; `facts` go into the footer, where resume and status read them without reading rows."""
+    metadata = dict(table.schema.metadata or {})
+    metadata.update({f"batchrun.{key}".encode(): str(value).encode() for key, value in facts.items()})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=None if compression == "none" else compression)
+    codec = None if compression == "none" else compression
+    pq.write_table(table.replace_schema_metadata(metadata), sink, compression=codec)
     return sink.getvalue().to_pybytes()
 
 
-def commit_part(store, index: int, table: pa.Table, compression: str) -> None:
-    store.put(part_name(index), encode_parquet(table, compression))
+def commit_part(store, index: int, table: pa.Table, compression: str, fingerprint: str) -> None:
+    first_row = table.column("row_id")[0].as_py() if table.num_rows else -1
+    failed = table.num_rows - table.column("error").null_count
+    facts = {"fingerprint": fingerprint, "part": index, "first_row": first_row, "rows": table.num_rows,
+             "failed_rows": failed}
+    store.put(part_name(index), encode_parquet(table, compression, facts))
+
+
+@dataclass
+class PartFacts:
+    index: int
+    rows: int
+    failed_rows: int
+
+
+def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int) -> PartFacts | None:
+    """What a committed part's footer says, or None when the file is unreadable, truncated or not this run's."""
+    try:
+        with store.open(part_name(index)) as file:
+            metadata = pq.read_metadata(file).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    facts = {key.decode().removeprefix("batchrun."): value.decode() for key, value in metadata.items()
+             if key.startswith(b"batchrun.")}
+    try:
+        rows, first_row = int(facts["rows"]), int(facts["first_row"])
+        valid = (facts["fingerprint"] == fingerprint and int(facts["part"]) == index
+                 and first_row == index * rows_per_part and 0 < rows <= rows_per_part)
+        return PartFacts(index, rows, int(facts["failed_rows"])) if valid else None
+    except (KeyError, ValueError):
+        return None

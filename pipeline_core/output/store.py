@@ -2,7 +2,7 @@
 
 Everything in a run directory (parts, _batchrun.json, _progress.json, _SUCCESS) goes through `put`, which writes
 under a hidden temporary name and renames into place, so a reader or a killed run never sees half a file.
-Local directories today; an fsspec store (s3://, gs://) implements the same five methods.
+Local directories today; an fsspec store (s3://, gs://) implements the same seven methods.
 """
 
 from __future__ import annotations
@@ -28,11 +28,26 @@ class LocalStore:
         os.replace(temporary, self.root / name)
         _fsync_directory(self.root)  # and the rename itself survives a power cut
 
+    def create(self, name: str, data: bytes) -> bool:
+        """Write `name` only if it does not exist yet; False if it does (the primitive behind the run lock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        return True
+
     def get(self, name: str) -> bytes | None:
         try:
             return (self.root / name).read_bytes()
         except FileNotFoundError:
             return None
+
+    def open(self, name: str):
+        """A readable binary file, for reading Parquet footers without reading whole parts."""
+        return open(self.root / name, "rb")
 
     def exists(self, name: str) -> bool:
         return (self.root / name).is_file()

@@ -15,7 +15,7 @@ from pipeline_core.tasks.text import TextEncoder, model_input_limit
 from pipeline_core.tasks.token_classification import TokenClassificationTask
 
 
-def build_task(job: Job, pipeline: InferencePipeline):
+def build_task(job: Job, pipeline: InferencePipeline, should_stop=lambda: False):
     task = job.get("task")
     model = pipeline.model
     # CUDA kernels prefer shapes in multiples of 8; elsewhere padding is pure waste
@@ -23,7 +23,7 @@ def build_task(job: Job, pipeline: InferencePipeline):
     encoder = TextEncoder(
         pipeline.tokenizer,
         job.get("dataset.input_column"),
-        max_length=job.get("batching.max_length") or model_input_limit(pipeline.tokenizer, model.config),
+        max_length=job.get("batching.max_length") or input_limit(pipeline),
         prefix=pipeline.input_prefix,
         prompt=job.get("model.prompt"),
         chat_template=job.get("model.chat_template"),
@@ -32,7 +32,7 @@ def build_task(job: Job, pipeline: InferencePipeline):
     if task in ("summarization", "text-generation"):
         column = "summary_text" if task == "summarization" else "generated_text"
         decoder_only = not model.config.is_encoder_decoder
-        return GenerationTask(encoder, pipeline.generation_config, column, decoder_only, pad_multiple)
+        return GenerationTask(encoder, pipeline.generation_config, column, decoder_only, pad_multiple, should_stop)
     if task == "text-classification":
         return TextClassificationTask(encoder, model.config, pad_multiple)
     if task == "token-classification":
@@ -40,3 +40,12 @@ def build_task(job: Job, pipeline: InferencePipeline):
     if task == "feature-extraction":
         return FeatureExtractionTask(encoder, job.get("model.pooling"), job.get("model.normalize"), pad_multiple)
     raise NotImplementedYet(f"task {task!r} is planned but `batchrun run` cannot run it yet")
+
+
+def input_limit(pipeline: InferencePipeline) -> int | None:
+    """The model's input limit; a decoder-only model must also fit the new tokens in its positions."""
+    limit = model_input_limit(pipeline.tokenizer, pipeline.model.config)
+    settings = pipeline.generation_config
+    if limit and settings is not None and not pipeline.model.config.is_encoder_decoder and settings.max_new_tokens:
+        return max(limit - settings.max_new_tokens, 1)
+    return limit

@@ -7,12 +7,26 @@ row's prompt ends where generation starts, and the new text is what follows the 
 from __future__ import annotations
 
 import pyarrow as pa
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from pipeline_core.tasks.text import Encoded, TextEncoder, pad
 
 
+class _StopOnRequest(StoppingCriteria):
+    """Ends generate() early when the run is asked to stop, so SIGTERM is answered within seconds."""
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
+
+
 class GenerationTask:
-    def __init__(self, encoder: TextEncoder, generation_config, column: str, decoder_only: bool, pad_multiple: int):
+    def __init__(self, encoder: TextEncoder, generation_config, column: str, decoder_only: bool, pad_multiple: int,
+                 should_stop=lambda: False):
+        self.stopping = StoppingCriteriaList([_StopOnRequest(should_stop)])
         self.encoder = encoder
         self.generation_config = generation_config
         self.columns = {column: pa.string()}
@@ -28,7 +42,7 @@ class GenerationTask:
         return pad([encoded.ids[row] for row in rows], pad_id, left=self.decoder_only, multiple=self.pad_multiple)
 
     def forward(self, model, inputs: dict):
-        return model.generate(**inputs, generation_config=self.generation_config)
+        return model.generate(**inputs, generation_config=self.generation_config, stopping_criteria=self.stopping)
 
     def decode(self, outputs, inputs: dict, encoded: Encoded, rows: list[int]) -> dict[str, list]:
         if self.decoder_only:

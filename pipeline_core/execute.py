@@ -1,0 +1,115 @@
+"""Running one prepared part's batches on the device, so that one bad row never costs its neighbours.
+
+A batch whose forward pass fails is bisected until the failing rows stand alone; they get the reason in
+`error`, the rest succeed. Out of device memory, a batch is split and the token budget lowered for the rest of
+the run. A stop request (SIGTERM / SIGINT) ends the part between batches, or mid-generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline_core.data.batching import pack_batches
+
+log = logging.getLogger("batchrun")
+
+
+class Interrupted(Exception):
+    """A stop was requested; the part being run is incomplete and must not be committed."""
+
+
+@dataclass
+class StopFlag:
+    signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+@dataclass
+class TokenBudget:
+    """batching.max_tokens, lowered for the rest of the run after an out-of-memory error."""
+
+    max_tokens: int
+    lowered: list[int] = field(default_factory=list)
+
+    def lower(self, failed_tokens: int) -> None:
+        self.max_tokens = max(1, min(self.max_tokens, failed_tokens) // 2)
+        self.lowered.append(self.max_tokens)
+        log.warning("out of device memory at %d padded tokens: batching.max_tokens is now %d for this run",
+                    failed_tokens, self.max_tokens)
+
+
+class PartRunner:
+    """Runs parts' batches on one model and device, with the run's token budget and stop flag."""
+
+    def __init__(self, task, model, device, budget: TokenBudget, stop: StopFlag, on_batch=None):
+        self.task, self.model, self.device = task, model, device
+        self.budget, self.stop = budget, stop
+        self.on_batch = on_batch or (lambda rows, tokens: None)
+
+    def run(self, part) -> list[tuple[list[int], dict]]:
+        """Per batch, (part positions, task columns). Failed rows get their reason in part.encoded.errors."""
+        results: list = []
+        for batch in part.batches:
+            for rows, inputs in self._within_budget(batch, part):
+                if self.stop.requested:
+                    raise Interrupted
+                self._run_rows(rows, inputs, part, results)
+        return results
+
+    def _within_budget(self, batch: dict, part):
+        """The batch as packed by the worker, or re-packed here if an OOM lowered the budget since."""
+        rows, inputs = batch["rows"], batch["inputs"]
+        if inputs["input_ids"].numel() <= self.budget.max_tokens or len(rows) == 1:
+            yield rows, inputs
+            return
+        lengths = [len(part.encoded.ids[row]) for row in rows]
+        for group in pack_batches(lengths, self.budget.max_tokens, len(rows)):
+            subset = [rows[position] for position in group]
+            yield subset, self.task.collate(part.encoded, subset)
+
+    def _run_rows(self, rows: list[int], inputs: dict, part, results: list) -> None:
+        try:
+            moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
+            with torch.inference_mode():
+                outputs = self.task.forward(self.model, moved)
+                values = self.task.decode(outputs, moved, part.encoded, rows)
+        except Exception as error:  # noqa: BLE001 - a failure of these rows is recorded on the rows
+            if self.stop.requested:
+                raise Interrupted from error
+            self._recover(error, rows, inputs, part, results)
+            return
+        if self.stop.requested:  # generation may have been cut short by the stop: these outputs are incomplete
+            raise Interrupted
+        results.append((rows, values))
+        self.on_batch(len(rows), int(inputs["attention_mask"].sum()))
+
+    def _recover(self, error: Exception, rows: list[int], inputs: dict, part, results: list) -> None:
+        out_of_memory = is_out_of_memory(error)
+        if out_of_memory:
+            self.budget.lower(inputs["input_ids"].numel())
+            _empty_cache(self.device)
+        if len(rows) == 1:
+            reason = "out of device memory even alone" if out_of_memory else f"{type(error).__name__}: {error}"
+            part.encoded.errors[rows[0]] = f"forward pass failed: {reason}"[:1000]
+            log.warning("row %d failed in the forward pass: %s", part.first_row + rows[0], reason[:200])
+            return
+        half = len(rows) // 2
+        for subset in (rows[:half], rows[half:]):
+            self._run_rows(subset, self.task.collate(part.encoded, subset), part, results)
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _empty_cache(device) -> None:
+    backend = getattr(torch, getattr(device, "type", "cpu"), None)
+    empty = getattr(backend, "empty_cache", None)
+    if callable(empty):
+        empty()
