@@ -156,6 +156,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # datasets logs some failures with their traceback before raising; batchrun reports them as one message
+    import datasets  # noqa: F401 - sets up the "datasets" logger and its handler
+
+    library = _StderrHandler()
+    library.setFormatter(logging.Formatter("%(asctime)s datasets %(levelname)s %(message)s", "%H:%M:%S"))
+    library.addFilter(_without_traceback)
+    logging.getLogger("datasets").handlers = [library]
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 @cli.command()
@@ -163,7 +175,10 @@ def setup_logging(level: int = logging.INFO) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(output, as_json):
     """Progress of a run directory: parts and rows done, rows/s, ETA, complete or not."""
-    raise NotImplementedYet("`batchrun status` is not implemented yet (issue #5)")
+    from pipeline_core.status import render_status, run_status
+
+    found = run_status(output)
+    click.echo(json.dumps(found, indent=2) if as_json else render_status(found))
 
 
 @cli.command()

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from pipeline_core import __version__
-from pipeline_core.data.loader import BatchLimits, EndOfSplit, PreparedParts, part_loader
+from pipeline_core.data.loader import BatchLimits, EndOfSplit, PreparedParts, SourceFailure, part_loader
 from pipeline_core.data.source import open_split
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.initializer import initialize, plan_summary
 from pipeline_core.manifest import Job
+from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.identity import differences, fingerprint, identity
 from pipeline_core.output.lock import RunLock
 from pipeline_core.output.parts import (
@@ -37,8 +38,6 @@ from pipeline_core.signals import StopOnSignals
 from pipeline_core.tasks import build_task
 
 log = logging.getLogger("batchrun")
-RUN_INFO = "_batchrun.json"
-SUCCESS = "_SUCCESS"
 
 
 @dataclass
@@ -87,9 +86,11 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
             if isinstance(item, EndOfSplit):
                 total_parts = max(total_parts, item.parts)
                 continue
+            if isinstance(item, SourceFailure):
+                raise BatchrunError(f"dataset {job.get('dataset.path')!r}: {item.message}; committed parts are kept")
             done[item.index] = _process_part(item, runner, job, store, progress, info["fingerprint"])
     except Interrupted:
-        store.put("_progress.json", json.dumps(progress.snapshot(), indent=2).encode())
+        store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
         log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
                     stop.signal_name, progress.parts_done)
         return EXIT_INTERRUPTED
@@ -98,12 +99,13 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
     missing = sorted(set(range(total_parts)) - set(done))
     if missing:
         raise BatchrunError(f"parts {missing[:5]} were not committed; rerun to resume")
+    rows = sum(facts.rows for facts in done.values())
+    progress.total_parts, progress.total_rows = total_parts, rows  # known for sure now, even for a stream
     info["finished"] = _now()
     store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
-    store.put("_progress.json", json.dumps(progress.snapshot(complete=True), indent=2).encode())
+    store.put(PROGRESS, json.dumps(progress.snapshot(complete=True), indent=2).encode())
     store.put(SUCCESS, b"")
     log.info("done: %s", progress.line())
-    rows = sum(facts.rows for facts in done.values())
     return _exit_for_errors(sum(facts.failed_rows for facts in done.values()), rows,
                             job.get("errors.max_error_rate"))
 
@@ -189,7 +191,7 @@ def _already_finished(store: LocalStore, run_identity: dict) -> bool:
 
 def _discard(store: LocalStore) -> None:
     for name in store.names():
-        if committed_parts([name]) or name in (RUN_INFO, SUCCESS, "_progress.json") or name.startswith("."):
+        if committed_parts([name]) or name in (RUN_INFO, SUCCESS, PROGRESS) or name.startswith("."):
             store.remove(name)
 
 

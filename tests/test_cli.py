@@ -54,7 +54,6 @@ def test_console_script_is_installed():
     [
         (["run", SUMMARIZE, "--num-shards", "2", "--shard-index", "0"], "--num-shards / --shard-index are planned"),
         ([SUMMARIZE, "--log-format", "json"], "--log-format json is planned"),
-        (["status", "outputs/x"], "`batchrun status` is not implemented yet"),
         (["evaluate", "outputs/x"], "`batchrun evaluate` is not implemented yet"),
     ],
 )

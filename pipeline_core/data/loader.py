@@ -38,6 +38,14 @@ class EndOfSplit:
 
 
 @dataclass
+class SourceFailure:
+    """A worker could not read or prepare its data (a truncated file, an unreachable source). Raised as an
+    exception it would reach the user wrapped in the worker's traceback; as an item it becomes one message."""
+
+    message: str
+
+
+@dataclass
 class BatchLimits:
     max_tokens: int
     max_batch_size: int
@@ -64,8 +72,12 @@ class PreparedParts(torch.utils.data.IterableDataset):
             seen = max(seen, index + 1)
             return index % workers == worker and index not in self.skip
 
-        for index, table in self.split.parts(self.rows_per_part, wanted):
-            yield prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
+        try:
+            for index, table in self.split.parts(self.rows_per_part, wanted):
+                yield prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
+        except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
+            yield SourceFailure(f"reading part {seen - 1 if seen else 0} failed: {type(error).__name__}: {error}")
+            return
         yield EndOfSplit(seen)
 
 

@@ -100,6 +100,8 @@ def _load(job: Job, split: str, streaming: bool):
         )
     except FileNotFoundError as error:
         raise BatchrunError(f"dataset.data_files / dataset.path: {error}") from error
+    except pa.ArrowException as error:  # a damaged file; ArrowInvalid is also a ValueError, so it comes first
+        raise BatchrunError(f"dataset {path!r}: a data file cannot be read: {error}") from error
     except ValueError as error:  # unknown split, bad data_files pattern, bad config name
         raise UsageError(f"dataset {path!r}: {error}") from error
     except (OSError, ConnectionError) as error:

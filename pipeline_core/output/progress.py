@@ -10,6 +10,8 @@ import time
 
 from tqdm import tqdm
 
+from pipeline_core.output import PROGRESS
+
 log = logging.getLogger("batchrun")
 LOG_EVERY_SECONDS = 10.0
 
@@ -42,7 +44,7 @@ class Progress:
     def part_committed(self, failed_rows: int) -> None:
         self.parts_done += 1
         self.failed_rows += failed_rows
-        self.store.put("_progress.json", json.dumps(self.snapshot(), indent=2).encode())
+        self.store.put(PROGRESS, json.dumps(self.snapshot(), indent=2).encode())
 
     def rows_per_second(self) -> float:
         return self.rows_this_run / max(time.monotonic() - self.started, 1e-9)

@@ -1,0 +1,326 @@
+"""Exactly-once resume and failure handling: kill -9 at random points, SIGTERM, the lock, damaged parts,
+bad rows in the forward pass, out-of-memory, and broken sources.
+
+The kill tests run `python -m pipeline_core` in its own process group and SIGKILL the whole group, workers
+included; `-m slow` runs the long version with dozens of kills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline_core.cli import run_cli
+from pipeline_core.output.lock import LOCK
+from pipeline_core.tasks.classification import TextClassificationTask
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the quick brown fox jumps over the lazy dog while people walk through london".split()
+
+
+def rows(count: int, seed: int = 1) -> list[dict]:
+    generator = random.Random(seed)
+    return [{"id": f"r{i:04d}", "text": " ".join(generator.choices(WORDS, k=generator.randint(1, 40)))}
+            for i in range(count)]
+
+
+def write_job(directory: Path, model: Path, data: list[dict], task: str = "text-classification",
+              rows_per_part: int = 4, extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
+    job = directory / "job.yaml"
+    job.write_text(
+        f"task: {task}\nmodel:\n  name: '{model}'\n{extra}"
+        f"dataset: {{path: json, data_files: '{directory / 'rows.jsonl'}', keep_columns: [id]}}\n"
+        f"batching: {{max_tokens: 256, max_batch_size: 8, num_workers: 1}}\n"
+        f"output: {{path: '{directory / 'out'}', rows_per_part: {rows_per_part}}}\n"
+        "errors: {max_error_rate: 1.0}\n"
+    )
+    return job
+
+
+def run(job: Path, *args: str) -> int:
+    return run_cli(["run", str(job), "--no-progress", *args])
+
+
+def output(job: Path) -> pd.DataFrame:
+    return pd.read_parquet(job.parent / "out")
+
+
+def start(job: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_models):
+    """An uninterrupted run of the generation job that the kill tests interrupt."""
+    job = write_job(tmp_path_factory.mktemp("reference"), tiny_models.causal_lm, rows(48), task="text-generation",
+                    extra="  generation: {max_new_tokens: 24, min_new_tokens: 24, do_sample: false}\n")
+    started = time.monotonic()
+    process = start(job)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return job, output(job), time.monotonic() - started
+
+
+def kill_and_resume(tmp_path: Path, reference, kills: int, seed: int) -> None:
+    reference_job, expected, duration = reference
+    job = tmp_path / f"killed-{seed}" / "job.yaml"
+    job.parent.mkdir()
+    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(job.parent)))
+    (job.parent / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    generator = random.Random(seed)
+    for _ in range(kills):
+        process = start(job)
+        time.sleep(generator.uniform(0.2, duration))
+        os.killpg(process.pid, signal.SIGKILL)  # the run and its DataLoader workers, with no chance to clean up
+        process.wait()
+        if process.returncode == 0:
+            break
+    process = start(job)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    pd.testing.assert_frame_equal(output(job), expected)
+    assert not [name for name in os.listdir(job.parent / "out") if name.startswith(".")]
+
+
+def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
+    kill_and_resume(tmp_path, reference, kills=3, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(8))
+def test_kill_9_dozens_of_times(tmp_path, reference, seed):
+    kill_and_resume(tmp_path, reference, kills=5, seed=100 + seed)
+
+
+def test_sigterm_commits_and_exits_75_within_10_seconds_then_resumes(tmp_path, reference):
+    reference_job, expected, duration = reference
+    job = write_job(tmp_path / "term", Path("unused"), rows(48))
+    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(job.parent)))
+    (job.parent / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    process = start(job)
+    deadline = time.monotonic() + 120
+    while not list((job.parent / "out").glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 75, err
+    assert time.monotonic() - signalled < 10
+    assert "SIGTERM received" in err and "Traceback" not in err
+    progress = json.loads((job.parent / "out" / "_progress.json").read_text())
+    assert progress["complete"] is False and progress["parts_done"] >= 1
+    assert not (job.parent / "out" / "_SUCCESS").exists()
+    assert not (job.parent / "out" / LOCK).exists()
+    process = start(job)
+    assert process.wait(timeout=300) == 0
+    pd.testing.assert_frame_equal(output(job), expected)
+
+
+def test_live_lock_exits_75_naming_its_holder(tmp_path, tiny_models, capsys):
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(5))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "out").mkdir()
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": time.time(), "heartbeat": time.time()}
+        (tmp_path / "out" / LOCK).write_text(json.dumps(lock))
+        assert run(job) == 75
+        assert f"locked by a live run: pid {holder.pid} on {socket.gethostname()}" in capsys.readouterr().err
+        assert run_cli(["status", str(tmp_path / "out")]) == 2  # no run info yet, but the lock is intact
+        assert (tmp_path / "out" / LOCK).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(job) == 0  # the holder is dead: its lock is stale and taken over
+    assert not (tmp_path / "out" / LOCK).exists()
+
+
+def test_lock_with_a_stale_heartbeat_from_another_host_is_taken_over(tmp_path, tiny_models):
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(5))
+    (tmp_path / "out").mkdir()
+    stale = {"pid": 1, "host": "another-node", "started": 0, "heartbeat": time.time() - 3600}
+    (tmp_path / "out" / LOCK).write_text(json.dumps(stale))
+    assert run(job) == 0
+
+
+def test_damaged_parts_and_leftover_temporaries_are_redone(tmp_path, tiny_models):
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(14))
+    assert run(job) == 0
+    expected = output(job)
+    out = tmp_path / "out"
+    (out / "_SUCCESS").unlink()
+    part = out / "part-000001.parquet"
+    part.write_bytes(part.read_bytes()[:200])  # truncated, as by a full disk
+    (out / "part-000002.parquet").unlink()
+    (out / ".part-000002.parquet.tmp-99999").write_bytes(b"half a file")
+    kept = (out / "part-000000.parquet").stat().st_mtime_ns
+    assert run(job) == 0
+    pd.testing.assert_frame_equal(output(job), expected)
+    assert (out / "part-000000.parquet").stat().st_mtime_ns == kept  # committed parts are never recomputed
+    assert not (out / ".part-000002.parquet.tmp-99999").exists()
+
+
+def test_status_reports_progress_and_completion(tmp_path, tiny_models, capsys):
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(10))
+    assert run(job, "--limit", "6") == 0
+    capsys.readouterr()
+    assert run_cli(["status", str(tmp_path / "out"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["complete"], status["parts_done"], status["parts_total"]) == (True, 2, 2)
+    assert (status["rows_done"], status["rows_total"], status["failed_rows"], status["running"]) == (6, 6, 0, False)
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    (tmp_path / "out" / "part-000001.parquet").unlink()
+    assert run_cli(["status", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "stopped before the end" in text and "parts   1/2" in text and "rows    4/6, 0 failed" in text
+
+
+def test_failing_rows_in_the_forward_pass_are_isolated_by_bisection(tmp_path, tiny_models, monkeypatch):
+    data = rows(20)
+    for index in (3, 11):
+        data[index]["text"] = "fox"  # one word: [CLS] fox [SEP], the only 3-token rows
+    for row in data:
+        assert row["text"] == "fox" or len(row["text"].split()) > 1 or row["text"] in WORDS
+    job = write_job(tmp_path, tiny_models.text_classifier, data)
+    assert run(job) == 0
+    clean = output(job)
+    forward = TextClassificationTask.forward
+
+    def poisoned(self, model, inputs):
+        if (inputs["attention_mask"].sum(dim=1) == 3).any():
+            raise RuntimeError("poisoned row")
+        return forward(self, model, inputs)
+
+    monkeypatch.setattr(TextClassificationTask, "forward", poisoned)
+    assert run(job, "--fresh") == 0
+    got = output(job)
+    short = [i for i, row in enumerate(data) if len(row["text"].split()) == 1]
+    assert set(short) >= {3, 11}
+    assert all(got["error"][i] == "forward pass failed: RuntimeError: poisoned row" for i in short)
+    good = [i for i in range(len(data)) if i not in short]
+    pd.testing.assert_frame_equal(got.iloc[good].reset_index(drop=True), clean.iloc[good].reset_index(drop=True))
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_the_budget(tmp_path, tiny_models, monkeypatch, caplog):
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(24))
+    assert run(job) == 0
+    clean = output(job)
+    forward = TextClassificationTask.forward
+    sizes = []
+
+    def small_device(self, model, inputs):
+        sizes.append(inputs["input_ids"].numel())
+        if inputs["input_ids"].numel() > 60:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, model, inputs)
+
+    monkeypatch.setattr(TextClassificationTask, "forward", small_device)
+    with caplog.at_level("WARNING", logger="batchrun"):
+        assert run(job, "--fresh") == 0
+    pd.testing.assert_frame_equal(output(job), clean)
+    assert "batching.max_tokens is now" in caplog.text
+    first_oom = next(i for i, size in enumerate(sizes) if size > 60)
+    later = sizes[first_oom + 1:]
+    assert later and max(later[-5:]) <= 60  # once lowered, the budget holds for the rest of the run
+
+
+def test_on_error_fail_stops_at_the_first_bad_row_with_exit_1(tmp_path, tiny_models, capsys):
+    data = rows(9)
+    data[6]["text"] = None
+    job = write_job(tmp_path, tiny_models.text_classifier, data)
+    assert run(job, "--set", "errors.on_error=fail") == 1
+    err = capsys.readouterr().err
+    assert "row 6 failed: input column 'text' is null (errors.on_error: fail)" in err
+    assert (tmp_path / "out" / "part-000000.parquet").exists()  # what was committed before stays
+
+
+def test_error_rate_counts_rows_of_earlier_attempts(tmp_path, tiny_models):
+    data = rows(8)
+    data[1]["text"] = None
+    job = write_job(tmp_path, tiny_models.text_classifier, data)
+    assert run(job, "--limit", "8", "--set", "errors.max_error_rate=0.5") == 0
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    (tmp_path / "out" / "part-000001.parquet").unlink()
+    # only part 1 is redone; the failed row of part 0 must still count against the threshold
+    assert run(job, "--limit", "8", "--set", "errors.max_error_rate=0.1") == 3
+
+
+def use_parquet(job: Path) -> Path:
+    data = job.parent / "rows.parquet"
+    pd.read_json(job.parent / "rows.jsonl", lines=True).to_parquet(data)
+    job.write_text(job.read_text().replace(f"path: json, data_files: '{job.parent / 'rows.jsonl'}'",
+                                           f"path: parquet, data_files: '{data}'"))
+    return data
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing-file", "rows.parquet"),
+    ("truncated-file", "cannot be read"),
+])
+def test_broken_source_mid_job_exits_1_and_keeps_committed_parts(tmp_path, tiny_models, capsys, damage, message):
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(12))
+    data = use_parquet(job)
+    assert run(job) == 0
+    out = tmp_path / "out"
+    (out / "_SUCCESS").unlink()
+    (out / "part-000002.parquet").unlink()
+    kept = {path.name: path.stat().st_mtime_ns for path in out.glob("part-*.parquet")}
+    if damage == "missing-file":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    capsys.readouterr()
+    assert run(job) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("part-*.parquet")} == kept
+
+
+@pytest.mark.parametrize("override, code, message", [
+    ("dataset.input_column=body", 2, "has no column 'body'; its columns are id, text"),
+    ("dataset.keep_columns=[id, author]", 2, "has no column 'author'"),
+    ("dataset.path=someone/no-such-dataset", 1, "could not be opened"),
+    ("dataset.split=validation", 2, "validation"),
+])
+def test_bad_sources_exit_with_a_plain_message(tmp_path, tiny_models, capsys, override, code, message):
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(4))
+    assert run(job, "--set", override) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("task, fixture", [("text-classification", "text_classifier"),
+                                           ("feature-extraction", "embedder"),
+                                           ("token-classification", "token_classifier")])
+def test_odd_rows_beside_good_rows_do_not_change_them(tmp_path, tiny_models, task, fixture):
+    good = rows(10)
+    odd = [None, "", "   ", "fox " * 75_000, "ctrl\x00\x01\x07\x7f chars", "emoji 😀🚀 fox", "family 👨‍👩‍👧 walks",
+           "\u200b\u200d", "tab\tand\nnewlines\r\n"]
+    mixed = [dict(row) for row in good]
+    for index, text in enumerate(odd):
+        mixed.insert(2 * index + 1, {"id": f"odd{index}", "text": text})
+    model = getattr(tiny_models, fixture)
+    clean_job = write_job(tmp_path / "clean", model, good, task=task)
+    mixed_job = write_job(tmp_path / "mixed", model, mixed, task=task)
+    assert run(clean_job) == 0 and run(mixed_job) == 0
+    clean, got = output(clean_job), output(mixed_job)
+    odd_rows = got["id"].str.startswith("odd")
+    errors = got["error"][odd_rows]
+    assert errors.iloc[0] == "input column 'text' is null" and errors.iloc[1:].isna().all()
+    kept = got[~odd_rows].drop(columns="row_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, clean.drop(columns="row_id"))
