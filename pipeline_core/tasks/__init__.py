@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pipeline_core.errors import NotImplementedYet
 from pipeline_core.initializer import InferencePipeline
+from pipeline_core.initializer.generation import GENERATIVE_TASKS as GENERATIVE
 from pipeline_core.manifest import Job
 from pipeline_core.tasks.classification import TextClassificationTask
 from pipeline_core.tasks.feature_extraction import FeatureExtractionTask
@@ -28,17 +29,19 @@ def build_task(job: Job, pipeline: InferencePipeline, should_stop=lambda: False)
         prompt=job.get("model.prompt"),
         chat_template=job.get("model.chat_template"),
         offsets=task == "token-classification",
+        left_padding=task in GENERATIVE and not model.config.is_encoder_decoder,
+        pad_multiple=pad_multiple,
     )
-    if task in ("summarization", "text-generation"):
+    if task in GENERATIVE:
         column = "summary_text" if task == "summarization" else "generated_text"
         decoder_only = not model.config.is_encoder_decoder
-        return GenerationTask(encoder, pipeline.generation_config, column, decoder_only, pad_multiple, should_stop)
+        return GenerationTask(encoder, pipeline.generation_config, column, decoder_only, should_stop)
     if task == "text-classification":
-        return TextClassificationTask(encoder, model.config, pad_multiple)
+        return TextClassificationTask(encoder, model.config)
     if task == "token-classification":
-        return TokenClassificationTask(encoder, model.config, pad_multiple)
+        return TokenClassificationTask(encoder, model.config)
     if task == "feature-extraction":
-        return FeatureExtractionTask(encoder, job.get("model.pooling"), job.get("model.normalize"), pad_multiple)
+        return FeatureExtractionTask(encoder, job.get("model.pooling"), job.get("model.normalize"))
     raise NotImplementedYet(f"task {task!r} is planned but `batchrun run` cannot run it yet")
 
 

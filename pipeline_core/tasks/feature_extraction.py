@@ -10,24 +10,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline_core.tasks.text import Encoded, TextEncoder, pad
+from pipeline_core.tasks.text import Encoded, TextEncoder
 
 
 class FeatureExtractionTask:
-    def __init__(self, encoder: TextEncoder, pooling: str, normalize: bool, pad_multiple: int):
+    def __init__(self, encoder: TextEncoder, pooling: str, normalize: bool):
         self.encoder = encoder
-        self.pad_id = encoder.tokenizer.pad_token_id
+        self.encode, self.collate = encoder, encoder.collate  # preprocessing, run in the workers
         self.pooling = pooling
         self.normalize = normalize
-        self.pad_multiple = pad_multiple
         vector = pa.list_(pa.float32())
         self.columns = {"embedding": pa.list_(vector) if pooling == "none" else vector}
-
-    def encode(self, table: pa.Table) -> Encoded:
-        return self.encoder(table)
-
-    def collate(self, encoded: Encoded, rows: list[int]) -> dict:
-        return pad([encoded.ids[row] for row in rows], self.pad_id, multiple=self.pad_multiple)
 
     def forward(self, model, inputs: dict):
         return model(**inputs).last_hidden_state

@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from pipeline_core.tasks.text import Encoded, TextEncoder, pad
+from pipeline_core.tasks.text import Encoded, TextEncoder
 
 
 class _StopOnRequest(StoppingCriteria):
@@ -24,22 +24,15 @@ class _StopOnRequest(StoppingCriteria):
 
 
 class GenerationTask:
-    def __init__(self, encoder: TextEncoder, generation_config, column: str, decoder_only: bool, pad_multiple: int,
+    def __init__(self, encoder: TextEncoder, generation_config, column: str, decoder_only: bool,
                  should_stop=lambda: False):
         self.stopping = StoppingCriteriaList([_StopOnRequest(should_stop)])
         self.encoder = encoder
+        self.encode, self.collate = encoder, encoder.collate  # preprocessing, run in the workers
         self.generation_config = generation_config
         self.columns = {column: pa.string()}
         self.column = column
         self.decoder_only = decoder_only
-        self.pad_multiple = pad_multiple
-
-    def encode(self, table: pa.Table) -> Encoded:
-        return self.encoder(table)
-
-    def collate(self, encoded: Encoded, rows: list[int]) -> dict:
-        pad_id = self.generation_config.pad_token_id
-        return pad([encoded.ids[row] for row in rows], pad_id, left=self.decoder_only, multiple=self.pad_multiple)
 
     def forward(self, model, inputs: dict):
         return model.generate(**inputs, generation_config=self.generation_config, stopping_criteria=self.stopping)

@@ -1,4 +1,4 @@
-"""Text preprocessing shared by the text tasks: rows -> prompts -> token ids, and token ids -> padded tensors.
+"""Text preprocessing shared by the text tasks: rows -> prompts -> token ids -> padded batch tensors.
 
 Runs in DataLoader workers, so it holds the tokenizer and settings but never the model. A row whose input is
 not usable text gets a reason instead of token ids; the run goes on without it.
@@ -47,6 +47,8 @@ class TextEncoder:
         prompt: str | None = None,
         chat_template: bool = False,
         offsets: bool = False,
+        left_padding: bool = False,
+        pad_multiple: int = 1,
     ):
         self.tokenizer = tokenizer
         self.column = column
@@ -55,6 +57,8 @@ class TextEncoder:
         self.prompt = prompt
         self.chat_template = chat_template
         self.offsets = offsets
+        self.left_padding = left_padding  # decoder-only generation: every prompt ends where new tokens start
+        self.pad_multiple = pad_multiple
 
     def texts(self, table: pa.Table) -> tuple[list[str | None], list[str | None]]:
         """The text each row feeds the model (prompt filled in, prefix added), or why it has none."""
@@ -97,6 +101,11 @@ class TextEncoder:
             if offsets is not None:
                 offsets[index] = encoding["offset_mapping"][position]
         return Encoded(ids, errors, offsets, texts if self.offsets else None)
+
+    def collate(self, encoded: Encoded, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The padded tensors of a batch of the part's rows."""
+        sequences = [encoded.ids[row] for row in rows]
+        return pad(sequences, self.tokenizer.pad_token_id, left=self.left_padding, multiple=self.pad_multiple)
 
     def _chat(self, text: str) -> str:
         return self.tokenizer.apply_chat_template(

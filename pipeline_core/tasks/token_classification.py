@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from pipeline_core.tasks.text import Encoded, TextEncoder, pad
+from pipeline_core.tasks.text import Encoded, TextEncoder
 
 ENTITY = pa.struct(
     [("entity_group", pa.string()), ("score", pa.float32()), ("word", pa.string()),
@@ -21,17 +21,10 @@ ENTITY = pa.struct(
 class TokenClassificationTask:
     columns = {"entities": pa.list_(ENTITY)}
 
-    def __init__(self, encoder: TextEncoder, model_config, pad_multiple: int):
+    def __init__(self, encoder: TextEncoder, model_config):
         self.encoder = encoder
-        self.pad_id = encoder.tokenizer.pad_token_id
+        self.encode, self.collate = encoder, encoder.collate  # preprocessing, run in the workers
         self.labels = [model_config.id2label[index] for index in range(model_config.num_labels)]
-        self.pad_multiple = pad_multiple
-
-    def encode(self, table: pa.Table) -> Encoded:
-        return self.encoder(table)
-
-    def collate(self, encoded: Encoded, rows: list[int]) -> dict:
-        return pad([encoded.ids[row] for row in rows], self.pad_id, multiple=self.pad_multiple)
 
     def forward(self, model, inputs: dict):
         return model(**inputs).logits
