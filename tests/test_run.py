@@ -273,3 +273,12 @@ def test_parquet_source_knows_its_total_and_logs_progress_without_a_terminal(tmp
     assert "/9 rows" in caplog.text and "rows/s" in caplog.text and "ETA" in caplog.text
     snapshot = json.loads((tmp_path / "out" / "_progress.json").read_text())
     assert (snapshot["rows_total"], snapshot["parts_total"], snapshot["rows_done"]) == (9, 2, 9)
+
+
+def test_without_keep_columns_the_output_is_row_id_task_columns_and_error(tmp_path, tiny_models):
+    job = write_job(tmp_path, "feature-extraction", tiny_models.embedder, sample_rows(7))
+    job.write_text(job.read_text().replace(", keep_columns: [id]", ""))
+    assert run(job) == 0
+    table = pads.dataset(tmp_path / "out").to_table()
+    assert table.column_names == ["row_id", "embedding", "error"]
+    assert table.column("row_id").to_pylist() == list(range(7))

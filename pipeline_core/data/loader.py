@@ -22,14 +22,11 @@ from pipeline_core.tasks.text import Encoded
 class PreparedPart:
     index: int
     first_row: int
-    kept: pa.Table  # the keep_columns of the part's rows, in input order
+    num_rows: int
+    kept: pa.Table  # the keep_columns of the part's rows, in input order (possibly no columns)
     encoded: Encoded
     batches: list[dict]  # {"rows": positions in the part, "inputs": {name: tensor}}
     tokens: int  # real (unpadded) input tokens
-
-    @property
-    def num_rows(self) -> int:
-        return self.kept.num_rows
 
 
 @dataclass
@@ -91,7 +88,7 @@ def prepare_part(index: int, first_row: int, table: pa.Table, task, keep_columns
     for batch in packed:
         rows = [valid[position] for position in batch]
         batches.append({"rows": rows, "inputs": task.collate(encoded, rows)})
-    return PreparedPart(index, first_row, table.select(keep_columns), encoded, batches, sum(lengths))
+    return PreparedPart(index, first_row, table.num_rows, table.select(keep_columns), encoded, batches, sum(lengths))
 
 
 def _pass_through(item):

