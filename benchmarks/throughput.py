@@ -196,6 +196,8 @@ def write_rows(path: Path, texts: list[str]) -> Path:
 def measure(workload: str, models: dict, directory: Path, args) -> dict:
     count = args.rows or {"embedding": 2000, "classification": 2000, "generation": 256}[workload]
     texts = sample_texts(count)
+    if workload == "generation":  # prompts within the model's positions for every method, same rows for all
+        texts = [" ".join(text.split()[:60]) for text in texts]
     data = write_rows(directory / f"{workload}.parquet", texts)
     job = write_job(directory, workload, models[workload], data, args)
     seconds = {"batchrun": batchrun_seconds(job)[0],

@@ -36,11 +36,11 @@ CASES = [
     ("unknown-nested-key", GOOD + "batching: {max_token: 10}\n", [], ["batching.max_token", "did you mean batching.max_tokens?"]),
     ("key-in-wrong-section", GOOD.replace("  name: some/model\n", "  name: m\n  max_tokens: 5\n"), [],
      ["model.max_tokens", "did you mean batching.max_tokens?"]),
-    ("wrong-type-int", GOOD + "batching: {max_tokens: lots}\n", [], ["batching.max_tokens must be a positive integer", "'lots'"]),
+    ("wrong-type-int", GOOD + "batching: {max_tokens: lots}\n", [], ["batching.max_tokens must be auto or a positive integer", "'lots'"]),
     ("bool-is-not-int", GOOD + "batching: {max_batch_size: true}\n", [], ["batching.max_batch_size must be a positive integer"]),
     ("wrong-type-bool", GOOD.replace("  name: some/model\n", "  name: m\n  trust_remote_code: maybe\n"), [],
      ["model.trust_remote_code must be true or false, got 'maybe'"]),
-    ("negative-number", GOOD + "batching: {max_tokens: -5}\n", [], ["batching.max_tokens must be a positive integer, got -5"]),
+    ("negative-number", GOOD + "batching: {max_tokens: -5}\n", [], ["batching.max_tokens must be auto or a positive integer, got -5"]),
     ("zero-rows-per-part", GOOD + "output: {rows_per_part: 0}\n", [], ["output.rows_per_part must be a positive integer, got 0"]),
     ("error-rate-above-one", GOOD + "errors: {max_error_rate: 1.5}\n", [], ["errors.max_error_rate must be a number from 0 to 1"]),
     ("negative-workers", GOOD + "batching: {num_workers: -1}\n", [], ["batching.num_workers must be a non-negative integer"]),
@@ -70,7 +70,7 @@ CASES = [
     ("set-without-equals", GOOD, ["--set", "batching.max_tokens"], ["--set 'batching.max_tokens' is not KEY=VALUE"]),
     ("set-unknown-key", GOOD, ["--set", "batching.max_token=8"], ["--set batching.max_token: unknown key",
                                                                   "did you mean batching.max_tokens?"]),
-    ("set-bad-value", GOOD, ["--set", "batching.max_tokens=-1"], ["batching.max_tokens must be a positive integer, got -1"]),
+    ("set-bad-value", GOOD, ["--set", "batching.max_tokens=-1"], ["batching.max_tokens must be auto or a positive integer, got -1"]),
     ("set-bad-yaml", GOOD, ["--set", "model.generation={num_beams: 4"], ["--set model.generation", "not a valid YAML value"]),
     ("set-into-scalar", GOOD, ["--set", "task.sub=1"], ["--set task.sub: unknown key"]),
     ("set-below-non-mapping", GOOD.replace("  name: some/model\n", "  name: m\n  device_map: auto\n"),
@@ -141,4 +141,4 @@ def test_run_and_plan_refuse_a_bad_manifest_with_2(tmp_path, capsys, command):
     job = tmp_path / "job.yaml"
     job.write_text(GOOD + "batching: {max_tokens: -5}\n")
     assert run_cli([*command, str(job)]) == 2
-    assert "batching.max_tokens must be a positive integer, got -5" in capsys.readouterr().err
+    assert "batching.max_tokens must be auto or a positive integer, got -5" in capsys.readouterr().err

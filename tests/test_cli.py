@@ -37,7 +37,7 @@ def test_bad_manifest_in_a_child_process_exits_2_without_traceback(tmp_path):
     for args in (["validate", str(job)], [str(job)], ["run", str(job), "--limit", "3"]):
         result = batchrun(*args)
         assert result.returncode == 2
-        assert "batching.max_tokens must be a positive integer, got -5" in result.stderr
+        assert "batching.max_tokens must be auto or a positive integer, got -5" in result.stderr
         assert "Traceback" not in result.stderr
 
 

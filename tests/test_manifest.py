@@ -33,11 +33,11 @@ def test_defaults_fill_every_key_in_table_order(tmp_path):
                   "pooling": "mean", "normalize": False},
         "dataset": {"path": "csv", "name": None, "data_files": "rows.csv", "split": "train", "revision": None,
                     "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": []},
-        "batching": {"max_batch_size": 64, "max_tokens": 16384, "max_length": None, "num_workers": 2},
+        "batching": {"max_batch_size": 64, "max_tokens": "auto", "max_length": None, "num_workers": 2},
         "output": {"path": "outputs/nightly-eval", "rows_per_part": 4096, "compression": "zstd"},
         "errors": {"on_error": "record", "max_error_rate": 0.0},
     }
-    assert job.get("batching.max_tokens") == 16384
+    assert job.get("batching.max_tokens") == "auto"
 
 
 def test_name_sets_the_default_output_path(tmp_path):

@@ -150,6 +150,19 @@ def test_live_lock_exits_75_naming_its_holder(tmp_path, tiny_models, capsys):
     assert not (tmp_path / "out" / LOCK).exists()
 
 
+def test_fresh_keeps_the_lock_while_it_runs(tmp_path, tiny_models, monkeypatch):
+    from pipeline_core import runner
+
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(5))
+    assert run(job) == 0
+    seen = []
+    original = runner._already_finished
+    monkeypatch.setattr(runner, "_already_finished",
+                        lambda store, identity: seen.append((tmp_path / "out" / LOCK).exists()) or original(store, identity))
+    assert run(job, "--fresh") == 0
+    assert seen == [True]
+
+
 def test_lock_with_a_stale_heartbeat_from_another_host_is_taken_over(tmp_path, tiny_models):
     job = write_job(tmp_path, tiny_models.text_classifier, rows(5))
     (tmp_path / "out").mkdir()

@@ -282,3 +282,11 @@ def test_without_keep_columns_the_output_is_row_id_task_columns_and_error(tmp_pa
     table = pads.dataset(tmp_path / "out").to_table()
     assert table.column_names == ["row_id", "embedding", "error"]
     assert table.column("row_id").to_pylist() == list(range(7))
+
+
+def test_auto_token_budget_depends_on_the_device():
+    from pipeline_core.runner import token_budget
+
+    assert token_budget("auto", torch.device("cpu")) == 4096
+    assert token_budget("auto", torch.device("cuda", 0)) == 16384
+    assert token_budget(999, torch.device("cpu")) == 999

@@ -102,7 +102,7 @@ _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{
 def interpolate(job: Any, environ: dict, path: str = "") -> tuple[Any, list[str]]:
     """Replace `${VAR}` and `${VAR:-default}` in every string value; `$$` is a literal `$`.
 
-    A value that is a single reference, on a key whose type is not text (`max_tokens: ${TOKENS}`),
+    A value that is a single reference, on a key that does not take the text as it is (`max_tokens: ${TOKENS}`),
     is parsed as a YAML scalar so that templated numbers and booleans keep their type.
     """
     if isinstance(job, dict):
@@ -148,7 +148,8 @@ def _substitute(text: str, environ: dict, path: str) -> tuple[Any, list[str]]:
     result = _REFERENCE.sub(replace, text)
     whole = _REFERENCE.fullmatch(text)
     key = find_key(path.split("[")[0])
-    if not problems and whole and whole.group(1) and key is not None and not key.type.is_text():
+    # `max_tokens: ${TOKENS}` must give a number: where the key does not take the text, read it as YAML
+    if not problems and whole and whole.group(1) and key is not None and not key.type.accepts(result):
         try:
             parsed = yaml.safe_load(result)
         except yaml.YAMLError:

@@ -130,7 +130,7 @@ class Flag(Type):
 class Choice(Type):
     def __init__(self, *values: str):
         self.values = values
-        self.description = "one of " + ", ".join(values)
+        self.description = values[0] if len(values) == 1 else "one of " + ", ".join(values)
 
     def accepts(self, value):
         return isinstance(value, str) and value in self.values
@@ -262,7 +262,8 @@ KEYS: tuple[Key, ...] = (
     Key("dataset.keep_columns", TextList(), [], "Columns copied to the output unchanged."),
     # batching
     Key("batching.max_batch_size", Integer(minimum=1), 64, "Most rows in one batch."),
-    Key("batching.max_tokens", Integer(minimum=1), 16384, "Budget of padded tokens per batch (longest row x rows)."),
+    Key("batching.max_tokens", AnyOf(Choice("auto"), Integer(minimum=1)), "auto",
+        "Budget of padded tokens per batch (longest row x rows); auto: 4096 on a CPU, 16384 on an accelerator."),
     Key("batching.max_length", AnyOf(Null(), Integer(minimum=1)), None,
         "Truncate inputs to this many tokens; null = the model's limit."),
     Key("batching.num_workers", Integer(minimum=0), 2,
