@@ -92,28 +92,48 @@ def write_job(directory: Path, workload: str, model: str, data: Path, args, rows
     return job
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Wall seconds and peak resident memory (bytes) of a command's whole process tree."""
+def timed(command: list[str], env: dict | None = None, memory: bool = False) -> tuple[float, int]:
+    """Wall seconds and, with memory=True, peak proportional set size (bytes) of the command's process tree.
+
+    Sampling PSS reads /proc/*/smaps, which costs CPU: timing runs do not sample."""
     started = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    environment = {**os.environ, **(env or {})}
+    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
     peak = [0]
 
     def sample() -> None:
         while process.poll() is None:
             try:
                 tree = [process, *process.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+                # PSS, not RSS: forked workers share the model's pages, which RSS would count once per process
+                peak[0] = max(peak[0], sum(p.memory_full_info().pss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if memory:
+        sampler.start()
     _, err = process.communicate()
-    sampler.join()
+    if memory:
+        sampler.join()
     if process.returncode not in (0, 3):
         raise SystemExit(f"{' '.join(command)} failed:\n{err.decode()[-2000:]}")
     return time.perf_counter() - started, peak[0]
+
+
+def seconds_until(command: list[str], marker: str) -> float:
+    """Wall seconds from launch until a line containing `marker` appears on stderr (the run then finishes)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    found = None
+    for line in process.stderr:
+        if found is None and marker in line:
+            found = time.perf_counter() - started
+    process.wait()
+    if found is None:
+        raise SystemExit(f"{' '.join(command)} never logged {marker!r}")
+    return found
 
 
 def batchrun_seconds(job: Path, *extra: str) -> tuple[float, int]:
@@ -194,7 +214,7 @@ def write_rows(path: Path, texts: list[str]) -> Path:
 
 
 def measure(workload: str, models: dict, directory: Path, args) -> dict:
-    count = args.rows or {"embedding": 2000, "classification": 2000, "generation": 256}[workload]
+    count = args.rows or {"embedding": 2000, "classification": 2000, "generation": 1024}[workload]
     texts = sample_texts(count)
     if workload == "generation":  # prompts within the model's positions for every method, same rows for all
         texts = [" ".join(text.split()[:60]) for text in texts]
@@ -219,30 +239,31 @@ def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
     small, large = 500, 5000
     out = {}
     data = write_rows(directory / "ckpt.parquet", sample_texts(small * 4))
-    parts = batchrun_seconds(write_job(directory, "embedding", models["embedding"], data, args, rows_per_part=100))[0]
-    one = batchrun_seconds(write_job(directory, "embedding", models["embedding"], data, args, rows_per_part=small * 4))[0]
+    model = models["embedding"]
+    parts = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=100))[0]
+    one = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=small * 4))[0]
     out["checkpoint_cost"] = parts / one - 1
     peaks = {}
     for count in (small, large):
         data = write_rows(directory / f"mem{count}.parquet", sample_texts(count))
         peaks[count] = timed([sys.executable, "-m", "pipeline_core", "run",
                               str(write_job(directory, "embedding", models["embedding"], data, args, 100)),
-                              "--no-progress", "--fresh"])[1]
-    out["peak_rss_10x_ratio"] = peaks[large] / peaks[small]
-    out["peak_rss_bytes"] = peaks
-    # resume: a 90%-done job (last 10% of parts removed) vs plan (start-up and model load)
+                              "--no-progress", "--fresh"], memory=True)[1]
+    out["peak_pss_10x_ratio"] = peaks[large] / peaks[small]
+    out["peak_pss_bytes"] = peaks
+    # resume: a 90%-done job (last 10% of parts removed): how long until new work starts, beyond plan's start-up
     job = write_job(directory, "embedding", models["embedding"], data, args, 100)
     output = directory / "out-embedding"
     (output / "_SUCCESS").unlink()
     for part in sorted(output.glob("part-*.parquet"))[-large // 1000:]:
         part.unlink()
     plan = timed([sys.executable, "-m", "pipeline_core", "plan", str(job)])[0]
-    resume = timed([sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress"])[0]
-    out["resume_seconds_over_plan"] = resume - plan
+    out["resume_seconds_over_plan"] = seconds_until(
+        [sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress"], "first part to compute") - plan
     print(f"\ncheckpointing costs {100 * out['checkpoint_cost']:+.1f}% (100-row parts vs one part)")
-    print(f"peak RSS of the process tree at 10x rows: {out['peak_rss_10x_ratio']:.2f}x "
+    print(f"peak PSS of the process tree at 10x rows: {out['peak_pss_10x_ratio']:.2f}x "
           f"({peaks[small] / 2**20:.0f} -> {peaks[large] / 2**20:.0f} MiB)")
-    print(f"rerun of a 90%-done job: {out['resume_seconds_over_plan']:.1f}s beyond start-up to finish 10%")
+    print(f"rerun of a 90%-done job reaches new work {out['resume_seconds_over_plan']:.1f}s after plan's start-up")
     return out
 
 
@@ -260,7 +281,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         models = build_models(directory)
-        for workload in args.workloads.split(","):
+        for workload in filter(None, args.workloads.split(",")):
             results[workload] = measure(workload, models, directory, args)
         if not args.skip_extras:
             results["extras"] = checkpoint_and_memory(models, directory, args)

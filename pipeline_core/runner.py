@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from pipeline_core import __version__
-from pipeline_core.data.loader import BatchLimits, EndOfSplit, PreparedParts, SourceFailure, part_loader
+from pipeline_core.data.loader import (
+    BatchLimits,
+    EndOfSplit,
+    PreparedPart,
+    PreparedParts,
+    SourceFailure,
+    part_loader,
+)
 from pipeline_core.data.source import open_split
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
@@ -62,6 +69,7 @@ def run_job(job: Job, options: RunOptions) -> int:
 
 
 def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, stop: StopFlag) -> int:
+    started = time.monotonic()
     pipeline = initialize(job)
     task = build_task(job, pipeline, should_stop=lambda: stop.requested)
     split = open_split(job, options.limit)
@@ -80,9 +88,13 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
     progress.failed_rows = sum(f.failed_rows for f in done.values())
     runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop,
                         on_batch=progress.advance)
-    total_parts = 0
+    total_parts, first = 0, True
     try:
         for item in _until_stopped(loader, stop):
+            if first and isinstance(item, PreparedPart):  # how long skipping committed parts took
+                log.info("first part to compute (part %d) ready %.1fs after the run started",
+                         item.index, time.monotonic() - started)
+                first = False
             if isinstance(item, EndOfSplit):
                 total_parts = max(total_parts, item.parts)
                 continue

@@ -157,8 +157,12 @@ def test_fresh_keeps_the_lock_while_it_runs(tmp_path, tiny_models, monkeypatch):
     assert run(job) == 0
     seen = []
     original = runner._already_finished
-    monkeypatch.setattr(runner, "_already_finished",
-                        lambda store, identity: seen.append((tmp_path / "out" / LOCK).exists()) or original(store, identity))
+
+    def watching(store, identity):
+        seen.append((tmp_path / "out" / LOCK).exists())
+        return original(store, identity)
+
+    monkeypatch.setattr(runner, "_already_finished", watching)
     assert run(job, "--fresh") == 0
     assert seen == [True]
 
