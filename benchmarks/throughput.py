@@ -32,6 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 32
 NEW_TOKENS = 16
+MEMORY_ROWS = (500, 5000)  # peak memory at 1x and 10x rows
 
 
 def sample_texts(count: int) -> list[str]:
@@ -234,35 +235,71 @@ def measure(workload: str, models: dict, directory: Path, args) -> dict:
     return result
 
 
+def commit_seconds(directory: Path, rows: int, repeats: int = 5) -> float:
+    """Seconds one part of `rows` embeddings (384 float32 each) takes to commit: Parquet encoding, the durable
+    write and rename, and _progress.json. Measured directly because it is too small to see in end-to-end noise."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline_core.output.parts import commit_part
+    from pipeline_core.output.store import LocalStore
+
+    store = LocalStore(str(directory / "commit-cost"))
+    vectors = np.random.default_rng(0).standard_normal((rows, 384), dtype=np.float32)
+    table = pa.table({"row_id": pa.array(range(rows), pa.int64()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(vectors.ravel(), 384).cast(pa.list_(pa.float32())),
+                      "error": pa.nulls(rows, pa.string())})
+    started = time.perf_counter()
+    for index in range(repeats):
+        commit_part(store, index, table, "zstd", "f" * 16)
+        store.put("_progress.json", json.dumps({"parts_done": index}).encode())
+    return (time.perf_counter() - started) / repeats
+
+
+def default_rows_per_part() -> int:
+    from pipeline_core.manifest.spec import KEYS_BY_PATH
+
+    return KEYS_BY_PATH["output.rows_per_part"].default
+
+
 def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
-    """Checkpoint cost (default rows_per_part vs one part), peak RSS at 1x vs 10x rows, resume start-up."""
-    small, large = 500, 5000
-    out = {}
-    data = write_rows(directory / "ckpt.parquet", sample_texts(small * 4))
-    model = models["embedding"]
-    parts = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=100))[0]
-    one = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=small * 4))[0]
-    out["checkpoint_cost"] = parts / one - 1
+    """Checkpoint cost (default rows_per_part vs one part), peak PSS at 1x vs 10x rows, resume start-up."""
+    out, model = {}, models["embedding"]
+    per_part = default_rows_per_part()
+    if not args.skip_checkpoint:
+        # two default parts vs one part of the same rows: same sort window size per part, so what differs is
+        # the commits and the part boundaries
+        data = write_rows(directory / "ckpt.parquet", sample_texts(2 * per_part))
+        parts = batchrun_seconds(write_job(directory, "embedding", model, data, args))[0]
+        one = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=2 * per_part))[0]
+        out["checkpoint_cost_end_to_end"] = parts / one - 1
+        print(f"\ncheckpointing, end to end: {2 * per_part} rows in parts of {per_part} vs one part: "
+              f"{100 * out['checkpoint_cost_end_to_end']:+.1f}%")
+    commit = commit_seconds(directory, per_part)
+    compute = per_part / (2 * per_part / one) if not args.skip_checkpoint else None
+    out["commit_seconds_per_part"] = commit
+    print(f"committing one {per_part}-row part takes {commit:.3f}s"
+          + (f" = {100 * commit / compute:.2f}% of computing it" if compute else ""))
+    small, large = MEMORY_ROWS
     peaks = {}
-    for count in (small, large):
+    for count in (small, large):  # 100-row parts in both, so only the row count differs
         data = write_rows(directory / f"mem{count}.parquet", sample_texts(count))
-        peaks[count] = timed([sys.executable, "-m", "pipeline_core", "run",
-                              str(write_job(directory, "embedding", models["embedding"], data, args, 100)),
-                              "--no-progress", "--fresh"], memory=True)[1]
+        job = write_job(directory, "embedding", model, data, args, 100)
+        peaks[count] = timed([sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress", "--fresh"],
+                             memory=True)[1]
     out["peak_pss_10x_ratio"] = peaks[large] / peaks[small]
     out["peak_pss_bytes"] = peaks
+    print(f"peak PSS of the process tree at 10x rows: {out['peak_pss_10x_ratio']:.2f}x "
+          f"({peaks[small] / 2**20:.0f} -> {peaks[large] / 2**20:.0f} MiB)")
     # resume: a 90%-done job (last 10% of parts removed): how long until new work starts, beyond plan's start-up
-    job = write_job(directory, "embedding", models["embedding"], data, args, 100)
     output = directory / "out-embedding"
     (output / "_SUCCESS").unlink()
-    for part in sorted(output.glob("part-*.parquet"))[-large // 1000:]:
+    parts = sorted(output.glob("part-*.parquet"))
+    for part in parts[len(parts) - max(1, len(parts) // 10):]:
         part.unlink()
     plan = timed([sys.executable, "-m", "pipeline_core", "plan", str(job)])[0]
     out["resume_seconds_over_plan"] = seconds_until(
         [sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress"], "first part to compute") - plan
-    print(f"\ncheckpointing costs {100 * out['checkpoint_cost']:+.1f}% (100-row parts vs one part)")
-    print(f"peak PSS of the process tree at 10x rows: {out['peak_pss_10x_ratio']:.2f}x "
-          f"({peaks[small] / 2**20:.0f} -> {peaks[large] / 2**20:.0f} MiB)")
     print(f"rerun of a 90%-done job reaches new work {out['resume_seconds_over_plan']:.1f}s after plan's start-up")
     return out
 
@@ -274,6 +311,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--skip-extras", action="store_true", help="skip checkpoint, memory and resume checks")
+    parser.add_argument("--skip-checkpoint", action="store_true",
+                        help="skip the end-to-end checkpoint cost (two default-size parts: ~6 minutes on 2 cores)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,6 +6,7 @@ finishes the job with the rows, values and order of an uninterrupted run.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import platform
@@ -101,6 +102,7 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
             if isinstance(item, SourceFailure):
                 raise BatchrunError(f"dataset {job.get('dataset.path')!r}: {item.message}; committed parts are kept")
             done[item.index] = _process_part(item, runner, job, store, progress, info["fingerprint"])
+            _return_freed_memory()
     except Interrupted:
         store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
         log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
@@ -120,6 +122,23 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
     log.info("done: %s", progress.line())
     return _exit_for_errors(sum(facts.failed_rows for facts in done.values()), rows,
                             job.get("errors.max_error_rate"))
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only; musl and macOS have none, and need none
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages that a part's batches freed back to the OS. glibc keeps them in per-thread arenas,
+    and variable-shaped batches rarely reuse them: without this the process grew by half over 5000 rows."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def token_budget(setting, device) -> int:
