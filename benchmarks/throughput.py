@@ -266,7 +266,7 @@ def default_rows_per_part() -> int:
 def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
     """Checkpoint cost (default rows_per_part vs one part), peak PSS at 1x vs 10x rows, resume start-up."""
     out, model = {}, models["embedding"]
-    per_part = default_rows_per_part()
+    per_part, compute = default_rows_per_part(), None
     if not args.skip_checkpoint:
         # two default parts vs one part of the same rows: same sort window size per part, so what differs is
         # the commits and the part boundaries
@@ -274,10 +274,10 @@ def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
         parts = batchrun_seconds(write_job(directory, "embedding", model, data, args))[0]
         one = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=2 * per_part))[0]
         out["checkpoint_cost_end_to_end"] = parts / one - 1
+        compute = one / 2  # seconds to compute one default part
         print(f"\ncheckpointing, end to end: {2 * per_part} rows in parts of {per_part} vs one part: "
               f"{100 * out['checkpoint_cost_end_to_end']:+.1f}%")
     commit = commit_seconds(directory, per_part)
-    compute = per_part / (2 * per_part / one) if not args.skip_checkpoint else None
     out["commit_seconds_per_part"] = commit
     print(f"committing one {per_part}-row part takes {commit:.3f}s"
           + (f" = {100 * commit / compute:.2f}% of computing it" if compute else ""))

@@ -136,7 +136,8 @@ _MALLOC_TRIM = _load_malloc_trim()
 
 def _return_freed_memory() -> None:
     """Hand the heap pages that a part's batches freed back to the OS. glibc keeps them in per-thread arenas,
-    and variable-shaped batches rarely reuse them: without this the process grew by half over 5000 rows."""
+    and variable-shaped batches rarely reuse them: without this the main process grew from 481 to 840 MiB
+    over 5000 rows, with it it peaked at 751 MiB (benchmarks/RESULTS.md)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
