@@ -6,7 +6,6 @@ finishes the job with the rows, values and order of an uninterrupted run.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import platform
@@ -27,6 +26,7 @@ from pipeline_core.data.loader import (
 from pipeline_core.data.source import open_split
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
+from pipeline_core.heap import HeapTrimmer
 from pipeline_core.initializer import initialize, plan_summary
 from pipeline_core.manifest import Job
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
@@ -87,8 +87,13 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
     progress = Progress(store, split.total, rows_per_part, sum(f.rows for f in done.values()), len(done),
                         options.progress_bar)
     progress.failed_rows = sum(f.failed_rows for f in done.values())
-    runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop,
-                        on_batch=progress.advance)
+    heap = HeapTrimmer()
+
+    def after_batch(rows: int, tokens: int) -> None:
+        progress.advance(rows, tokens)
+        heap.after_batch()
+
+    runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop, on_batch=after_batch)
     total_parts, first = 0, True
     try:
         for item in _until_stopped(loader, stop):
@@ -102,7 +107,6 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
             if isinstance(item, SourceFailure):
                 raise BatchrunError(f"dataset {job.get('dataset.path')!r}: {item.message}; committed parts are kept")
             done[item.index] = _process_part(item, runner, job, store, progress, info["fingerprint"])
-            _return_freed_memory()
     except Interrupted:
         store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
         log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
@@ -122,24 +126,6 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
     log.info("done: %s", progress.line())
     return _exit_for_errors(sum(facts.failed_rows for facts in done.values()), rows,
                             job.get("errors.max_error_rate"))
-
-
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc only; musl and macOS have none, and need none
-    except (AttributeError, OSError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages that a part's batches freed back to the OS. glibc keeps them in per-thread arenas,
-    and variable-shaped batches rarely reuse them: without this the main process grew from 481 to 840 MiB
-    over 5000 rows, with it it peaked at 751 MiB (benchmarks/RESULTS.md)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def token_budget(setting, device) -> int:
