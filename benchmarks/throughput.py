@@ -33,6 +33,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 32
 NEW_TOKENS = 16
+MAX_LENGTH = 256  # every method truncates the same rows to the same number of tokens
+ROWS = {"embedding": 2000, "classification": 1000, "generation": 1024}
 MEMORY_ROWS = (500, 5000)  # peak memory at 1x and 10x rows
 
 
@@ -81,14 +83,13 @@ TASKS = {"embedding": "feature-extraction", "classification": "text-classificati
 def write_job(directory: Path, workload: str, model: str, data: Path, args, rows_per_part: int | None = None) -> Path:
     generation = (f"  generation: {{max_new_tokens: {NEW_TOKENS}, min_new_tokens: {NEW_TOKENS}, do_sample: false}}\n"
                   if workload == "generation" else "")
-    max_length = 128 if workload == "generation" else 256
     part = f", rows_per_part: {rows_per_part}" if rows_per_part else ""
     job = directory / f"{workload}.yaml"
     job.write_text(
         f"task: {TASKS[workload]}\n"
         f"model:\n  name: '{model}'\n  device: {args.device}\n  dtype: {args.dtype}\n{generation}"
         f"dataset: {{path: parquet, data_files: '{data}'}}\n"
-        f"batching: {{max_length: {max_length}}}\n"
+        f"batching: {{max_length: {MAX_LENGTH}}}\n"
         f"output: {{path: '{directory / ('out-' + workload)}'{part}}}\n"
     )
     return job
@@ -154,12 +155,16 @@ def pipeline_seconds(workload: str, model: str, data: Path, args) -> float:
     rows = datasets.load_dataset("parquet", data_files=str(data), split="train")
     kwargs = {"dtype": getattr(torch, args.dtype) if args.dtype != "auto" else "auto"}
     runner = pipeline(TASKS[workload], model=model, device=args.device if args.device != "auto" else -1, **kwargs)
-    call = {"batch_size": BATCH_SIZE}
+    call = {"batch_size": BATCH_SIZE, "truncation": True}
     if workload == "generation":
         runner.tokenizer.pad_token = runner.tokenizer.sep_token
-        call.update(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, return_full_text=False)
+        # max_length goes to the tokenizer only: as a plain argument generate() would take it too
+        call.update(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, return_full_text=False,
+                    tokenizer_encode_kwargs={"max_length": MAX_LENGTH})
+    elif workload == "embedding":
+        call.update(tokenize_kwargs={"max_length": MAX_LENGTH})
     else:
-        call.update(truncation=True)
+        call.update(max_length=MAX_LENGTH)
     started = time.perf_counter()
     for _ in runner(KeyDataset(rows, "text"), **call):
         pass
@@ -186,8 +191,7 @@ def limit_seconds(workload: str, model_dir: str, texts: list[str], args) -> floa
     model = model_class.from_pretrained(model_dir).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = time.perf_counter()
-    limit = 128 if workload == "generation" else 256
-    ids = tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+    ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     with torch.inference_mode():
         for start in range(0, len(order), BATCH_SIZE):
@@ -216,24 +220,36 @@ def write_rows(path: Path, texts: list[str]) -> Path:
 
 
 def measure(workload: str, models: dict, directory: Path, args) -> dict:
-    count = args.rows or {"embedding": 2000, "classification": 2000, "generation": 1024}[workload]
+    count = args.rows or ROWS[workload]
     texts = sample_texts(count)
-    if workload == "generation":  # prompts within the model's positions for every method, same rows for all
-        texts = [" ".join(text.split()[:60]) for text in texts]
     data = write_rows(directory / f"{workload}.parquet", texts)
     job = write_job(directory, workload, models[workload], data, args)
-    seconds = {"batchrun": batchrun_seconds(job)[0],
-               "pipeline": pipeline_seconds(workload, models[workload], data, args),
-               "limit": limit_seconds(workload, models[workload], texts, args)}
+    methods = {"batchrun": lambda: batchrun_seconds(job)[0],
+               "pipeline": lambda: pipeline_seconds(workload, models[workload], data, args),
+               "limit": lambda: limit_seconds(workload, models[workload], texts, args)}
     if workload == "embedding":
-        seconds["st-encode"] = sentence_transformers_seconds(texts, args)
-    result = {"rows": count, "rows_per_second": {name: count / s for name, s in seconds.items()}}
+        methods["st-encode"] = lambda: sentence_transformers_seconds(texts, args)
+    times = interleaved(methods, args.repeats)
+    seconds = {name: min(values) for name, values in times.items()}
+    result = {"rows": count, "seconds": times, "rows_per_second": {name: count / s for name, s in seconds.items()}}
     result["batchrun_vs"] = {name: seconds[name] / seconds["batchrun"] for name in seconds if name != "batchrun"}
-    print(f"\n{workload}: {count} rows")
+    print(f"\n{workload}: {count} rows, best of {args.repeats}")
     for name, s in seconds.items():
         print(f"  {name:<10} {count / s:9.1f} rows/s" + ("" if name == "batchrun" else
                                                          f"   batchrun is {seconds[name] / seconds['batchrun']:.2f}x"))
     return result
+
+
+def interleaved(methods: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each method in each of `repeats` rounds. Each round runs every method once, starting one
+    further along, so a slow spell of this shared machine cannot land on one method every time."""
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(methods[name]())
+    return times
 
 
 def commit_seconds(directory: Path, rows: int, repeats: int = 5) -> float:
@@ -308,7 +324,9 @@ def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default="embedding,generation,classification")
-    parser.add_argument("--rows", type=int, help="rows per workload (default: 2000, 1024 for generation)")
+    parser.add_argument("--rows", type=int, help=f"rows per workload (default: {ROWS})")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds of every method, interleaved; the best time of each counts (default: 2)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--skip-extras", action="store_true", help="skip checkpoint, memory and resume checks")
@@ -317,7 +335,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = {"cpu_count": os.cpu_count(), "batch_size": BATCH_SIZE, "new_tokens": NEW_TOKENS}
+    results = {"cpu_count": os.cpu_count(), "batch_size": BATCH_SIZE, "new_tokens": NEW_TOKENS,
+               "max_length": MAX_LENGTH, "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         models = build_models(directory)
