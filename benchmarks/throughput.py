@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZE = 32
 NEW_TOKENS = 16
-MAX_LENGTH = 256  # every method truncates the same rows to the same number of tokens
+# Every method truncates the same rows at the same length: MiniLM's own limit, which is also what the pipeline's
+# truncation=True and batchrun's default use. 18% of the rows are longer than 256 tokens, 0.5% than 512.
+MAX_LENGTH = 512
 ROWS = {"embedding": 2000, "classification": 1000, "generation": 1024}
 MEMORY_ROWS = (500, 5000)  # peak memory at 1x and 10x rows
 
@@ -69,7 +72,7 @@ def build_models(directory: Path) -> dict[str, str]:
     classifier.save_pretrained(directory / "classifier")
     tokenizer.save_pretrained(directory / "classifier")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=256, n_layer=4, n_head=4,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=256, n_layer=4, n_head=4,
                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
     GPT2LMHeadModel(config).save_pretrained(directory / "generator")
     tokenizer.save_pretrained(directory / "generator")
@@ -144,6 +147,27 @@ def batchrun_seconds(job: Path, *extra: str) -> tuple[float, int]:
     plan, _ = timed([*batchrun, "plan", str(job)])
     run, peak = timed([*batchrun, "run", str(job), "--no-progress", "--fresh", *extra])
     return run - plan, peak
+
+
+class GpuBusy:
+    """GPU-busy seconds while the block runs: nvidia-smi's utilization.gpu (the share of each ~100 ms sample
+    in which a kernel ran) summed over the samples; None without nvidia-smi. GPU 0, batchrun's `cuda`."""
+
+    def __enter__(self):
+        self.seconds, self.started = None, time.perf_counter()
+        smi = shutil.which("nvidia-smi")
+        self.process = smi and subprocess.Popen(
+            [smi, "-i", "0", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.process:
+            return
+        self.process.terminate()
+        samples = [float(value) for value in self.process.communicate()[0].split() if value.isdigit()]
+        if samples:  # mean utilization over the whole sampled span
+            self.seconds = sum(samples) / len(samples) / 100 * (time.perf_counter() - self.started)
 
 
 def pipeline_seconds(workload: str, model: str, data: Path, args) -> float:
@@ -224,7 +248,16 @@ def measure(workload: str, models: dict, directory: Path, args) -> dict:
     texts = sample_texts(count)
     data = write_rows(directory / f"{workload}.parquet", texts)
     job = write_job(directory, workload, models[workload], data, args)
-    methods = {"batchrun": lambda: batchrun_seconds(job)[0],
+    busy: dict[float, float] = {}  # batchrun's seconds -> GPU-busy seconds in that run
+
+    def batchrun() -> float:
+        with GpuBusy() as gpu:
+            seconds = batchrun_seconds(job)[0]
+        if gpu.seconds is not None:
+            busy[seconds] = gpu.seconds
+        return seconds
+
+    methods = {"batchrun": batchrun,
                "pipeline": lambda: pipeline_seconds(workload, models[workload], data, args),
                "limit": lambda: limit_seconds(workload, models[workload], texts, args)}
     if workload == "embedding":
@@ -237,6 +270,9 @@ def measure(workload: str, models: dict, directory: Path, args) -> dict:
     for name, s in seconds.items():
         print(f"  {name:<10} {count / s:9.1f} rows/s" + ("" if name == "batchrun" else
                                                          f"   batchrun is {seconds[name] / seconds['batchrun']:.2f}x"))
+    if seconds["batchrun"] in busy:  # busy seconds over run - plan: start-up idles in both, so it cancels
+        result["gpu_busy_share"] = min(1.0, busy[seconds["batchrun"]] / seconds["batchrun"])
+        print(f"  GPU busy {100 * result['gpu_busy_share']:.0f}% of batchrun's time")
     return result
 
 
