@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+BATCHRUN = [sys.executable, "-m", "pipeline_core"]
 BATCH_SIZE = 32
 NEW_TOKENS = 16
 # Every method truncates the same rows at the same length: MiniLM's own limit, which is also what the pipeline's
@@ -146,11 +147,10 @@ def seconds_until(command: list[str], marker: str) -> float:
     return found
 
 
-def batchrun_seconds(job: Path, *extra: str) -> tuple[float, int]:
-    batchrun = [sys.executable, "-m", "pipeline_core"]
-    plan, _ = timed([*batchrun, "plan", str(job)])
-    run, peak = timed([*batchrun, "run", str(job), "--no-progress", "--fresh", *extra])
-    return run - plan, peak
+def batchrun_seconds(job: Path, *extra: str) -> float:
+    plan = timed([*BATCHRUN, "plan", str(job)])[0]
+    run = timed([*BATCHRUN, "run", str(job), "--no-progress", "--fresh", *extra])[0]
+    return run - plan
 
 
 class GpuBusy:
@@ -267,7 +267,7 @@ def measure(workload: str, models: dict, directory: Path, args) -> dict:
 
     def batchrun() -> float:
         with GpuBusy() as gpu:
-            seconds = batchrun_seconds(job)[0]
+            seconds = batchrun_seconds(job)
         if gpu.seconds is not None:
             busy[seconds] = gpu.seconds
         return seconds
@@ -338,8 +338,8 @@ def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
         # two default parts vs one part of the same rows: same sort window size per part, so what differs is
         # the commits and the part boundaries
         data = write_rows(directory / "ckpt.parquet", sample_texts(2 * per_part))
-        parts = batchrun_seconds(write_job(directory, "embedding", model, data, args))[0]
-        one = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=2 * per_part))[0]
+        parts = batchrun_seconds(write_job(directory, "embedding", model, data, args))
+        one = batchrun_seconds(write_job(directory, "embedding", model, data, args, rows_per_part=2 * per_part))
         out["checkpoint_cost_end_to_end"] = parts / one - 1
         compute = one / 2  # seconds to compute one default part
         print(f"\ncheckpointing, end to end: {2 * per_part} rows in parts of {per_part} vs one part: "
@@ -353,7 +353,7 @@ def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
     for count in (small, large):  # 100-row parts in both, so only the row count differs
         data = write_rows(directory / f"mem{count}.parquet", sample_texts(count))
         job = write_job(directory, "embedding", model, data, args, 100)
-        peaks[count] = timed([sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress", "--fresh"],
+        peaks[count] = timed([*BATCHRUN, "run", str(job), "--no-progress", "--fresh"],
                              memory=True)[1]
     out["peak_pss_10x_ratio"] = peaks[large] / peaks[small]
     out["peak_pss_bytes"] = peaks
@@ -365,9 +365,9 @@ def checkpoint_and_memory(models: dict, directory: Path, args) -> dict:
     parts = sorted(output.glob("part-*.parquet"))
     for part in parts[len(parts) - max(1, len(parts) // 10):]:
         part.unlink()
-    plan = timed([sys.executable, "-m", "pipeline_core", "plan", str(job)])[0]
+    plan = timed([*BATCHRUN, "plan", str(job)])[0]
     out["resume_seconds_over_plan"] = seconds_until(
-        [sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress"], "first part to compute") - plan
+        [*BATCHRUN, "run", str(job), "--no-progress"], "first part to compute") - plan
     print(f"rerun of a 90%-done job reaches new work {out['resume_seconds_over_plan']:.1f}s after plan's start-up")
     return out
 
