@@ -1,14 +1,18 @@
 """Pytest setup: the Hugging Face libraries run offline, no test may open a connection off this machine, and the
-tiny models of tests/tiny_models.py are built once per session.
+tiny models of tests/tiny_models.py are built once per session (or once per machine, with BATCHRUN_TEST_MODELS).
 
 Import-time work stays cheap: transformers is imported only when the models are built.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import ipaddress
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 from tiny_models import TinyModels, build_all
@@ -67,7 +71,30 @@ def block_network():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
-    return build_all(tmp_path_factory.mktemp("tiny_models"))
+    cache = os.environ.get("BATCHRUN_TEST_MODELS")
+    if not cache:
+        return build_all(tmp_path_factory.mktemp("tiny_models"))
+    return cached_models(Path(cache))
+
+
+def cached_models(cache: Path) -> TinyModels:
+    """The tiny models built once into `cache` and reused by later sessions: mutation testing starts a pytest
+    session per mutant, and building them each time would cost more than most of the tests it runs.
+
+    Keyed by the builders' source and the library versions, so a change to either builds a fresh set.
+    """
+    versions = [importlib.metadata.version(name) for name in ("torch", "transformers", "tokenizers")]
+    key = hashlib.sha256((Path(__file__).with_name("tiny_models.py").read_text() + repr(versions)).encode())
+    directory = cache / key.hexdigest()[:16]
+    if not directory.exists():
+        # built aside and renamed into place: parallel sessions never see, or write into, a half-built set
+        building = cache / f".{directory.name}.tmp-{os.getpid()}"
+        build_all(building)
+        try:
+            building.rename(directory)
+        except OSError:  # another session finished first; its set is identical
+            shutil.rmtree(building)
+    return TinyModels(**{name: directory / name for name in TinyModels.__dataclass_fields__})
 
 
 @pytest.fixture(scope="session")
