@@ -1,0 +1,343 @@
+"""The store's atomic writes (fsync, hidden temporary, rename, directory fsync), part footers and how resume
+checks them, and the run's identity: which manifest keys change the fingerprint and which may change freely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import stat
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline_core.cli import run_cli
+from pipeline_core.manifest import load_job
+from pipeline_core.manifest.spec import KEYS
+from pipeline_core.output import store as store_module
+from pipeline_core.output.identity import differences, fingerprint, identity
+from pipeline_core.output.parts import (
+    PartFacts,
+    commit_part,
+    committed_parts,
+    encode_parquet,
+    part_name,
+    read_part_facts,
+)
+from pipeline_core.output.store import LocalStore
+
+WORDS = "the quick brown fox jumps over the lazy dog while people walk through london".split()
+FINGERPRINT = "0123456789abcdef"
+
+
+def rows(count: int, seed: int = 1) -> list[dict]:
+    generator = random.Random(seed)
+    return [{"id": f"r{i:04d}", "text": " ".join(generator.choices(WORDS, k=generator.randint(1, 40)))}
+            for i in range(count)]
+
+
+def write_job(directory: Path, model: Path, data: list[dict], task: str = "text-classification",
+              rows_per_part: int = 4, extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
+    job = directory / "job.yaml"
+    job.write_text(
+        f"task: {task}\nmodel:\n  name: '{model}'\n{extra}"
+        f"dataset: {{path: json, data_files: '{directory / 'rows.jsonl'}', keep_columns: [id]}}\n"
+        f"batching: {{max_tokens: 256, max_batch_size: 8, num_workers: 0}}\n"
+        f"output: {{path: '{directory / 'out'}', rows_per_part: {rows_per_part}}}\n"
+        "errors: {max_error_rate: 1.0}\n"
+    )
+    return job
+
+
+def run(job: Path, *args: str) -> int:
+    return run_cli(["run", str(job), "--no-progress", *args])
+
+
+def output(job: Path) -> pd.DataFrame:
+    return pd.read_parquet(job.parent / "out")
+
+
+# --- the store ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk_calls(monkeypatch) -> list[tuple]:
+    """Every fsync (with what kind of file it reached) and rename the store makes, in order, with what the
+    rename's source and target held at that moment."""
+    calls = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(descriptor):
+        found = os.fstat(descriptor)
+        kind = "file" if stat.S_ISREG(found.st_mode) else "directory" if stat.S_ISDIR(found.st_mode) else "other"
+        calls.append(("fsync", kind, found.st_ino, found.st_size))
+        return real_fsync(descriptor)
+
+    def renaming(real):
+        def rename(source, target, *args, **kwargs):
+            source, target = Path(source), Path(target)
+            calls.append(("rename", source, source.stat().st_ino, source.read_bytes(), target,
+                          target.read_bytes() if target.exists() else None))
+            return real(source, target, *args, **kwargs)
+        return rename
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    monkeypatch.setattr(store_module.os, "replace", renaming(real_replace))
+    monkeypatch.setattr(store_module.os, "rename", renaming(real_rename))
+    return calls
+
+
+@pytest.mark.parametrize("old", [None, b"the old complete part"], ids=["new", "overwrite"])
+def test_put_fsyncs_a_hidden_temporary_renames_it_into_place_then_fsyncs_the_directory(tmp_path, disk_calls, old):
+    if old is not None:
+        (tmp_path / "part-000003.parquet").write_bytes(old)
+    data = b"the new complete part, longer than the old one"
+    LocalStore(tmp_path).put("part-000003.parquet", data)
+
+    steps = [f"fsync {call[1]}" if call[0] == "fsync" else "rename" for call in disk_calls]
+    assert steps == ["fsync file", "rename", "fsync directory"]
+    (_, _, synced_inode, synced_size), renamed, (_, _, directory_inode, _) = disk_calls
+    _, source, source_inode, source_bytes, target, target_bytes = renamed
+    assert source.parent == tmp_path and source.name.startswith(".")  # hidden from Parquet readers
+    assert (synced_inode, synced_size) == (source_inode, len(data))  # the bytes were on disk before the rename
+    assert source_bytes == data
+    assert target == tmp_path / "part-000003.parquet"
+    assert target_bytes == old  # until the rename, readers see nothing or the old whole file
+    assert directory_inode == tmp_path.stat().st_ino
+    assert (tmp_path / "part-000003.parquet").read_bytes() == data
+    assert sorted(os.listdir(tmp_path)) == ["part-000003.parquet"]
+
+
+def test_create_refuses_a_name_that_exists(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    assert store.create(".batchrun.lock", b"first") is True
+    assert store.create(".batchrun.lock", b"second") is False
+    assert (tmp_path / "out" / ".batchrun.lock").read_bytes() == b"first"
+    assert store.get(".batchrun.lock") == b"first" and store.get("missing") is None
+
+
+def test_committed_parts_are_the_part_files_only():
+    names = ["_SUCCESS", "_batchrun.json", ".part-000003.parquet.tmp-77", "part-000000.parquet",
+             "part-000012.parquet", "part-1.parquet", "part-000002.parquet.bak"]
+    assert committed_parts(names) == {0, 12}
+
+
+# --- part footers --------------------------------------------------------------------------------------------------
+
+
+def part_table(first_row: int, count: int, errors: dict[int, str] | None = None) -> pa.Table:
+    errors = errors or {}
+    return pa.table({
+        "row_id": pa.array(range(first_row, first_row + count), pa.int64()),
+        "label": pa.array([None if i in errors else "positive" for i in range(count)], pa.string()),
+        "error": pa.array([errors.get(i) for i in range(count)], pa.string()),
+    })
+
+
+def test_committed_part_reads_back_its_rows_and_failed_rows(tmp_path):
+    store = LocalStore(tmp_path)
+    table = part_table(8, 4, errors={1: "input column 'text' is null", 3: "forward pass failed"})
+    commit_part(store, 2, table, "zstd", FINGERPRINT)
+    assert read_part_facts(store, 2, FINGERPRINT, rows_per_part=4) == PartFacts(2, 4, 2)
+    assert pq.read_table(tmp_path / "part-000002.parquet").equals(table)
+
+
+def test_last_part_may_be_shorter_than_rows_per_part(tmp_path):
+    store = LocalStore(tmp_path)
+    commit_part(store, 3, part_table(12, 1), "none", FINGERPRINT)
+    assert read_part_facts(store, 3, FINGERPRINT, rows_per_part=4) == PartFacts(3, 1, 0)
+
+
+GOOD_FACTS = {"fingerprint": FINGERPRINT, "part": 2, "first_row": 8, "rows": 4, "failed_rows": 0}
+
+
+def test_footer_written_by_hand_with_the_right_facts_is_accepted(tmp_path):
+    """The baseline of the next test: each of its footers differs from this one in one fact only."""
+    store = LocalStore(tmp_path)
+    store.put(part_name(2), encode_parquet(part_table(8, 4), "zstd", GOOD_FACTS))
+    assert read_part_facts(store, 2, FINGERPRINT, rows_per_part=4) == PartFacts(2, 4, 0)
+
+
+@pytest.mark.parametrize("change", [
+    {"fingerprint": "fedcba9876543210"},  # a part of another run
+    {"part": 1},  # a part file renamed to another index
+    {"first_row": 9},
+    {"first_row": 4},
+    {"rows": 0},
+    {"rows": 5},  # more rows than a part holds
+    {"rows": "four"},
+    {"fingerprint": None},  # no fingerprint at all
+    {"failed_rows": None},
+], ids=lambda change: "-".join(f"{key}={value}" for key, value in change.items()))
+def test_part_whose_footer_does_not_match_is_not_taken_as_committed(tmp_path, change):
+    facts = {key: value for key, value in {**GOOD_FACTS, **change}.items() if value is not None}
+    store = LocalStore(tmp_path)
+    store.put(part_name(2), encode_parquet(part_table(8, 4), "zstd", facts))
+    assert read_part_facts(store, 2, FINGERPRINT, rows_per_part=4) is None
+
+
+def test_part_renamed_to_another_index_is_not_taken_as_committed(tmp_path):
+    store = LocalStore(tmp_path)
+    commit_part(store, 2, part_table(8, 4), "zstd", FINGERPRINT)
+    for index in (1, 3):
+        shutil.copy(tmp_path / part_name(2), tmp_path / part_name(index))
+        assert read_part_facts(store, index, FINGERPRINT, rows_per_part=4) is None
+    assert read_part_facts(store, 2, FINGERPRINT, rows_per_part=4) == PartFacts(2, 4, 0)
+
+
+@pytest.mark.parametrize("damage", ["not-parquet", "truncated", "no-batchrun-footer", "missing"])
+def test_unreadable_or_unlabelled_part_is_not_taken_as_committed(tmp_path, damage):
+    store = LocalStore(tmp_path)
+    commit_part(store, 0, part_table(0, 4), "zstd", FINGERPRINT)
+    path = tmp_path / part_name(0)
+    if damage == "not-parquet":
+        path.write_bytes(b"row_id,label\n0,positive\n")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-30])
+    elif damage == "no-batchrun-footer":
+        pq.write_table(part_table(0, 4), path)
+    else:
+        path.unlink()
+    assert read_part_facts(store, 0, FINGERPRINT, rows_per_part=4) is None
+
+
+def test_foreign_part_of_the_same_shape_is_redone_and_the_other_parts_are_kept(tmp_path, tiny_models):
+    data = rows(12)
+    job = write_job(tmp_path / "mine", tiny_models.text_classifier, data)
+    other = write_job(tmp_path / "other", tiny_models.text_classifier, data)
+    assert run(job) == 0 and run(other, "--set", "batching.max_length=3") == 0
+    expected, foreign = output(job), output(other)
+    assert list(foreign["row_id"]) == list(expected["row_id"])
+    assert not foreign["score"][4:8].equals(expected["score"][4:8])  # else swapping the part proves nothing
+
+    out = tmp_path / "mine" / "out"
+    shutil.copy(tmp_path / "other" / "out" / part_name(1), out / part_name(1))
+    (out / "_SUCCESS").unlink()
+    kept = {index: (out / part_name(index)).stat() for index in (0, 2)}
+    assert run(job) == 0
+    pd.testing.assert_frame_equal(output(job), expected)
+    for index, before in kept.items():
+        after = (out / part_name(index)).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    mine = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
+    assert pq.read_metadata(out / part_name(1)).metadata[b"batchrun.fingerprint"] == mine.encode()
+    assert (out / "_SUCCESS").exists()
+
+
+# --- the run's identity --------------------------------------------------------------------------------------------
+
+# Every key that changes output values, each with an override giving it another value than BASE_JOB's.
+IDENTITY_CHANGES = {
+    "task": "task=summarization",
+    "model.name": "model.name=another-model",
+    "model.revision": "model.revision=v2",
+    "model.dtype": "model.dtype=float16",
+    "model.prompt": "model.prompt=Q {text}",
+    "model.chat_template": "model.chat_template=true",
+    "model.generation": "model.generation.max_new_tokens=7",
+    "model.pooling": "model.pooling=cls",
+    "model.normalize": "model.normalize=true",
+    "batching.max_length": "batching.max_length=16",
+    "dataset.path": "dataset.path=csv",
+    "dataset.name": "dataset.name=another-configuration",
+    "dataset.data_files": "dataset.data_files=other.jsonl",
+    "dataset.split": "dataset.split=test",
+    "dataset.revision": "dataset.revision=v2",
+    "dataset.input_column": "dataset.input_column=body",
+    "dataset.image_column": "dataset.image_column=picture",
+    "dataset.keep_columns": "dataset.keep_columns=[id, author]",
+    "output.rows_per_part": "output.rows_per_part=7",
+}
+# What the README (batch sizes, worker counts, the device) and identity.py (devices) say may change between attempts.
+FREE_CHANGES = {
+    "batching.max_batch_size": "batching.max_batch_size=3",
+    "batching.max_tokens": "batching.max_tokens=999",
+    "batching.num_workers": "batching.num_workers=5",
+    "model.device": "model.device=cuda:1",
+    "model.device_map": "model.device_map=auto",
+}
+# Neither claimed to change values nor claimed free; listed so that a new manifest key forces a decision here.
+OUTSIDE_THE_IDENTITY = {"name", "model.trust_remote_code", "dataset.streaming", "output.path", "output.compression",
+                        "errors.on_error", "errors.max_error_rate"}
+BASE_JOB = (
+    "task: text-generation\n"
+    "model: {name: tiny-model, generation: {max_new_tokens: 4}}\n"
+    "dataset: {path: json, data_files: rows.jsonl, keep_columns: [id]}\n"
+)
+
+
+def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None) -> dict:
+    path = tmp_path / "job.yaml"
+    path.write_text(BASE_JOB)
+    return identity(load_job(path, list(overrides)), limit)
+
+
+def test_every_manifest_key_is_either_in_the_identity_free_or_listed_outside_it():
+    listed = set(IDENTITY_CHANGES) | set(FREE_CHANGES) | OUTSIDE_THE_IDENTITY
+    assert {key.path for key in KEYS} == listed
+
+
+@pytest.mark.parametrize("key", sorted(IDENTITY_CHANGES))
+def test_changing_one_identity_key_changes_the_fingerprint_and_names_that_key(tmp_path, key):
+    base = job_identity(tmp_path)
+    changed = job_identity(tmp_path, IDENTITY_CHANGES[key])
+    assert fingerprint(changed) != fingerprint(base)
+    assert [line.split(": ")[0] for line in differences(base, changed)] == [key]
+
+
+@pytest.mark.parametrize("old, new", [(None, 10), (10, 11), (10, None)])
+def test_changing_the_limit_changes_the_fingerprint_and_names_limit(tmp_path, old, new):
+    base, changed = job_identity(tmp_path, limit=old), job_identity(tmp_path, limit=new)
+    assert fingerprint(changed) != fingerprint(base)
+    assert differences(base, changed) == [f"limit: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+@pytest.mark.parametrize("key", sorted(FREE_CHANGES))
+def test_batching_workers_and_device_may_change_without_changing_the_fingerprint(tmp_path, key):
+    base = job_identity(tmp_path)
+    changed = job_identity(tmp_path, FREE_CHANGES[key])
+    assert fingerprint(changed) == fingerprint(base)
+    assert differences(base, changed) == []
+
+
+def test_fingerprint_is_stable_across_loads_and_insensitive_to_key_order(tmp_path):
+    first = job_identity(tmp_path, "model.generation.do_sample=false", "model.generation.num_beams=1")
+    second = job_identity(tmp_path, "model.generation.num_beams=1", "model.generation.do_sample=false")
+    assert fingerprint(first) == fingerprint(second)
+    assert len(fingerprint(first)) == 16 and int(fingerprint(first), 16) >= 0
+
+
+@pytest.fixture
+def finished_generation(tmp_path, tiny_models, capsys) -> Path:
+    job = write_job(tmp_path, tiny_models.causal_lm, rows(4), task="text-generation", rows_per_part=2,
+                    extra="  generation: {max_new_tokens: 2, do_sample: false}\n")
+    assert run(job) == 0
+    capsys.readouterr()
+    return job
+
+
+def reported_differences(err: str) -> list[str]:
+    return [line.removeprefix("  - ") for line in err.splitlines() if line.startswith("  - ")]
+
+
+def test_rerun_with_other_generation_settings_exits_2_naming_model_generation(finished_generation, capsys):
+    before = sorted(os.listdir(finished_generation.parent / "out"))
+    assert run(finished_generation, "--set", "model.generation.max_new_tokens=3") == 2
+    err = capsys.readouterr().err
+    assert "holds a run of a different job" in err
+    assert reported_differences(err) == [
+        'model.generation: {"max_new_tokens": 2, "do_sample": false} -> {"max_new_tokens": 3, "do_sample": false}'
+    ]
+    assert sorted(os.listdir(finished_generation.parent / "out")) == before
+
+
+def test_rerun_with_another_limit_exits_2_naming_limit(finished_generation, capsys):
+    assert run(finished_generation, "--limit", "3") == 2
+    assert reported_differences(capsys.readouterr().err) == ["limit: null -> 3"]
