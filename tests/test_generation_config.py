@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
+import torch
+from tiny_models import SUMMARIZATION_PARAMS
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
+from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
 from pipeline_core.initializer.generation import (
     TASK_DEFAULTS,
@@ -96,14 +102,18 @@ def test_causal_lm_without_pad_token_pads_with_eos(tiny_models, caplog):
     model = AutoModelForCausalLM.from_pretrained(tiny_models.causal_lm)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)
     assert tokenizer.pad_token is None
+    before = model.generation_config.to_dict()
     config, _ = isolate_generation_config(model, "text-generation", {})
-    config.pad_token_id = None
+    assert config.pad_token_id is None  # the fixture's model sets none, so align_special_tokens must choose one
     with caplog.at_level(logging.INFO, logger="batchrun"):
         align_special_tokens(config, tokenizer, is_causal=True)
     assert tokenizer.pad_token == tokenizer.eos_token
     assert config.pad_token_id == tokenizer.eos_token_id
     assert "padding with its EOS token" in caplog.text
-    assert model.generation_config.pad_token_id != config.pad_token_id or model.generation_config.pad_token_id is None
+    # the pipeline's copy got the pad token; the model's own settings did not
+    assert config is not model.generation_config
+    assert model.generation_config.to_dict() == before
+    assert model.generation_config.pad_token_id is None
 
 
 def test_config_without_pad_takes_the_tokenizers(tiny_models):
@@ -124,3 +134,47 @@ def test_config_pad_token_wins_over_the_tokenizers(tiny_models):
 def test_plan_shows_only_settings_that_differ_from_generate_defaults():
     assert generation_settings(None) is None
     assert generation_settings(GenerationConfig(num_beams=4, max_new_tokens=9)) == {"num_beams": 4, "max_new_tokens": 9}
+
+
+# The merge order as a real run shows it, against settings written here from the fixture's known facts.
+
+@pytest.fixture
+def one_torch_thread():
+    # the tiny models are dominated by thread start-up: on a shared 2-core machine one thread is ~10x faster
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "manifest, new_tokens",
+    [({}, SUMMARIZATION_PARAMS["summarization"]["max_length"] - 1), ({"max_new_tokens": 5}, 5)],
+    ids=["task_params_over_the_model", "manifest_over_task_params"],
+)
+def test_summarization_run_follows_the_merge_order(tmp_path, tiny_models, one_torch_thread, manifest, new_tokens):
+    rows = ["the quick brown fox", "a cat sleeps in the warm sun", "london"]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in rows))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"task: summarization\nmodel:\n  name: '{tiny_models.seq2seq}'\n  generation: {json.dumps(manifest)}\n"
+        f"dataset: {{path: json, data_files: '{data}'}}\nbatching: {{max_batch_size: 2, num_workers: 0}}\n"
+        f"output: {{path: '{tmp_path / 'out'}'}}\n"
+    )
+    assert run_cli(["run", str(job), "--no-progress"]) == 0
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_models.seq2seq).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.seq2seq)
+    assert model.generation_config.max_length == 20  # the model's own limit, which task_specific_params overrides
+    task_params = dict(SUMMARIZATION_PARAMS["summarization"])  # max_length=40, num_beams=2
+    prefix = task_params.pop("prefix")
+    settings = copy.deepcopy(model.generation_config)
+    settings.update(**{**task_params, **manifest})
+    expected = []
+    for text in rows:
+        inputs = tokenizer(prefix + text, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, generation_config=settings)[0]
+        assert len(output) == 1 + new_tokens  # the decoder start token, then new tokens up to the winning limit
+        expected.append(tokenizer.decode(output, skip_special_tokens=True).strip())
+    assert pd.read_parquet(tmp_path / "out")["summary_text"].tolist() == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ TASK_MODELS = [
 @pytest.mark.parametrize("task, fixture, model_classes", TASK_MODELS, ids=[t[0] for t in TASK_MODELS])
 def test_plan_json_for_every_task(tmp_path, capsys, tiny_models, task, fixture, model_classes):
     path = job_file(tmp_path, task, getattr(tiny_models, fixture))
+    started = time.perf_counter()
     assert run_cli(["plan", str(path), "--json"]) == 0
+    wall = time.perf_counter() - started
     plan = json.loads(capsys.readouterr().out)
     assert set(plan) >= {"task", "model_class", "tokenizer_class", "processor_class", "device", "dtype",
                          "hf_device_map", "generation_config", "input_prefix", "stages"}
@@ -47,7 +50,10 @@ def test_plan_json_for_every_task(tmp_path, capsys, tiny_models, task, fixture, 
     assert plan["model_class"] in model_classes.split("|")
     assert plan["device"] == "cpu" and plan["dtype"] == "float32" and plan["hf_device_map"] is None
     assert [stage["name"] for stage in plan["stages"]] == STAGES
-    assert all(stage["seconds"] >= 0 for stage in plan["stages"])
+    seconds = [stage["seconds"] for stage in plan["stages"]]
+    assert all(type(second) is float and second >= 0 for second in seconds)
+    assert seconds[0] > 0  # loading the weights from disk takes time
+    assert sum(seconds) <= wall + 0.001  # the stages are timed within the plan command (rounded to 0.1 ms)
     if task == "image-classification":
         assert plan["tokenizer_class"] is None and plan["processor_class"].startswith("ViTImageProcessor")
     else:
@@ -103,10 +109,45 @@ def test_plan_refusals_exit_2_with_the_reason(tmp_path, capsys, tiny_models, ove
     assert message in err and "Traceback" not in err
 
 
-def test_device_map_auto_keeps_accelerates_placement(tmp_path, capsys, tiny_models):
-    path = job_file(tmp_path, "feature-extraction", tiny_models.embedder, "  device_map: auto\n")
+OFFLOADED = {"embeddings": "cpu", "encoder": "disk", "pooler": "cpu"}
+
+
+def test_device_map_lets_accelerate_place_the_model(tmp_path, capsys, tiny_models):
+    # a map over one device leaves no trace on the model (transformers 5 sets hf_device_map only when it dispatches
+    # over several devices or the disk), so this map offloads the encoder to the disk, which a CPU machine can do
+    path = job_file(tmp_path, "feature-extraction", tiny_models.embedder, f"  device_map: {json.dumps(OFFLOADED)}\n")
     assert run_cli(["plan", str(path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["hf_device_map"] == OFFLOADED
+    assert plan["device"] == "cpu"  # inputs go where the first module is
+    pipeline = initialize(load_job(path))
+    assert pipeline.model.hf_device_map == OFFLOADED
+    assert {parameter.device.type for parameter in pipeline.model.encoder.parameters()} == {"meta"}  # on disk
+    # the placed model still computes what the plain one does
+    plain = AutoModel.from_pretrained(tiny_models.embedder).eval()
+    inputs = pipeline.tokenizer(["the quick brown fox", "a cat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline.model(**inputs).last_hidden_state, plain(**inputs).last_hidden_state)
+
+
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}, None], ids=["auto", "mapping", "none"])
+def test_device_map_is_passed_to_from_pretrained(tmp_path, capsys, tiny_models, monkeypatch, device_map):
+    received = []
+    load = AutoModel.from_pretrained
+
+    def recording(*args, **kwargs):
+        received.append(kwargs.get("device_map"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", recording)
+    extra = f"  device_map: {json.dumps(device_map)}\n" if device_map is not None else ""
+    path = job_file(tmp_path, "feature-extraction", tiny_models.embedder, extra)
+    assert run_cli(["plan", str(path), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert received == [device_map]
+    assert plan["device"] == "cpu"
+    if device_map is None:
+        assert plan["hf_device_map"] is None
 
 
 def test_missing_model_directory_exits_2(tmp_path, capsys):

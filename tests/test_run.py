@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 import torch
+from tiny_models import SUMMARIZATION_PARAMS
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -18,11 +20,10 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
+    GenerationConfig,
 )
 
 from pipeline_core.cli import run_cli
-from pipeline_core.initializer import initialize
-from pipeline_core.manifest import load_job
 
 WORDS = ("the quick brown fox jumps over the lazy dog while a cat sleeps in the warm sun and "
          "people walk through the old city of london near the river on a quiet morning").split()
@@ -155,40 +156,65 @@ def test_token_classification_matches_one_row_at_a_time(tmp_path, tiny_models):
     assert found > 0  # the tiny model's random weights do tag some tokens
 
 
-def reference_generation(model_class, path, rows, settings, prefix=""):
-    """Greedy generate() one row at a time, no padding anywhere."""
-    model = model_class.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = []
-    for row in rows:
-        inputs = tokenizer(prefix + row["text"], return_tensors="pt")
+@pytest.fixture
+def one_torch_thread():
+    # the tiny models are dominated by thread start-up: on a shared 2-core machine one thread is ~10x faster
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hand_settings(model, **settings) -> GenerationConfig:
+    """The model's own generation config with `settings` laid over it, written here and never taken from batchrun,
+    so a merging bug in batchrun cannot hide in the reference too."""
+    config = copy.deepcopy(model.generation_config)
+    config.update(**settings)
+    return config
+
+
+def reference_generation(model, tokenizer, prompts, settings) -> tuple[list[str], list[int]]:
+    """generate() one prompt at a time, no padding anywhere: the texts and how many new tokens each got."""
+    texts, counts = [], []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**inputs, generation_config=settings)
-        if not model.config.is_encoder_decoder:
-            output = output[:, inputs["input_ids"].shape[1]:]
-        texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
-    return texts
+        # a decoder-only model returns the prompt first; a seq2seq model its decoder start token
+        new = output[0, inputs["input_ids"].shape[1]:] if not model.config.is_encoder_decoder else output[0, 1:]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        counts.append(len(new))
+    return texts, counts
 
 
-def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_models):
+def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_models, one_torch_thread):
     rows = sample_rows()
-    extra = "  generation: {num_beams: 1, do_sample: false, max_new_tokens: 8}\n"
-    job = write_job(tmp_path, "summarization", tiny_models.seq2seq, rows, extra)
-    assert run(job) == 0
-    settings = initialize(load_job(job)).generation_config
-    expected = reference_generation(AutoModelForSeq2SeqLM, tiny_models.seq2seq, rows, settings,
-                                    prefix="summarize: ")
+    manifest = {"num_beams": 1, "do_sample": False, "max_new_tokens": 6, "min_new_tokens": 6}
+    extra = f"  generation: {json.dumps(manifest)}\n"
+    assert run(write_job(tmp_path, "summarization", tiny_models.seq2seq, rows, extra)) == 0
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_models.seq2seq).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.seq2seq)
+    task_params = dict(SUMMARIZATION_PARAMS["summarization"])
+    prefix = task_params.pop("prefix")
+    settings = hand_settings(model, **{**task_params, **manifest})  # the manifest's num_beams=1 over the task's 2
+    assert settings.num_beams == 1 and prefix == "summarize: "
+    expected, counts = reference_generation(model, tokenizer, [prefix + row["text"] for row in rows], settings)
+    assert counts == [6] * len(rows)  # min_new_tokens = max_new_tokens = 6, not the task's max_length=40
     assert read(tmp_path / "out")["summary_text"].tolist() == [text.strip() for text in expected]
 
 
-def test_text_generation_returns_only_new_text_and_matches_one_row_at_a_time(tmp_path, tiny_models):
+def test_text_generation_returns_only_new_text_and_matches_one_row_at_a_time(tmp_path, tiny_models,
+                                                                             one_torch_thread):
     rows = sample_rows()
     extra = "  generation: {max_new_tokens: 6, min_new_tokens: 6, do_sample: false}\n"
-    job = write_job(tmp_path, "text-generation", tiny_models.causal_lm, rows, extra)
-    assert run(job) == 0
-    pipeline = initialize(load_job(job))
-    expected = reference_generation(AutoModelForCausalLM, tiny_models.causal_lm, rows,
-                                    pipeline.generation_config)
+    assert run(write_job(tmp_path, "text-generation", tiny_models.causal_lm, rows, extra)) == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.causal_lm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)
+    assert tokenizer.pad_token_id is None  # GPT-2 style: batches are padded with EOS
+    settings = hand_settings(model, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    expected, counts = reference_generation(model, tokenizer, [row["text"] for row in rows], settings)
+    assert counts == [6] * len(rows)  # not batchrun's default of 256 new tokens
     got = read(tmp_path / "out")["generated_text"].tolist()
     assert got == expected
     assert not any(text.startswith(row["text"]) and row["text"] for text, row in zip(got, rows, strict=True))
