@@ -138,21 +138,13 @@ def test_plan_shows_only_settings_that_differ_from_generate_defaults():
 
 # The merge order as a real run shows it, against settings written here from the fixture's known facts.
 
-@pytest.fixture
-def one_torch_thread():
-    # the tiny models are dominated by thread start-up: on a shared 2-core machine one thread is ~10x faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize(
     "manifest, new_tokens",
     [({}, SUMMARIZATION_PARAMS["summarization"]["max_length"] - 1), ({"max_new_tokens": 5}, 5)],
     ids=["task_params_over_the_model", "manifest_over_task_params"],
 )
-def test_summarization_run_follows_the_merge_order(tmp_path, tiny_models, one_torch_thread, manifest, new_tokens):
+def test_summarization_run_follows_the_merge_order(tmp_path, tiny_models, manifest, new_tokens):
     rows = ["the quick brown fox", "a cat sleeps in the warm sun", "london"]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"text": text}) + "\n" for text in rows))

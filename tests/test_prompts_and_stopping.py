@@ -40,15 +40,6 @@ def by_hand_chat(text: str) -> str:
     return GPT2_SPECIAL_TOKENS["bos_token"] + "<|user|>\n" + text + "\n<|assistant|>\n"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # the tiny models are dominated by thread start-up: on a shared 2-core machine one thread is ~10x faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_models):
     return AutoTokenizer.from_pretrained(tiny_models.causal_lm)

@@ -156,15 +156,6 @@ def test_token_classification_matches_one_row_at_a_time(tmp_path, tiny_models):
     assert found > 0  # the tiny model's random weights do tag some tokens
 
 
-@pytest.fixture
-def one_torch_thread():
-    # the tiny models are dominated by thread start-up: on a shared 2-core machine one thread is ~10x faster
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hand_settings(model, **settings) -> GenerationConfig:
     """The model's own generation config with `settings` laid over it, written here and never taken from batchrun,
     so a merging bug in batchrun cannot hide in the reference too."""
@@ -187,7 +178,7 @@ def reference_generation(model, tokenizer, prompts, settings) -> tuple[list[str]
     return texts, counts
 
 
-def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_models, one_torch_thread):
+def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_models):
     rows = sample_rows()
     manifest = {"num_beams": 1, "do_sample": False, "max_new_tokens": 6, "min_new_tokens": 6}
     extra = f"  generation: {json.dumps(manifest)}\n"
@@ -203,8 +194,7 @@ def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_mo
     assert read(tmp_path / "out")["summary_text"].tolist() == [text.strip() for text in expected]
 
 
-def test_text_generation_returns_only_new_text_and_matches_one_row_at_a_time(tmp_path, tiny_models,
-                                                                             one_torch_thread):
+def test_text_generation_returns_only_new_text_and_matches_one_row_at_a_time(tmp_path, tiny_models):
     rows = sample_rows()
     extra = "  generation: {max_new_tokens: 6, min_new_tokens: 6, do_sample: false}\n"
     assert run(write_job(tmp_path, "text-generation", tiny_models.causal_lm, rows, extra)) == 0
