@@ -61,6 +61,19 @@ def guard_create_connection(create_connection):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def own_datasets_cache(tmp_path_factory):
+    """Non-streamed splits are converted into the datasets cache: each session gets its own, so tests never fill or
+    read the user's, nor another session's (mutation testing runs sessions side by side)."""
+    import datasets.config
+
+    cache = tmp_path_factory.mktemp("datasets_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(cache))  # for the runs started as child processes
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)  # read at import time, so set here too
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def block_network():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", guard_method(socket.socket.connect))
