@@ -1,6 +1,7 @@
 """README claims about job options, each checked in a real run against a plain reference: token-budget batching,
 streamed and not streamed reading, split slicing, `model.pooling: none`, Parquet codecs, truncation by
-`batching.max_length`, and batch sizes and workers that change between attempts.
+`batching.max_length`, batch sizes and workers that change between attempts, data_files forms, remote code, and
+the planned image task.
 """
 
 from __future__ import annotations
@@ -240,3 +241,43 @@ def test_batch_sizes_and_workers_may_change_between_attempts(tmp_path, tiny_mode
     assert sorted(part["index"] for part in batches) == [3, 4]  # two workers may hand in part 4 first
     assert [len(part["forward"]) for part in batches] == [1, 1]  # the second attempt's limits: one batch a part
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), uninterrupted)
+
+
+@pytest.mark.parametrize("form", ["list", "split-mapping"])
+def test_data_files_as_a_list_or_a_mapping_of_splits(tmp_path, tiny_models, form):
+    data = rows(9)
+    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, data)
+    assert run(job, tmp_path / "one-file") == 0
+    halves = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
+    for half, chunk in zip(halves, (data[:4], data[4:]), strict=True):
+        half.write_text("".join(json.dumps(row) + "\n" for row in chunk))
+    files = [str(half) for half in halves]
+    if form == "list":
+        overrides = [f"dataset.data_files={json.dumps(files)}"]
+    else:  # the rows of the other split are not read
+        other = tmp_path / "other.jsonl"
+        other.write_text("".join(json.dumps(row) + "\n" for row in rows(5, seed=9)))
+        overrides = [f"dataset.data_files={json.dumps({'test': files, 'train': str(other)})}", "dataset.split=test"]
+    assert run(job, tmp_path / form, *overrides) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / form), pd.read_parquet(tmp_path / "one-file"))
+
+
+def test_remote_code_is_refused_unless_trusted(tmp_path, capsys):
+    model = tmp_path / "custom-model"
+    model.mkdir()
+    # a checkpoint whose classes live in its own repository: loading them means running its code
+    (model / "config.json").write_text(json.dumps({"model_type": "shout", "auto_map": {
+        "AutoConfig": "configuration_shout.ShoutConfig", "AutoModel": "modeling_shout.ShoutModel"}}))
+    (model / "configuration_shout.py").write_text("raise SystemExit('custom code ran')\n")
+    job = write_job(tmp_path, "feature-extraction", model, rows(2))
+    assert run_cli(["plan", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert f"model.name={str(model)!r} cannot be loaded" in err and "trust_remote_code=True" in err
+    assert "Traceback" not in err
+
+
+def test_image_classification_is_refused_as_planned_before_any_row_is_written(tmp_path, tiny_models, capsys):
+    job = write_job(tmp_path, "image-classification", tiny_models.image_classifier, [{"id": "a", "image": "x.png"}])
+    assert run(job, tmp_path / "out") == 2
+    assert "task 'image-classification' is planned but `batchrun run` cannot run it yet" in capsys.readouterr().err
+    assert not part_files(tmp_path / "out")
