@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,21 @@ def test_ci_runs_exactly_the_readme_test_command():
     test_command = commands[1].split(" && ")[-1]
     assert test_command == "python -m pytest -q"
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_claims_table_names_tests_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("Where each claim of this README is tested", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) >= 20
+    current_file = None
+    for row in rows:
+        for name in re.findall(r"`([\w./:]+)`", row.rsplit(" | ", 1)[1]):
+            file, _, test = name.partition("::")
+            if file.endswith(".py"):
+                current_file = ROOT / "tests" / file
+                assert current_file.is_file(), f"README names {file}, which is not in tests/"
+            else:  # a bare test name belongs to the file named before it in the same row
+                file, test = current_file.name, name
+            if test:
+                assert re.search(rf"^def {test}\(", current_file.read_text(), re.M), f"no {test} in {file}"
