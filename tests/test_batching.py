@@ -50,3 +50,8 @@ def test_pad_multiple_rounds_up():
     assert [padded_length(n, 8) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
     assert pack_batches([9, 9], max_tokens=32, max_batch_size=8, pad_multiple=8) == [[0, 1]]
     assert pack_batches([9, 9], max_tokens=31, max_batch_size=8, pad_multiple=8) == [[0], [1]]
+
+
+def test_empty_and_one_token_rows_cost_one_token_each():
+    assert pack_batches([0, 1, 1], max_tokens=3, max_batch_size=8) == [[1, 2, 0]]
+    assert pack_batches([0, 1, 1], max_tokens=2, max_batch_size=8) == [[1, 2], [0]]
