@@ -411,7 +411,6 @@ def failing_stream(rows: int):
     return Split(datasets.IterableDataset.from_generator(generate).with_format("arrow"), None, ["text", "id"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a streamed part that fails to read is reported as the part before it")
 def test_a_streamed_part_that_fails_to_read_is_named():
     items = list(PreparedParts(failing_stream(7), WordTask(), 3, ["id"], LIMITS))
     assert prepared(items[:2]) == [(0, 0, [0, 1, 2]), (1, 3, [3, 4, 5])]

@@ -62,18 +62,23 @@ class PreparedParts(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        seen = 0
+        # `current` is the part being read or prepared, named if it fails: a stream reads part i before asking
+        # whether it is wanted, so after a part is skipped or handed over, the next one is the current one
+        seen, current = 0, 0
 
         def wanted(index: int) -> bool:
-            nonlocal seen
+            nonlocal seen, current
             seen = max(seen, index + 1)
-            return index % workers == worker and index not in self.skip
+            mine = index % workers == worker and index not in self.skip
+            current = index if mine else index + 1
+            return mine
 
         try:
             for index, table in self.split.parts(self.rows_per_part, wanted):
                 yield prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
+                current = index + 1
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
-            yield SourceFailure(f"reading part {seen - 1 if seen else 0} failed: {type(error).__name__}: {error}")
+            yield SourceFailure(f"reading part {current} failed: {type(error).__name__}: {error}")
             return
         yield EndOfSplit(seen)
 
