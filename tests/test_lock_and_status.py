@@ -240,10 +240,25 @@ def test_heartbeat_exactly_2_minutes_old_is_still_live(tmp_path, monkeypatch):
     assert lock_state(LocalStore(tmp_path))["stale"] is True
 
 
-def test_lock_of_this_host_without_a_pid_is_not_taken_for_dead(tmp_path):
-    """Without a pid nothing proves the owner gone: only its heartbeat's age can make such a lock stale."""
+def test_lock_of_this_host_without_a_pid_is_not_taken_for_dead(tmp_path, monkeypatch):
+    """Without a pid nothing proves the owner gone: only its heartbeat's age can make such a lock stale.
+
+    The check is made against a stand-in for os.kill: the pid it falls back to, -1, means "every process" to the
+    kernel, and a real call with any signal but 0 (as a mutant of `_alive` makes) would reach every process of the
+    machine."""
+    probes = []
+
+    def kill(pid, signal):
+        if not isinstance(pid, int):
+            raise TypeError(f"pid must be an integer, got {pid!r}")
+        probes.append((pid, signal))
+        if pid != -1:  # the kernel's answer for -1: some process exists; for any other pid here: none does
+            raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(lock_module.os, "kill", kill)
     (tmp_path / LOCK).write_text(json.dumps({"host": HOST, "heartbeat": time.time()}))
     assert lock_state(LocalStore(tmp_path))["stale"] is False
+    assert [signal for _, signal in probes] == [0]
 
 
 def test_checking_the_owner_sends_it_no_signal(tmp_path, live_process):
