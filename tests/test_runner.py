@@ -21,8 +21,10 @@ import torch
 import transformers
 
 from pipeline_core import __version__
+from pipeline_core import runner as runner_module
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
+from pipeline_core.execute import StopFlag
 from pipeline_core.manifest import load_job
 from pipeline_core.output.identity import fingerprint, identity
 from pipeline_core.output.parts import PartFacts, commit_part, part_name
@@ -35,6 +37,7 @@ from pipeline_core.runner import (
     token_budget,
     verified_parts,
 )
+from pipeline_core.tasks import build_task
 
 TEXTS = ["the quick brown fox", "jumps over", "the lazy dog while people", "walk", "through london", "today"]
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
@@ -355,3 +358,59 @@ def test_verified_parts_keeps_this_runs_parts_and_removes_the_others(tmp_path, c
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", f"{part_name(1)} is damaged or not from this run: it will be computed again"),
         ("WARNING", f"{part_name(3)} is damaged or not from this run: it will be computed again")]
+
+
+# --- stopping ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def controlled_stop(monkeypatch):
+    """The run's stop flag, as a signal handler would set it, and the `should_stop` the task was built with."""
+    flag, seen = StopFlag(), []
+
+    class Signals:
+        def __enter__(self):
+            return flag
+
+        def __exit__(self, *exc_info):
+            return False
+
+    def build(job, pipeline, should_stop=lambda: False):
+        seen.append(should_stop)
+        return build_task(job, pipeline, should_stop=should_stop)
+
+    monkeypatch.setattr(runner_module, "StopOnSignals", Signals)
+    monkeypatch.setattr(runner_module, "build_task", build)
+    return flag, seen
+
+
+def test_task_is_told_to_stop_when_a_stop_is_requested(tmp_path, tiny_models, controlled_stop):
+    flag, seen = controlled_stop
+    assert run(write_job(tmp_path, tiny_models.text_classifier, TEXTS[:2]))[0] == 0
+    assert len(seen) == 1 and seen[0]() is False  # generation is cut short through this
+    flag.signal_name = "SIGTERM"
+    assert seen[0]() is True
+
+
+def test_stop_after_a_part_keeps_it_updates_progress_and_exits_75(tmp_path, tiny_models, controlled_stop,
+                                                                   monkeypatch):
+    flag, _ = controlled_stop
+    process_part = runner_module._process_part
+
+    def then_stop(*args, **kwargs):
+        facts = process_part(*args, **kwargs)
+        flag.signal_name = "SIGTERM"
+        return facts
+
+    monkeypatch.setattr(runner_module, "_process_part", then_stop)
+    code, lines = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS))
+    out = tmp_path / "out"
+    assert code == 75
+    assert "WARNING stopped by SIGTERM after committing 1 parts; rerun the same command to resume" in lines
+    assert not [line for line in lines if line.startswith("INFO done: ")]
+    assert sorted(os.listdir(out)) == ["_batchrun.json", "_progress.json", part_name(0)]
+    raw = (out / "_progress.json").read_text()
+    snapshot = json.loads(raw)
+    assert raw == json.dumps(snapshot, indent=2)
+    assert (snapshot["parts_done"], snapshot["rows_done"], snapshot["complete"]) == (1, 4, False)
+    assert json.loads((out / "_batchrun.json").read_text())["finished"] is None
