@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import pyarrow
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
@@ -28,6 +29,7 @@ from pipeline_core.execute import StopFlag
 from pipeline_core.manifest import load_job
 from pipeline_core.output.identity import fingerprint, identity
 from pipeline_core.output.parts import PartFacts, commit_part, part_name
+from pipeline_core.output.progress import Progress
 from pipeline_core.output.store import LocalStore
 from pipeline_core.runner import (
     _already_finished,
@@ -44,14 +46,20 @@ TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
 FINGERPRINT = "0123456789abcdef"
 
 
-def write_job(directory: Path, model: Path, texts: list[str | None], extra: str = "") -> Path:
+def write_job(directory: Path, model: Path, texts: list[str | None], extra: str = "", parquet: bool = False) -> Path:
+    """A text-classification job over `texts` in parts of 4; a Parquet source knows its length, a JSON one not."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = [{"id": f"r{index}", "text": text} for index, text in enumerate(texts)]
-    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if parquet:
+        data = directory / "rows.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), data)
+    else:
+        data = directory / "rows.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     job = directory / "job.yaml"
     job.write_text(
         f"name: tiny-sentiment\ntask: text-classification\nmodel:\n  name: '{model}'\n"
-        f"dataset: {{path: json, data_files: '{directory / 'rows.jsonl'}', keep_columns: [id]}}\n"
+        f"dataset: {{path: {'parquet' if parquet else 'json'}, data_files: '{data}', keep_columns: [id]}}\n"
         f"batching: {{max_tokens: 256, max_batch_size: 8, num_workers: 0}}\n"
         f"output: {{path: '{directory / 'out'}', rows_per_part: 4}}\n{extra}"
     )
@@ -95,6 +103,9 @@ def test_finished_run_exits_0_and_writes_exactly_the_documented_files(finished):
     assert sorted(os.listdir(out)) == ["_SUCCESS", "_batchrun.json", "_progress.json", "part-000000.parquet",
                                        "part-000001.parquet"]
     assert (out / "_SUCCESS").read_bytes() == b""
+    for index in (0, 1):
+        footer = pq.read_metadata(out / part_name(index))
+        assert footer.row_group(0).column(0).compression == "ZSTD"  # output.compression's default
 
 
 def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(finished):
@@ -142,7 +153,8 @@ def test_log_of_a_run_names_the_run_its_rows_device_first_part_and_result(finish
     assert [line for line in lines if "first part to compute" in line] == [
         line for line in lines if re.fullmatch(r"INFO first part to compute \(part 0\) ready \d+\.\ds after the run "
                                                r"started", line)]
-    assert len([line for line in lines if "first part to compute" in line]) == 1
+    ready = [float(re.search(r"ready (\d+\.\d)s", line)[1]) for line in lines if "first part to compute" in line]
+    assert len(ready) == 1 and 0 <= ready[0] < 120  # seconds since this run started, not a clock reading
     done = [line for line in lines if line.startswith("INFO done: ")]
     assert len(done) == 1
     assert re.fullmatch(r"INFO done: 6/6 rows, [\d,]+\.\d rows/s, [\d,]+ tokens/s, ETA 0s", done[0])
@@ -403,14 +415,34 @@ def test_stop_after_a_part_keeps_it_updates_progress_and_exits_75(tmp_path, tiny
         return facts
 
     monkeypatch.setattr(runner_module, "_process_part", then_stop)
-    code, lines = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS))
+    code, lines = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS, parquet=True))
     out = tmp_path / "out"
     assert code == 75
+    run_fingerprint = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
+    assert f"INFO run {run_fingerprint}: 6 rows, 0 parts already committed, device cpu" in lines
     assert "WARNING stopped by SIGTERM after committing 1 parts; rerun the same command to resume" in lines
     assert not [line for line in lines if line.startswith("INFO done: ")]
     assert sorted(os.listdir(out)) == ["_batchrun.json", "_progress.json", part_name(0)]
     raw = (out / "_progress.json").read_text()
     snapshot = json.loads(raw)
     assert raw == json.dumps(snapshot, indent=2)
-    assert (snapshot["parts_done"], snapshot["rows_done"], snapshot["complete"]) == (1, 4, False)
-    assert json.loads((out / "_batchrun.json").read_text())["finished"] is None
+    assert {key: snapshot[key] for key in ("parts_done", "parts_total", "rows_done", "rows_total", "complete")} == \
+        {"parts_done": 1, "parts_total": 2, "rows_done": 4, "rows_total": 6, "complete": False}
+    raw = (out / "_batchrun.json").read_text()
+    info = json.loads(raw)
+    assert raw == json.dumps(info, indent=2)  # written before the first part, with the run still unfinished
+    assert info["finished"] is None and info["fingerprint"] == run_fingerprint
+
+
+@pytest.mark.parametrize("args, bar", [(["--no-progress"], False), ([], None)])
+def test_no_progress_turns_the_bar_off_even_on_a_terminal(tmp_path, tiny_models, monkeypatch, args, bar):
+    made = []
+
+    def progress(*args, **kwargs):
+        made.append(args[5])  # bar: None lets Progress ask whether stderr is a terminal
+        return Progress(*args[:5], False)
+
+    monkeypatch.setattr(runner_module, "Progress", progress)
+    job = write_job(tmp_path, tiny_models.text_classifier, TEXTS[:2])
+    assert run_cli(["run", str(job), *args]) == 0
+    assert made == [bar]
