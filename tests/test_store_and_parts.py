@@ -403,6 +403,7 @@ def test_footer_facts_of_a_committed_part(tmp_path):
     assert {key: value for key, value in footer.items() if key.startswith(b"batchrun.")} == {
         b"batchrun.fingerprint": FINGERPRINT.encode(), b"batchrun.part": b"5", b"batchrun.first_row": b"20",
         b"batchrun.rows": b"3", b"batchrun.failed_rows": b"1"}
+    assert pq.read_metadata(tmp_path / part_name(5)).row_group(0).column(0).compression == "ZSTD"
 
 
 def test_facts_of_a_part_of_one_row_and_of_a_full_part(tmp_path):
@@ -451,3 +452,15 @@ def test_fingerprint_of_given_values_never_changes():
     values = {"task": "text-generation", "model.generation": {"max_new_tokens": 4, "do_sample": False},
               "dataset.data_files": Path("rows.jsonl"), "limit": None}
     assert fingerprint(values) == "da0feffc984fcd16"
+
+
+def test_assembled_part_without_failed_rows_still_has_a_string_error_column():
+    """Every part must have the same schema, or readers of the whole directory fail."""
+    from types import SimpleNamespace
+
+    from pipeline_core.output.parts import assemble_part
+
+    part = SimpleNamespace(first_row=0, num_rows=2, kept=pa.table({}), encoded=SimpleNamespace(errors=[None, None]))
+    table = assemble_part(part, [([1, 0], {"label": ["b", "a"]})], {"label": pa.string()})
+    assert table.schema == pa.schema([("row_id", pa.int64()), ("label", pa.string()), ("error", pa.string())])
+    assert table.to_pydict() == {"row_id": [0, 1], "label": ["a", "b"], "error": [None, None]}
