@@ -46,7 +46,8 @@ TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
 FINGERPRINT = "0123456789abcdef"
 
 
-def write_job(directory: Path, model: Path, texts: list[str | None], extra: str = "", parquet: bool = False) -> Path:
+def write_job(directory: Path, model: Path, texts: list[str | None], extra: str = "", parquet: bool = False,
+              max_tokens: int | str = 256) -> Path:
     """A text-classification job over `texts` in parts of 4; a Parquet source knows its length, a JSON one not."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = [{"id": f"r{index}", "text": text} for index, text in enumerate(texts)]
@@ -60,7 +61,7 @@ def write_job(directory: Path, model: Path, texts: list[str | None], extra: str 
     job.write_text(
         f"name: tiny-sentiment\ntask: text-classification\nmodel:\n  name: '{model}'\n"
         f"dataset: {{path: {'parquet' if parquet else 'json'}, data_files: '{data}', keep_columns: [id]}}\n"
-        f"batching: {{max_tokens: 256, max_batch_size: 8, num_workers: 0}}\n"
+        f"batching: {{max_tokens: {max_tokens}, max_batch_size: 8, num_workers: 0}}\n"
         f"output: {{path: '{directory / 'out'}', rows_per_part: 4}}\n{extra}"
     )
     return job
@@ -398,7 +399,7 @@ def controlled_stop(monkeypatch):
 
 def test_task_is_told_to_stop_when_a_stop_is_requested(tmp_path, tiny_models, controlled_stop):
     flag, seen = controlled_stop
-    assert run(write_job(tmp_path, tiny_models.text_classifier, TEXTS[:2]))[0] == 0
+    assert run(write_job(tmp_path, tiny_models.text_classifier, TEXTS[:2], max_tokens="auto"))[0] == 0
     assert len(seen) == 1 and seen[0]() is False  # generation is cut short through this
     flag.signal_name = "SIGTERM"
     assert seen[0]() is True
