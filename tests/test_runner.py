@@ -24,6 +24,7 @@ import transformers
 from pipeline_core import __version__
 from pipeline_core import runner as runner_module
 from pipeline_core.cli import run_cli
+from pipeline_core.data.loader import PreparedPart, SourceFailure
 from pipeline_core.errors import UsageError
 from pipeline_core.execute import StopFlag
 from pipeline_core.manifest import load_job
@@ -447,3 +448,39 @@ def test_no_progress_turns_the_bar_off_even_on_a_terminal(tmp_path, tiny_models,
     job = write_job(tmp_path, tiny_models.text_classifier, TEXTS[:2])
     assert run_cli(["run", str(job), *args]) == 0
     assert made == [bar]
+
+
+# --- the loader's items --------------------------------------------------------------------------------------------
+
+
+def test_source_failure_after_a_part_exits_1_naming_the_dataset_and_keeps_the_part(tmp_path, tiny_models, monkeypatch,
+                                                                                   capsys):
+    part_loader = runner_module.part_loader
+
+    def failing_after_the_first_part(*args, **kwargs):
+        for item in part_loader(*args, **kwargs):
+            yield item
+            if isinstance(item, PreparedPart):
+                yield SourceFailure("reading part 1 failed: OSError: the disk went away")
+                return
+
+    monkeypatch.setattr(runner_module, "part_loader", failing_after_the_first_part)
+    code, _ = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS))
+    assert code == 1
+    assert ("error: dataset 'json': reading part 1 failed: OSError: the disk went away; committed parts are kept"
+            in capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path / "out")) == ["_batchrun.json", "_progress.json", part_name(0)]
+
+
+def test_resume_with_two_workers_computes_parts_after_one_worker_has_finished(tmp_path, tiny_models):
+    """Each worker ends with its own end-of-split item; the other worker's parts may still follow it."""
+    job = write_job(tmp_path, tiny_models.text_classifier, [f"row {index}" for index in range(20)])
+    assert run(job)[0] == 0
+    out = tmp_path / "out"
+    expected = pq.read_table(out)
+    for name in ("_SUCCESS", part_name(1), part_name(3), part_name(4)):
+        (out / name).unlink()
+    # worker 0 has only part 4 left to compute, worker 1 parts 1 and 3: worker 0 ends first
+    assert run(job, "--set", "batching.num_workers=2")[0] == 0
+    assert (out / "_SUCCESS").exists()
+    assert pq.read_table(out).equals(expected)
