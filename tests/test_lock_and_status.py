@@ -5,12 +5,14 @@ telling a live run from a stopped one through that lock.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -222,3 +224,97 @@ def test_status_of_a_run_whose_remote_holder_stopped_beating_says_stopped(stoppe
     write_lock(stopped_run, 4242, "another-node", heartbeat_age=130)
     found = json.loads(status(stopped_run, capsys, "--json"))
     assert (found["running"], found["lock"]["host"], found["lock"]["stale"]) == (False, "another-node", True)
+
+
+def test_lock_without_a_heartbeat_is_stale(tmp_path, live_process):
+    (tmp_path / LOCK).write_text(json.dumps({"pid": live_process.pid, "host": HOST}))
+    assert lock_state(LocalStore(tmp_path))["stale"] is True
+
+
+def test_heartbeat_exactly_2_minutes_old_is_still_live(tmp_path, monkeypatch):
+    now = 1_700_000_000.0
+    monkeypatch.setattr(lock_module, "time", type("Clock", (), {"time": staticmethod(lambda: now)}))
+    (tmp_path / LOCK).write_text(json.dumps({"pid": 4242, "host": "another-node", "heartbeat": now - 120.0}))
+    assert lock_state(LocalStore(tmp_path))["stale"] is False
+    (tmp_path / LOCK).write_text(json.dumps({"pid": 4242, "host": "another-node", "heartbeat": now - 120.5}))
+    assert lock_state(LocalStore(tmp_path))["stale"] is True
+
+
+def test_lock_of_this_host_without_a_pid_is_not_taken_for_dead(tmp_path, monkeypatch):
+    """Without a pid nothing proves the owner gone: only its heartbeat's age can make such a lock stale.
+
+    The check is made against a stand-in for os.kill: the pid it falls back to, -1, means "every process" to the
+    kernel, and a real call with any signal but 0 (as a mutant of `_alive` makes) would reach every process of the
+    machine."""
+    probes = []
+
+    def kill(pid, signal):
+        if not isinstance(pid, int):
+            raise TypeError(f"pid must be an integer, got {pid!r}")
+        probes.append((pid, signal))
+        if pid != -1:  # the kernel's answer for -1: some process exists; for any other pid here: none does
+            raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(lock_module.os, "kill", kill)
+    (tmp_path / LOCK).write_text(json.dumps({"host": HOST, "heartbeat": time.time()}))
+    assert lock_state(LocalStore(tmp_path))["stale"] is False
+    assert [signal for _, signal in probes] == [0]
+
+
+def test_checking_the_owner_sends_it_no_signal(tmp_path, live_process):
+    write_lock(tmp_path, live_process.pid, HOST, heartbeat_age=1)
+    assert lock_state(LocalStore(tmp_path))["stale"] is False
+    with pytest.raises(subprocess.TimeoutExpired):
+        live_process.wait(timeout=0.3)  # still running: probed with signal 0, not killed
+
+
+def test_owner_that_this_user_may_not_signal_is_alive(tmp_path, monkeypatch):
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(lock_module.os, "kill", kill)
+    write_lock(tmp_path, 4242, HOST, heartbeat_age=1)
+    assert lock_state(LocalStore(tmp_path))["stale"] is False
+
+
+def test_live_lock_message_names_the_directory_holder_and_heartbeat_age(tmp_path):
+    write_lock(tmp_path, 4242, "another-node", heartbeat_age=100)
+    with pytest.raises(OutputLocked) as raised, RunLock(LocalStore(tmp_path)):
+        pytest.fail("a live lock was taken over")
+    assert str(raised.value) == (f"{tmp_path} is locked by a live run: pid 4242 on another-node, heartbeat 100s ago; "
+                                 "retry when it has finished")
+
+
+@pytest.mark.parametrize("lock, holder", [
+    ({"pid": 4242, "host": "another-node", "heartbeat": 0.0}, "pid 4242 on another-node"),
+    ("torn", "pid None on None"),
+])
+def test_taking_over_a_stale_lock_is_logged(tmp_path, caplog, lock, holder):
+    caplog.set_level(logging.WARNING, logger="batchrun")
+    (tmp_path / LOCK).write_text('{"pid": 42' if lock == "torn" else json.dumps(lock))
+    with RunLock(LocalStore(tmp_path)):
+        assert read_lock(tmp_path)["pid"] == os.getpid()
+    assert [record.getMessage() for record in caplog.records] == [f"taking over the stale lock of {holder}"]
+
+
+def test_losing_the_race_for_a_stale_lock_exits_75(tmp_path):
+    class Racing(LocalStore):
+        """Another run creates the lock between our removing the stale one and creating ours."""
+
+        def remove(self, name):
+            super().remove(name)
+            write_lock(tmp_path, 4243, "another-node", heartbeat_age=0)
+
+    write_lock(tmp_path, 4242, "another-node", heartbeat_age=3600)
+    with pytest.raises(OutputLocked) as raised, RunLock(Racing(tmp_path)):
+        pytest.fail("took a lock another run holds")
+    assert str(raised.value) == f"{tmp_path} was locked by another run at the same moment; retry later"
+    assert raised.value.exit_code == 75
+    assert read_lock(tmp_path)["pid"] == 4243
+
+
+def test_heartbeat_runs_in_a_named_daemon_thread_that_stops_with_the_lock(tmp_path):
+    with RunLock(LocalStore(tmp_path)) as lock:
+        beating = [thread for thread in threading.enumerate() if thread.name == "batchrun-heartbeat"]
+        assert beating == [lock._thread] and lock._thread.daemon is True  # never keeps a dying process alive
+    assert not lock._thread.is_alive()

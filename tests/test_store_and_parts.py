@@ -341,3 +341,126 @@ def test_rerun_with_other_generation_settings_exits_2_naming_model_generation(fi
 def test_rerun_with_another_limit_exits_2_naming_limit(finished_generation, capsys):
     assert run(finished_generation, "--limit", "3") == 2
     assert reported_differences(capsys.readouterr().err) == ["limit: null -> 3"]
+
+
+# --- the store's other methods and part assembly --------------------------------------------------------------------
+
+
+def test_store_names_its_directory_and_creates_it_with_its_parents(tmp_path):
+    root = tmp_path / "a" / "b"
+    store = LocalStore(root)
+    assert str(store) == str(root)
+    assert store.names() == []  # not created yet
+    store.put("_SUCCESS", b"")
+    store.put("_SUCCESS", b"again")  # the directory exists now
+    assert LocalStore(tmp_path / "c" / "d").create(".batchrun.lock", b"x") is True
+    assert LocalStore(tmp_path / "c" / "d").create(".other", b"y") is True
+
+
+def test_store_names_are_the_files_only_sorted(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b", "_a", ".c"):
+        (tmp_path / name).write_text(name)
+    assert LocalStore(tmp_path).names() == [".c", "_a", "b"]
+
+
+def test_remove_of_a_missing_name_is_quiet(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put("x", b"1")
+    store.remove("x")
+    store.remove("x")
+    assert store.names() == [] and store.exists("x") is False
+
+
+def test_put_writes_under_a_hidden_temporary_named_after_the_target_and_the_process(tmp_path, disk_calls):
+    LocalStore(tmp_path).put("_batchrun.json", b"{}")
+    renamed = [call for call in disk_calls if call[0] == "rename"]
+    assert [call[1].name for call in renamed] == [f"._batchrun.json.tmp-{os.getpid()}"]
+
+
+def test_created_lock_file_is_readable_by_others_and_not_executable(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    LocalStore(tmp_path).create(".batchrun.lock", b"x")
+    assert stat.S_IMODE((tmp_path / ".batchrun.lock").stat().st_mode) == 0o644 & ~umask
+
+
+def test_footer_keeps_the_tables_own_metadata_and_compression_none_is_uncompressed(tmp_path):
+    table = part_table(0, 2).replace_schema_metadata({b"origin": b"test"})
+    for compression, codec in (("none", "UNCOMPRESSED"), ("zstd", "ZSTD")):
+        path = tmp_path / f"{compression}.parquet"
+        path.write_bytes(encode_parquet(table, compression, {"rows": 2}))
+        metadata = pq.read_metadata(path)
+        assert metadata.metadata[b"origin"] == b"test" and metadata.metadata[b"batchrun.rows"] == b"2"
+        assert {metadata.row_group(0).column(i).compression for i in range(3)} == {codec}
+        assert pq.read_table(path).equals(table)
+
+
+def test_footer_facts_of_a_committed_part(tmp_path):
+    store = LocalStore(tmp_path)
+    commit_part(store, 5, part_table(20, 3, errors={2: "bad"}), "zstd", FINGERPRINT)
+    footer = pq.read_metadata(tmp_path / part_name(5)).metadata
+    assert {key: value for key, value in footer.items() if key.startswith(b"batchrun.")} == {
+        b"batchrun.fingerprint": FINGERPRINT.encode(), b"batchrun.part": b"5", b"batchrun.first_row": b"20",
+        b"batchrun.rows": b"3", b"batchrun.failed_rows": b"1"}
+    assert pq.read_metadata(tmp_path / part_name(5)).row_group(0).column(0).compression == "ZSTD"
+
+
+def test_facts_of_a_part_of_one_row_and_of_a_full_part(tmp_path):
+    store = LocalStore(tmp_path)
+    commit_part(store, 1, part_table(4, 1), "none", FINGERPRINT)
+    commit_part(store, 2, part_table(8, 4, errors={0: "x"}), "none", FINGERPRINT)
+    assert read_part_facts(store, 1, FINGERPRINT, rows_per_part=4) == PartFacts(1, 1, 0)
+    assert read_part_facts(store, 2, FINGERPRINT, rows_per_part=4) == PartFacts(2, 4, 1)
+    assert read_part_facts(store, 1, FINGERPRINT, rows_per_part=5) is None  # would start at row 5
+
+
+def test_assemble_part_puts_length_sorted_batches_back_in_row_order_with_failed_rows_null(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline_core.output.parts import assemble_part
+
+    part = SimpleNamespace(
+        first_row=10, num_rows=6,
+        kept=pa.table({"id": ["a", "b", "c", "d", "e", "f"]}),
+        encoded=SimpleNamespace(errors=[None, "input column 'text' is null", None, "too long", None, None]),
+    )
+    results = [  # batches cover part positions in the order they ran, columns as lists or Arrow arrays
+        ([4, 0], {"label": ["L4", "L0"], "score": pa.chunked_array([[0.4], [0.0]], pa.float64())}),
+        ([5, 2], {"label": pa.array(["L5", "L2"], pa.large_string()), "score": [0.5, 0.2]}),
+    ]
+    columns = {"label": pa.string(), "score": pa.float32()}
+    table = assemble_part(part, results, columns)
+    assert table.schema == pa.schema([("row_id", pa.int64()), ("id", pa.string()), ("label", pa.string()),
+                                      ("score", pa.float32()), ("error", pa.string())])
+    assert table.to_pydict() == {
+        "row_id": [10, 11, 12, 13, 14, 15],
+        "id": ["a", "b", "c", "d", "e", "f"],
+        "label": ["L0", None, "L2", None, "L4", "L5"],
+        "score": [0.0, None, pytest.approx(0.2), None, pytest.approx(0.4), 0.5],
+        "error": [None, "input column 'text' is null", None, "too long", None, None],
+    }
+
+
+def test_differences_name_keys_present_on_one_side_only():
+    assert differences({"task": "a"}, {"task": "a", "limit": 3}) == ["limit: null -> 3"]
+    assert differences({"task": "a", "limit": 3}, {"task": "a"}) == ["limit: 3 -> null"]
+
+
+def test_fingerprint_of_given_values_never_changes():
+    """Runs written by earlier releases must resume: the canonical form and hash may not change."""
+    values = {"task": "text-generation", "model.generation": {"max_new_tokens": 4, "do_sample": False},
+              "dataset.data_files": Path("rows.jsonl"), "limit": None}
+    assert fingerprint(values) == "da0feffc984fcd16"
+
+
+def test_assembled_part_without_failed_rows_still_has_a_string_error_column():
+    """Every part must have the same schema, or readers of the whole directory fail."""
+    from types import SimpleNamespace
+
+    from pipeline_core.output.parts import assemble_part
+
+    part = SimpleNamespace(first_row=0, num_rows=2, kept=pa.table({}), encoded=SimpleNamespace(errors=[None, None]))
+    table = assemble_part(part, [([1, 0], {"label": ["b", "a"]})], {"label": pa.string()})
+    assert table.schema == pa.schema([("row_id", pa.int64()), ("label", pa.string()), ("error", pa.string())])
+    assert table.to_pydict() == {"row_id": [0, 1], "label": ["a", "b"], "error": [None, None]}

@@ -1,0 +1,486 @@
+"""The runner around the parts: what `_batchrun.json` records, the log lines the README promises, what a rerun
+finds in OUTPUT (another job's run, parts without a run, a finished run), `--fresh`, leftover temporaries,
+verified parts, the exit code from the share of failed rows, and the automatic token budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+from pathlib import Path
+
+import datasets
+import pyarrow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+
+from pipeline_core import __version__
+from pipeline_core import runner as runner_module
+from pipeline_core.cli import run_cli
+from pipeline_core.data.loader import PreparedPart, SourceFailure
+from pipeline_core.errors import UsageError
+from pipeline_core.execute import StopFlag
+from pipeline_core.manifest import load_job
+from pipeline_core.output.identity import fingerprint, identity
+from pipeline_core.output.parts import PartFacts, commit_part, part_name
+from pipeline_core.output.progress import Progress
+from pipeline_core.output.store import LocalStore
+from pipeline_core.runner import (
+    _already_finished,
+    _discard,
+    _exit_for_errors,
+    remove_leftovers,
+    token_budget,
+    verified_parts,
+)
+from pipeline_core.tasks import build_task
+
+TEXTS = ["the quick brown fox", "jumps over", "the lazy dog while people", "walk", "through london", "today"]
+TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
+FINGERPRINT = "0123456789abcdef"
+
+
+def write_job(directory: Path, model: Path, texts: list[str | None], extra: str = "", parquet: bool = False,
+              max_tokens: int | str = 256) -> Path:
+    """A text-classification job over `texts` in parts of 4; a Parquet source knows its length, a JSON one not."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"r{index}", "text": text} for index, text in enumerate(texts)]
+    if parquet:
+        data = directory / "rows.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), data)
+    else:
+        data = directory / "rows.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = directory / "job.yaml"
+    job.write_text(
+        f"name: tiny-sentiment\ntask: text-classification\nmodel:\n  name: '{model}'\n"
+        f"dataset: {{path: {'parquet' if parquet else 'json'}, data_files: '{data}', keep_columns: [id]}}\n"
+        f"batching: {{max_tokens: {max_tokens}, max_batch_size: 8, num_workers: 0}}\n"
+        f"output: {{path: '{directory / 'out'}', rows_per_part: 4}}\n{extra}"
+    )
+    return job
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+def run(job: Path, *args: str) -> tuple[int, list[str]]:
+    """Exit code and the batchrun log lines (level and message) of `batchrun run JOB`."""
+    handler, logger = Lines(), logging.getLogger("batchrun")
+    logger.addHandler(handler)
+    try:
+        code = run_cli(["run", str(job), "--no-progress", *args])
+    finally:
+        logger.removeHandler(handler)
+    return code, handler.lines
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_models):
+    """A run of 6 rows in parts of 4, finished: the job, its output directory, its exit code and log lines."""
+    job = write_job(tmp_path_factory.mktemp("finished"), tiny_models.text_classifier, TEXTS)
+    code, lines = run(job)
+    return job, job.parent / "out", code, lines
+
+
+# --- _batchrun.json, _progress.json, _SUCCESS and the log of a finished run --------------------------------------
+
+
+def test_finished_run_exits_0_and_writes_exactly_the_documented_files(finished):
+    _, out, code, _ = finished
+    assert code == 0
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "_batchrun.json", "_progress.json", "part-000000.parquet",
+                                       "part-000001.parquet"]
+    assert (out / "_SUCCESS").read_bytes() == b""
+    for index in (0, 1):
+        footer = pq.read_metadata(out / part_name(index))
+        assert footer.row_group(0).column(0).compression == "ZSTD"  # output.compression's default
+
+
+def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(finished):
+    job, out, _, _ = finished
+    raw = (out / "_batchrun.json").read_text()
+    info = json.loads(raw)
+    assert raw == json.dumps(info, indent=2)
+    assert list(info) == ["name", "fingerprint", "identity", "manifest", "versions", "device", "dtype",
+                          "generation_config", "stages", "host", "started", "finished"]
+    loaded = load_job(job, [])
+    expected_identity = json.loads(json.dumps(identity(loaded, None)))
+    assert info["name"] == "tiny-sentiment"
+    assert info["identity"] == expected_identity and info["identity"]["limit"] is None
+    assert info["fingerprint"] == fingerprint(identity(loaded, None))
+    assert info["manifest"] == json.loads(json.dumps(loaded.config, default=str))
+    assert info["manifest"]["output"]["rows_per_part"] == 4
+    assert info["versions"] == {"batchrun": __version__, "python": platform.python_version(),
+                                "torch": torch.__version__, "transformers": transformers.__version__,
+                                "datasets": datasets.__version__, "pyarrow": pyarrow.__version__}
+    assert (info["device"], info["dtype"], info["host"]) == ("cpu", "float32", platform.node())
+    assert info["generation_config"] is None  # a classifier does not generate
+    names = [stage["name"] for stage in info["stages"]]
+    assert names and len(set(names)) == len(names)
+    assert all(isinstance(stage["seconds"], float) for stage in info["stages"])
+    assert re.fullmatch(TIMESTAMP, info["started"]) and re.fullmatch(TIMESTAMP, info["finished"])
+    assert info["started"] <= info["finished"]
+
+
+def test_progress_json_of_a_finished_run(finished):
+    _, out, _, _ = finished
+    raw = (out / "_progress.json").read_text()
+    snapshot = json.loads(raw)
+    assert raw == json.dumps(snapshot, indent=2)
+    assert {key: snapshot[key] for key in ("parts_done", "parts_total", "rows_done", "rows_total", "failed_rows",
+                                           "eta_seconds", "complete")} == \
+        {"parts_done": 2, "parts_total": 2, "rows_done": 6, "rows_total": 6, "failed_rows": 0, "eta_seconds": None,
+         "complete": True}
+
+
+def test_log_of_a_run_names_the_run_its_rows_device_first_part_and_result(finished):
+    _, out, _, lines = finished
+    run_fingerprint = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
+    # a JSON source does not know its length before it is read
+    assert f"INFO run {run_fingerprint}: unknown rows, 0 parts already committed, device cpu" in lines
+    assert [line for line in lines if "first part to compute" in line] == [
+        line for line in lines if re.fullmatch(r"INFO first part to compute \(part 0\) ready \d+\.\ds after the run "
+                                               r"started", line)]
+    ready = [float(re.search(r"ready (\d+\.\d)s", line)[1]) for line in lines if "first part to compute" in line]
+    assert len(ready) == 1 and 0 <= ready[0] < 120  # seconds since this run started, not a clock reading
+    done = [line for line in lines if line.startswith("INFO done: ")]
+    assert len(done) == 1
+    assert re.fullmatch(r"INFO done: 6/6 rows, [\d,]+\.\d rows/s, [\d,]+ tokens/s, ETA 0s", done[0])
+    assert not [line for line in lines if line.startswith("WARNING")]
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished):
+    job, out, _, _ = finished
+    before = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.iterdir()}
+    code, lines = run(job)
+    assert (code, lines) == (0, [f"INFO {out} already holds this finished run; nothing to do"])
+    assert {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.iterdir()} == before
+
+
+def test_resume_logs_the_committed_parts_and_computes_only_the_missing_one(tmp_path, finished):
+    job, out, _, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "_SUCCESS").unlink()
+    (copy / part_name(1)).unlink()
+    kept = (copy / part_name(0)).stat().st_ino
+    code, lines = run(job, "--output", str(copy))  # output.path is not part of the identity
+    assert code == 0
+    run_fingerprint = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
+    assert f"INFO run {run_fingerprint}: unknown rows, 1 parts already committed, device cpu" in lines
+    assert [line.split(" ready ")[0] for line in lines if "first part to compute" in line] == [
+        "INFO first part to compute (part 1)"]
+    assert (copy / part_name(0)).stat().st_ino == kept
+    assert (copy / "_SUCCESS").exists()
+    snapshot = json.loads((copy / "_progress.json").read_text())
+    assert (snapshot["parts_done"], snapshot["rows_done"], snapshot["complete"]) == (2, 6, True)
+
+
+# --- exit codes from failed rows -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failed, rows, rate, code", [
+    (1, 4, 0.25, 0),  # exactly at the threshold
+    (2, 4, 0.25, 3),
+    (1, 4, 0.0, 3),
+    (0, 4, 0.0, 0),
+    (0, 0, 0.0, 0),  # no rows at all: nothing failed
+    (4, 4, 1.0, 0),
+])
+def test_exit_code_from_the_share_of_failed_rows(failed, rows, rate, code):
+    assert _exit_for_errors(failed, rows, rate) == code
+
+
+def test_too_many_failed_rows_are_logged_as_a_warning_with_the_share(caplog):
+    caplog.set_level(logging.INFO, logger="batchrun")
+    assert _exit_for_errors(2, 3, 0.25) == 3
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "2 of 3 rows failed (66.67%), above errors.max_error_rate=0.25")]
+
+
+def test_failed_rows_within_the_threshold_are_logged_as_info(caplog):
+    caplog.set_level(logging.INFO, logger="batchrun")
+    assert _exit_for_errors(1, 3, 0.5) == 0
+    assert _exit_for_errors(0, 3, 0.5) == 0
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "1 of 3 rows failed; see the error column")]
+
+
+def test_run_with_a_failed_row_over_the_threshold_exits_3_after_finishing(tmp_path, tiny_models):
+    job = write_job(tmp_path, tiny_models.text_classifier, ["good", None, "also good", "fine", "ok"],
+                    extra="errors: {max_error_rate: 0.1}\n")
+    code, lines = run(job)
+    assert code == 3
+    assert "WARNING 1 of 5 rows failed (20.00%), above errors.max_error_rate=0.1" in lines
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    snapshot = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert (snapshot["failed_rows"], snapshot["rows_done"], snapshot["complete"]) == (1, 5, True)
+
+
+def test_on_error_fail_names_the_first_failed_row_of_a_later_part(tmp_path, tiny_models, capsys):
+    job = write_job(tmp_path, tiny_models.text_classifier, ["a", "b", "c", "d", "e", None, 7, "h"],
+                    extra="errors: {on_error: fail}\n")
+    code, _ = run(job)
+    assert code == 1
+    assert "row 5 failed: input column 'text' is null (errors.on_error: fail)" in capsys.readouterr().err
+    assert sorted(name for name in os.listdir(tmp_path / "out") if name.startswith("part-")) == [part_name(0)]
+
+
+# --- token budget --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, device, budget", [
+    ("auto", torch.device("cpu"), 4096),
+    ("auto", torch.device("cuda", 0), 16384),
+    ("auto", torch.device("mps"), 16384),
+    (512, torch.device("cpu"), 512),
+    (512, torch.device("cuda", 0), 512),
+])
+def test_token_budget(setting, device, budget):
+    assert token_budget(setting, device) == budget
+
+
+# --- what OUTPUT already holds -------------------------------------------------------------------------------------
+
+
+def run_identity(**changes) -> dict:
+    return {"task": "text-classification", "model.name": "tiny", "limit": None, **changes}
+
+
+def write_run_info(store: LocalStore, values: dict | None, fingerprint_value: str = "feedfacefeedface") -> None:
+    info = {"name": None, "fingerprint": fingerprint_value}
+    if values is not None:
+        info["identity"] = values
+    store.put("_batchrun.json", json.dumps(info).encode())
+
+
+def test_empty_output_is_not_finished(tmp_path):
+    assert _already_finished(LocalStore(tmp_path / "out"), run_identity()) is False
+
+
+def test_output_with_other_files_but_no_parts_and_no_run_info_is_not_finished(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "part-1.parquet").write_text("not a batchrun part name")
+    assert _already_finished(LocalStore(tmp_path), run_identity()) is False
+
+
+def test_output_with_parts_but_no_run_info_is_refused(tmp_path):
+    store = LocalStore(tmp_path)
+    commit_part(store, 0, pa.table({"row_id": pa.array([0], pa.int64()), "error": pa.array([None], pa.string())}),
+                "none", FINGERPRINT)
+    with pytest.raises(UsageError) as raised:
+        _already_finished(store, run_identity())
+    assert str(raised.value) == (f"{tmp_path} holds parts but no _batchrun.json; it is not a batchrun run of this job "
+                                 "(use --fresh to discard it, or another output.path)")
+    assert raised.value.exit_code == 2
+
+
+def test_run_of_this_job_is_finished_only_with_success(tmp_path):
+    store = LocalStore(tmp_path)
+    write_run_info(store, run_identity())
+    assert _already_finished(store, run_identity()) is False
+    store.put("_SUCCESS", b"")
+    assert _already_finished(store, run_identity()) is True
+
+
+def test_run_of_another_job_is_refused_naming_each_difference(tmp_path):
+    store = LocalStore(tmp_path)
+    write_run_info(store, run_identity(task="summarization", limit=3))
+    store.put("_SUCCESS", b"")
+    with pytest.raises(UsageError) as raised:
+        _already_finished(store, run_identity())
+    assert str(raised.value) == (
+        f"{tmp_path} holds a run of a different job (fingerprint feedfacefeedface); what differs:\n"
+        '  - limit: 3 -> null\n'
+        '  - task: "summarization" -> "text-classification"\n'
+        "use --fresh to discard it, or another output.path")
+    assert raised.value.exit_code == 2
+
+
+def test_run_info_without_an_identity_differs_in_every_key(tmp_path):
+    store = LocalStore(tmp_path)
+    write_run_info(store, None)
+    with pytest.raises(UsageError, match="what differs:\n  - limit: null -> 5\n") as raised:
+        _already_finished(store, run_identity(limit=5))
+    assert re.findall(r"  - (\S+):", str(raised.value)) == ["limit", "model.name", "task"]
+
+
+def test_fresh_discards_exactly_the_runs_files(tmp_path):
+    names = ["part-000000.parquet", "part-000007.parquet", "_batchrun.json", "_progress.json", "_SUCCESS",
+             ".batchrun.lock", "notes.txt", "part-1.parquet", "_eval.json"]
+    for name in names:
+        (tmp_path / name).write_text(name)
+    _discard(LocalStore(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", "_eval.json", "notes.txt", "part-1.parquet"]
+
+
+def test_fresh_run_over_another_jobs_output_starts_over_and_keeps_other_files(tmp_path, finished):
+    job, out, _, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "notes.txt").write_text("kept")
+    assert run(job, "--output", str(copy), "--limit", "2")[0] == 2
+    code, _ = run(job, "--output", str(copy), "--limit", "2", "--fresh")
+    assert code == 0
+    assert sorted(os.listdir(copy)) == ["_SUCCESS", "_batchrun.json", "_progress.json", "notes.txt",
+                                        "part-000000.parquet"]
+    assert (copy / "notes.txt").read_text() == "kept"
+    assert json.loads((copy / "_batchrun.json").read_text())["identity"]["limit"] == 2
+
+
+def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path):
+    names = [".part-000001.parquet.tmp-4242", "._batchrun.json.tmp-7", ".batchrun.lock", ".hidden",
+             "notes.tmp-3", "part-000000.parquet", "_SUCCESS"]
+    for name in names:
+        (tmp_path / name).write_text(name)
+    remove_leftovers(LocalStore(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", ".hidden", "_SUCCESS", "notes.tmp-3",
+                                            "part-000000.parquet"]
+
+
+def test_verified_parts_keeps_this_runs_parts_and_removes_the_others(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="batchrun")
+    store = LocalStore(tmp_path)
+
+    def table(first_row: int, errors: list[str | None]) -> pa.Table:
+        return pa.table({"row_id": pa.array(range(first_row, first_row + len(errors)), pa.int64()),
+                         "error": pa.array(errors, pa.string())})
+
+    commit_part(store, 0, table(0, [None, "bad", None, None]), "none", FINGERPRINT)
+    commit_part(store, 1, table(4, [None] * 4), "none", "another-run-0000")
+    commit_part(store, 2, table(8, ["bad", "bad"]), "none", FINGERPRINT)
+    commit_part(store, 3, table(12, [None]), "none", FINGERPRINT)
+    (tmp_path / part_name(3)).write_bytes((tmp_path / part_name(3)).read_bytes()[:-20])  # truncated
+    (tmp_path / "notes.txt").write_text("kept")
+
+    assert verified_parts(store, FINGERPRINT, 4) == {0: PartFacts(0, 4, 1), 2: PartFacts(2, 2, 2)}
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", part_name(0), part_name(2)]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"{part_name(1)} is damaged or not from this run: it will be computed again"),
+        ("WARNING", f"{part_name(3)} is damaged or not from this run: it will be computed again")]
+
+
+# --- stopping ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def controlled_stop(monkeypatch):
+    """The run's stop flag, as a signal handler would set it, and the `should_stop` the task was built with."""
+    flag, seen = StopFlag(), []
+
+    class Signals:
+        def __enter__(self):
+            return flag
+
+        def __exit__(self, *exc_info):
+            return False
+
+    def build(job, pipeline, should_stop=lambda: False):
+        seen.append(should_stop)
+        return build_task(job, pipeline, should_stop=should_stop)
+
+    monkeypatch.setattr(runner_module, "StopOnSignals", Signals)
+    monkeypatch.setattr(runner_module, "build_task", build)
+    return flag, seen
+
+
+def test_task_is_told_to_stop_when_a_stop_is_requested(tmp_path, tiny_models, controlled_stop):
+    flag, seen = controlled_stop
+    assert run(write_job(tmp_path, tiny_models.text_classifier, TEXTS[:2], max_tokens="auto"))[0] == 0
+    assert len(seen) == 1 and seen[0]() is False  # generation is cut short through this
+    flag.signal_name = "SIGTERM"
+    assert seen[0]() is True
+
+
+def test_stop_after_a_part_keeps_it_updates_progress_and_exits_75(tmp_path, tiny_models, controlled_stop,
+                                                                   monkeypatch):
+    flag, _ = controlled_stop
+    process_part = runner_module._process_part
+
+    def then_stop(*args, **kwargs):
+        facts = process_part(*args, **kwargs)
+        flag.signal_name = "SIGTERM"
+        return facts
+
+    monkeypatch.setattr(runner_module, "_process_part", then_stop)
+    code, lines = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS, parquet=True))
+    out = tmp_path / "out"
+    assert code == 75
+    run_fingerprint = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
+    assert f"INFO run {run_fingerprint}: 6 rows, 0 parts already committed, device cpu" in lines
+    assert "WARNING stopped by SIGTERM after committing 1 parts; rerun the same command to resume" in lines
+    assert not [line for line in lines if line.startswith("INFO done: ")]
+    assert sorted(os.listdir(out)) == ["_batchrun.json", "_progress.json", part_name(0)]
+    raw = (out / "_progress.json").read_text()
+    snapshot = json.loads(raw)
+    assert raw == json.dumps(snapshot, indent=2)
+    assert {key: snapshot[key] for key in ("parts_done", "parts_total", "rows_done", "rows_total", "complete")} == \
+        {"parts_done": 1, "parts_total": 2, "rows_done": 4, "rows_total": 6, "complete": False}
+    raw = (out / "_batchrun.json").read_text()
+    info = json.loads(raw)
+    assert raw == json.dumps(info, indent=2)  # written before the first part, with the run still unfinished
+    assert info["finished"] is None and info["fingerprint"] == run_fingerprint
+
+
+@pytest.mark.parametrize("args, bar", [(["--no-progress"], False), ([], None)])
+def test_no_progress_turns_the_bar_off_even_on_a_terminal(tmp_path, tiny_models, monkeypatch, args, bar):
+    made = []
+
+    def progress(*args, **kwargs):
+        made.append(args[5])  # bar: None lets Progress ask whether stderr is a terminal
+        return Progress(*args[:5], False)
+
+    monkeypatch.setattr(runner_module, "Progress", progress)
+    job = write_job(tmp_path, tiny_models.text_classifier, TEXTS[:2])
+    assert run_cli(["run", str(job), *args]) == 0
+    assert made == [bar]
+
+
+# --- the loader's items --------------------------------------------------------------------------------------------
+
+
+def test_source_failure_after_a_part_exits_1_naming_the_dataset_and_keeps_the_part(tmp_path, tiny_models, monkeypatch,
+                                                                                   capsys):
+    part_loader = runner_module.part_loader
+
+    def failing_after_the_first_part(*args, **kwargs):
+        for item in part_loader(*args, **kwargs):
+            yield item
+            if isinstance(item, PreparedPart):
+                yield SourceFailure("reading part 1 failed: OSError: the disk went away")
+                return
+
+    monkeypatch.setattr(runner_module, "part_loader", failing_after_the_first_part)
+    code, _ = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS))
+    assert code == 1
+    assert ("error: dataset 'json': reading part 1 failed: OSError: the disk went away; committed parts are kept"
+            in capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path / "out")) == ["_batchrun.json", "_progress.json", part_name(0)]
+
+
+def test_resume_with_two_workers_computes_parts_after_one_worker_has_finished(tmp_path, tiny_models):
+    """Each worker ends with its own end-of-split item; the other worker's parts may still follow it."""
+    job = write_job(tmp_path, tiny_models.text_classifier, [f"row {index}" for index in range(20)])
+    assert run(job)[0] == 0
+    out = tmp_path / "out"
+    expected = pq.read_table(out)
+    for name in ("_SUCCESS", part_name(1), part_name(3), part_name(4)):
+        (out / name).unlink()
+    # worker 0 has only part 4 left to compute, worker 1 parts 1 and 3: worker 0 ends first
+    assert run(job, "--set", "batching.num_workers=2")[0] == 0
+    assert (out / "_SUCCESS").exists()
+    assert pq.read_table(out).equals(expected)
