@@ -136,10 +136,12 @@ def test_lock_of_another_host_with_a_heartbeat_over_2_minutes_old_is_taken_over(
 def test_second_run_exits_75_naming_the_holder_whose_heartbeat_is_100_s_old(tmp_path, tiny_models, capsys):
     job = write_job(tmp_path, tiny_models.text_classifier, rows(3))
     before = write_lock(tmp_path / "out", 4242, "another-node", heartbeat_age=100)
+    started = time.monotonic()
     assert run(job) == 75
+    elapsed = time.monotonic() - started  # the age grows while the run starts up, slowly on a loaded machine
     err = capsys.readouterr().err
     assert "locked by a live run: pid 4242 on another-node, heartbeat " in err
-    assert 100 <= int(re.search(r"heartbeat (\d+)s ago", err)[1]) < 110
+    assert 100 <= int(re.search(r"heartbeat (\d+)s ago", err)[1]) <= 100 + elapsed + 1
     assert read_lock(tmp_path / "out") == before
     assert not (tmp_path / "out" / "_batchrun.json").exists()
 
