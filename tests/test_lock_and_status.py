@@ -243,24 +243,17 @@ def test_heartbeat_exactly_2_minutes_old_is_still_live(tmp_path, monkeypatch):
 
 
 def test_lock_of_this_host_without_a_pid_is_not_taken_for_dead(tmp_path, monkeypatch):
-    """Without a pid nothing proves the owner gone: only its heartbeat's age can make such a lock stale.
-
-    The check is made against a stand-in for os.kill: the pid it falls back to, -1, means "every process" to the
-    kernel, and a real call with any signal but 0 (as a mutant of `_alive` makes) would reach every process of the
-    machine."""
+    """Without a pid (or with a pid of 0 or below) nothing proves the owner gone: only its heartbeat's age can make
+    such a lock stale, and no process is signalled at all (os.kill(-1, ...) would reach every process of the
+    machine). Checked against a stand-in for os.kill, so no mutant can send a real signal."""
     probes = []
-
-    def kill(pid, signal):
-        if not isinstance(pid, int):
-            raise TypeError(f"pid must be an integer, got {pid!r}")
-        probes.append((pid, signal))
-        if pid != -1:  # the kernel's answer for -1: some process exists; for any other pid here: none does
-            raise ProcessLookupError(3, "No such process")
-
-    monkeypatch.setattr(lock_module.os, "kill", kill)
-    (tmp_path / LOCK).write_text(json.dumps({"host": HOST, "heartbeat": time.time()}))
-    assert lock_state(LocalStore(tmp_path))["stale"] is False
-    assert [signal for _, signal in probes] == [0]
+    monkeypatch.setattr(lock_module.os, "kill", lambda pid, signal: probes.append((pid, signal)))
+    for record in ({}, {"pid": -1}, {"pid": 0}, {"pid": "12"}):
+        (tmp_path / LOCK).write_text(json.dumps({**record, "host": HOST, "heartbeat": time.time()}))
+        assert lock_state(LocalStore(tmp_path))["stale"] is False, record
+        (tmp_path / LOCK).write_text(json.dumps({**record, "host": HOST, "heartbeat": time.time() - 121}))
+        assert lock_state(LocalStore(tmp_path))["stale"] is True, record
+    assert probes == []
 
 
 def test_checking_the_owner_sends_it_no_signal(tmp_path, live_process):

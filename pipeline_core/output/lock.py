@@ -47,11 +47,13 @@ def _is_stale(record: dict) -> bool:
     if time.time() - record.get("heartbeat", 0) > STALE_AFTER:
         return True
     if record.get("host") == socket.gethostname():
-        return not _alive(record.get("pid", -1))
+        return not _alive(record.get("pid"))
     return False
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # no process to ask about (and os.kill(-1, ...) would reach every process): the heartbeat decides
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
