@@ -7,14 +7,25 @@ users read them.
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
-from transformers import CLIPImageProcessor, ViTConfig, ViTImageProcessor
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    GenerationConfig,
+    ViTConfig,
+    ViTImageProcessor,
+)
 
 from pipeline_core.errors import UsageError
 from pipeline_core.initializer.compat import check_compatibility, output_image_size
 from pipeline_core.initializer.components import Components
+from pipeline_core.initializer.generation import align_special_tokens, isolate_generation_config
 
 HEADER = "the model and its preprocessing do not fit together:\n"
 
@@ -150,3 +161,148 @@ def test_an_image_processor_serving_as_feature_extractor_has_no_sampling_rate_to
     parts = vision(config, processor)
     parts.feature_extractor = processor
     check_compatibility("image-classification", parts, None)
+
+
+# Tokenizer against the model, and the tokens generation and batching need.
+
+@pytest.fixture(scope="module")
+def embedder(tiny_models):
+    return AutoModel.from_pretrained(tiny_models.embedder)
+
+
+def text(model, tokenizer) -> Components:
+    return Components(config=model.config, model=model, tokenizer=tokenizer)
+
+
+def test_vocabulary_larger_than_the_embeddings_message(tiny_models, embedder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.embedder)
+    rows = embedder.get_input_embeddings().num_embeddings
+    check_compatibility("feature-extraction", text(embedder, tokenizer), None)  # len(tokenizer) == rows fits
+    assert len(tokenizer) == rows
+    tokenizer.add_tokens(["one_token_too_many"])
+    assert refusal("feature-extraction", text(embedder, tokenizer)) == (
+        f"  - the tokenizer has {rows + 1} tokens but the model's input embeddings have {rows} rows; "
+        "token ids past the end would crash the model: use the tokenizer trained with this model"
+    )
+
+
+def test_embeddings_that_do_not_say_their_size_are_not_measured(tiny_models, embedder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.embedder)
+    tokenizer.add_tokens(["extra"])
+    model = SimpleNamespace(config=embedder.config, get_input_embeddings=lambda: torch.nn.Identity())
+    check_compatibility("feature-extraction", text(model, tokenizer), None)
+
+
+def test_missing_tokenizer_message(embedder):
+    assert refusal("token-classification", text(embedder, None)) == (
+        "  - token-classification needs a tokenizer, and none was found beside the model (tokenizer.json, "
+        "tokenizer_config.json)"
+    )
+
+
+def test_model_that_cannot_generate_message(tiny_models, embedder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.embedder)
+    config = GenerationConfig(eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert refusal("summarization", text(embedder, tokenizer), config) == (
+        "  - BertModel cannot generate text, which summarization needs; choose a generative model"
+    )
+
+
+def test_missing_eos_and_pad_messages(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.causal_lm)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)
+    assert tokenizer.pad_token_id is None
+    assert refusal("text-generation", text(model, tokenizer), GenerationConfig()) == (
+        "  - neither the model's generation config nor the tokenizer has an EOS token to stop on\n"
+        "  - the tokenizer has no pad token, which batching needs; use a tokenizer that defines one"
+    )
+    # outside generation, only the pad token is needed
+    assert refusal("text-classification", text(model, tokenizer)) == (
+        "  - the tokenizer has no pad token, which batching needs; use a tokenizer that defines one"
+    )
+
+
+def test_every_problem_is_reported_at_once(tiny_models, embedder):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)  # no pad token, and more tokens than rows
+    model = SimpleNamespace(config=SimpleNamespace(sampling_rate=16000),
+                            get_input_embeddings=embedder.get_input_embeddings)
+    parts = text(model, tokenizer)
+    parts.feature_extractor = SimpleNamespace(sampling_rate=8000)
+    problems = refusal("feature-extraction", parts).splitlines()
+    assert len(problems) == 3
+    rows = embedder.get_input_embeddings().num_embeddings
+    assert problems[0].startswith(f"  - the tokenizer has {len(tokenizer)} tokens but the model's input embeddings "
+                                  f"have {rows} rows")
+    assert problems[1].startswith("  - the tokenizer has no pad token")
+    assert problems[2].startswith("  - the feature extractor reads audio at 8000 Hz")
+
+
+# Special tokens: generation and batching get a pad and an EOS token where the model and tokenizer allow it.
+
+def test_the_generation_configs_own_eos_wins_over_the_tokenizers(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.seq2seq)
+    config = GenerationConfig(eos_token_id=5, pad_token_id=6)
+    align_special_tokens(config, tokenizer, is_causal=False)
+    assert (config.eos_token_id, config.pad_token_id) == (5, 6)
+    # and neither overwrites the tokenizer's own pad token
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<pad>", 0)
+
+
+def test_an_encoder_decoder_tokenizer_keeps_its_pad_token(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.seq2seq)
+    config = GenerationConfig()
+    align_special_tokens(config, tokenizer, is_causal=False)
+    assert (tokenizer.pad_token, config.pad_token_id, config.eos_token_id) == ("<pad>", 0, 1)
+
+
+def test_only_causal_models_pad_with_eos(tiny_models, caplog):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)
+    config = GenerationConfig()
+    with caplog.at_level(logging.INFO, logger="batchrun"):
+        align_special_tokens(config, tokenizer, is_causal=False)
+    assert tokenizer.pad_token is None and config.pad_token_id is None
+    assert config.eos_token_id == tokenizer.eos_token_id == 0
+    assert caplog.records == []
+    with caplog.at_level(logging.INFO, logger="batchrun"):
+        align_special_tokens(config, tokenizer, is_causal=True)
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, config.pad_token_id) == ("<|endoftext|>", 0, 0)
+    assert [record.getMessage() for record in caplog.records] == [
+        "the tokenizer has no pad token; padding with its EOS token '<|endoftext|>'"
+    ]
+
+
+def test_a_tokenizer_without_pad_takes_the_generation_configs(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)
+    config = GenerationConfig(pad_token_id=3)
+    align_special_tokens(config, tokenizer, is_causal=False)
+    assert tokenizer.pad_token_id == 3 and config.pad_token_id == 3
+
+
+# Generation settings: the pipeline's own copy, merged from the model's.
+
+def generative_stand_in(generation_config, task_params=None):
+    return SimpleNamespace(generation_config=generation_config,
+                           config=SimpleNamespace(task_specific_params=task_params))
+
+
+def test_a_model_without_generation_config_gets_a_fresh_one_with_the_task_default():
+    config, prefix = isolate_generation_config(generative_stand_in(None), "summarization", {"num_beams": 2})
+    assert isinstance(config, GenerationConfig) and prefix is None
+    assert (config.max_new_tokens, config.num_beams) == (256, 2)
+
+
+def test_the_copy_shares_no_list_with_the_models_config():
+    own = GenerationConfig(suppress_tokens=[5, 6], max_new_tokens=9)
+    config, _ = isolate_generation_config(generative_stand_in(own), "text-generation", {})
+    config.suppress_tokens.append(7)
+    assert own.suppress_tokens == [5, 6]
+
+
+def test_ignored_task_params_are_logged_by_name(caplog):
+    model = generative_stand_in(GenerationConfig(), {"summarization": {"prefix": "s: ", "zeta": 1, "alpha": 2}})
+    with caplog.at_level(logging.INFO, logger="batchrun"):
+        isolate_generation_config(model, "summarization", {})
+    assert [record.getMessage() for record in caplog.records] == [
+        "task_specific_params['summarization']: ignoring alpha, zeta (not generate() settings)"
+    ]
+

@@ -160,3 +160,13 @@ def test_available_accelerators_counts_each_available_kind_in_priority_order(mon
     monkeypatch.setattr(torch, "xpu", SimpleNamespace(device_count=lambda: 2))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert list(available_accelerators().items()) == [("cuda", 4), ("xpu", 2)]
+
+
+def test_distributed_rank_without_local_rank_is_the_global_rank(monkeypatch):
+    # a bare init_process_group sets no LOCAL_RANK: the process group's rank stands in for it
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert device_stage.distributed_local_rank() == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device_stage.distributed_local_rank() == 1

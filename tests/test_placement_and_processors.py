@@ -41,6 +41,25 @@ def test_placement_checks_room_before_moving_to_an_accelerator(monkeypatch):
         place_model(model, torch.device("cuda", 0))
 
 
+def test_placement_asks_the_target_device_and_names_it_and_the_dtype(monkeypatch):
+    asked = []
+    monkeypatch.setattr(placement, "free_memory", lambda device: asked.append(device) or GIB // 4)
+    # 0.50 GiB of bfloat16 weights, on the meta device so that the test allocates nothing
+    model = torch.nn.Linear(1024 * 256, 1024, bias=False, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(UsageError) as caught:
+        place_model(model, torch.device("xpu", 1))
+    assert asked == [torch.device("xpu", 1)]
+    assert str(caught.value).startswith("the model needs 0.50 GiB in bfloat16 but xpu:1 has 0.25 GiB free; "
+                                        "use a smaller model,")
+
+
+def test_placement_moves_the_model_to_its_device():
+    # the meta device stands in for an accelerator: torch has no backend module for it, so no room check
+    model = torch.nn.Linear(2, 2)
+    place_model(model, torch.device("meta"))
+    assert model.weight.device.type == "meta" and model.bias.device.type == "meta"
+
+
 def test_placement_on_cpu_moves_without_a_check(monkeypatch):
     monkeypatch.setattr(placement, "free_memory", lambda device: pytest.fail("no room check on the CPU"))
     model = torch.nn.Linear(2, 2)
