@@ -15,6 +15,7 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     CLIPImageProcessor,
     GenerationConfig,
@@ -22,10 +23,13 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from pipeline_core.errors import UsageError
+from pipeline_core.errors import BatchrunError, UsageError
+from pipeline_core.initializer import components as components_stage
+from pipeline_core.initializer import initialize
 from pipeline_core.initializer.compat import check_compatibility, output_image_size
-from pipeline_core.initializer.components import Components
+from pipeline_core.initializer.components import Components, _first_line, _load, model_class_for
 from pipeline_core.initializer.generation import align_special_tokens, isolate_generation_config
+from pipeline_core.manifest import load_job
 
 HEADER = "the model and its preprocessing do not fit together:\n"
 
@@ -306,3 +310,140 @@ def test_ignored_task_params_are_logged_by_name(caplog):
         "task_specific_params['summarization']: ignoring alpha, zeta (not generate() settings)"
     ]
 
+
+
+# Loading the components, and what each model.name failure says.
+
+def test_first_line_of_a_loading_error():
+    assert _first_line(OSError("Can't load the config.\nMake sure the path is right.")) == "Can't load the config."
+    assert _first_line(OSError("\n  only line  \n")) == "only line"
+    assert _first_line(OSError()) == "OSError"  # nothing to say but its kind
+    assert _first_line(FileNotFoundError("   ")) == "FileNotFoundError"
+
+
+def failing(error: Exception):
+    def load():
+        raise error
+    return load
+
+
+def test_a_value_error_while_loading_is_a_usage_error_naming_the_model():
+    with pytest.raises(UsageError) as caught:
+        _load("model", "org/model", failing(ValueError("Unrecognized configuration class")))
+    assert str(caught.value) == (
+        "model.name='org/model' cannot be loaded as this task's model: Unrecognized configuration class")
+
+
+@pytest.mark.parametrize("name", ["./missing-model", "/missing-model", "~/missing-model", "~missing-model",
+                                  "models/org/missing-model"])
+def test_a_missing_local_directory_is_a_usage_error(name):
+    with pytest.raises(UsageError) as caught:
+        _load("model", name, failing(OSError("Incorrect path_or_model_id")))
+    assert str(caught.value) == f"model.name={name!r}: no such directory"
+
+
+@pytest.mark.parametrize("name", ["org/model", "model"])
+def test_a_hub_id_that_cannot_be_loaded_is_a_failure_with_the_first_line(name):
+    # offline, or not on the hub: a scheduler may retry, so not a usage error
+    with pytest.raises(BatchrunError) as caught:
+        _load("model", name, failing(OSError("We couldn't connect to the hub.\nCheck your connection.")))
+    assert type(caught.value) is BatchrunError
+    assert str(caught.value) == f"model.name={name!r} could not be loaded: We couldn't connect to the hub."
+
+
+def test_an_existing_directory_that_cannot_be_loaded_is_a_failure_not_a_missing_directory(tmp_path):
+    name = str(tmp_path)
+    with pytest.raises(BatchrunError) as caught:
+        _load("model", name, failing(OSError("no file named config.json\nin the directory")))
+    assert type(caught.value) is BatchrunError
+    assert str(caught.value) == f"model.name={name!r} could not be loaded: no file named config.json"
+
+
+def job(tmp_path, task: str, model, extra: str = ""):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"task: {task}\nmodel:\n  name: '{model}'\n{extra}dataset: {{path: json, data_files: x.jsonl}}\n")
+    return load_job(path)
+
+
+def test_a_config_of_an_unknown_architecture_is_refused_naming_the_model(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(UsageError) as caught:
+        initialize(job(tmp_path, "feature-extraction", model))
+    assert str(caught.value).startswith(
+        f"model.name={str(model)!r} cannot be loaded as this task's model: The checkpoint you are trying to load has "
+        "model type `no-such-architecture`")
+
+
+def test_a_model_the_tasks_auto_class_does_not_map_is_refused_naming_the_model(tmp_path, tiny_models):
+    with pytest.raises(UsageError) as caught:
+        initialize(job(tmp_path, "text-classification", tiny_models.image_classifier))
+    assert str(caught.value).startswith(
+        f"model.name={str(tiny_models.image_classifier)!r} cannot be loaded as this task's model: Unrecognized "
+        "configuration class <class 'transformers.models.vit.configuration_vit.ViTConfig'>")
+
+
+def test_a_config_that_does_not_say_follows_the_decoder_only_path():
+    assert model_class_for("summarization", SimpleNamespace()) is AutoModelForCausalLM
+    assert model_class_for("text-generation", SimpleNamespace(is_encoder_decoder=True)) is AutoModelForSeq2SeqLM
+
+
+def record_loads(monkeypatch, calls: list, *names):
+    """Record the from_pretrained calls batchrun makes through the named Auto classes, then load as usual.
+
+    The classes are replaced where components.py looks them up (its AutoConfig, its `transformers` module), so
+    transformers' own inner calls are not recorded.
+    """
+    for name in names:
+        module = components_stage if name == "AutoConfig" else components_stage.transformers
+        load = getattr(module, name).from_pretrained
+
+        def recording(model_name, _name=name, _load=load, **kwargs):
+            calls.append((_name, model_name, kwargs))
+            return _load(model_name, **kwargs)
+
+        monkeypatch.setattr(module, name, SimpleNamespace(from_pretrained=recording))
+
+
+def test_revision_and_remote_code_settings_reach_every_loader(tmp_path, monkeypatch, tiny_models):
+    calls = []
+    record_loads(monkeypatch, calls, "AutoConfig", "AutoModel", "AutoTokenizer", "AutoProcessor")
+    name = str(tiny_models.embedder)
+    pipeline = initialize(job(tmp_path, "feature-extraction", name, "  revision: main\n  dtype: float32\n"))
+    common = {"revision": "main", "trust_remote_code": False}
+    assert calls == [
+        ("AutoConfig", name, common),
+        # the config already read picks the model class, and the model is built from that same config
+        ("AutoModel", name, {"config": pipeline.components.config, "dtype": torch.float32, "device_map": None,
+                             **common}),
+        ("AutoTokenizer", name, common),  # found: no processor is looked for
+    ]
+    assert pipeline.components.config.model_type == "bert"
+
+
+def test_an_image_processor_is_loaded_with_the_same_settings(tmp_path, monkeypatch, tiny_models):
+    calls = []
+    record_loads(monkeypatch, calls, "AutoImageProcessor", "AutoTokenizer", "AutoProcessor")
+    name = str(tiny_models.image_classifier)
+    initialize(job(tmp_path, "image-classification", name, "  revision: v1\n"))
+    assert calls == [("AutoImageProcessor", name, {"revision": "v1", "trust_remote_code": False})]
+
+
+def test_without_a_tokenizer_the_processor_supplies_one(tmp_path, monkeypatch, tiny_models):
+    # multimodal repositories ship one processor that holds the tokenizer
+    name = str(tiny_models.text_classifier)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    processor = SimpleNamespace(tokenizer=tokenizer)
+    loads = []
+    monkeypatch.setattr(components_stage.transformers, "AutoTokenizer",
+                        SimpleNamespace(from_pretrained=failing(OSError("no tokenizer files"))))
+
+    def load_processor(name, **kwargs):
+        loads.append((name, kwargs))
+        return processor
+
+    monkeypatch.setattr(components_stage.transformers, "AutoProcessor", SimpleNamespace(from_pretrained=load_processor))
+    pipeline = initialize(job(tmp_path, "text-classification", name))
+    assert pipeline.components.processor is processor and pipeline.tokenizer is tokenizer
+    assert loads == [(name, {"revision": None, "trust_remote_code": False})]
