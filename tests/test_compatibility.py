@@ -23,9 +23,10 @@ from transformers import (
     ViTImageProcessor,
 )
 
+import pipeline_core.initializer as initializer_stage
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.initializer import components as components_stage
-from pipeline_core.initializer import initialize
+from pipeline_core.initializer import initialize, plan_summary
 from pipeline_core.initializer.compat import check_compatibility, output_image_size
 from pipeline_core.initializer.components import Components, _first_line, _load, model_class_for
 from pipeline_core.initializer.generation import align_special_tokens, isolate_generation_config
@@ -447,3 +448,113 @@ def test_without_a_tokenizer_the_processor_supplies_one(tmp_path, monkeypatch, t
     pipeline = initialize(job(tmp_path, "text-classification", name))
     assert pipeline.components.processor is processor and pipeline.tokenizer is tokenizer
     assert loads == [(name, {"revision": None, "trust_remote_code": False})]
+
+
+# The staged initializer around these checks: where the model goes, and which checks run.
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Stand in for the machine: its accelerators, this process's distributed rank, and placement (recorded,
+    since no accelerator is here to move to); `after_loading` changes the loaded components as a test needs."""
+    placed = []
+
+    def install(accelerators: dict, local_rank=None, after_loading=None):
+        monkeypatch.setattr(initializer_stage, "available_accelerators", lambda: dict(accelerators))
+        monkeypatch.setattr(initializer_stage, "distributed_local_rank", lambda: local_rank)
+        monkeypatch.setattr(initializer_stage, "place_model", lambda model, device: placed.append(device))
+        if after_loading is not None:
+            load = initializer_stage.load_components
+            monkeypatch.setattr(initializer_stage, "load_components", lambda job: after_loading(load(job)))
+        return placed
+
+    return install
+
+
+def test_an_explicit_device_with_a_device_map_is_refused_before_loading(tmp_path):
+    missing = tmp_path / "not-downloaded-yet"
+    with pytest.raises(UsageError, match="conflicting device specifications"):
+        initialize(job(tmp_path, "feature-extraction", missing, "  device: cpu\n  device_map: auto\n"))
+
+
+def test_the_pipeline_goes_to_the_first_accelerator_and_is_placed_there(tmp_path, tiny_models, machine):
+    placed = machine({"cuda": 2})
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder))
+    assert pipeline.device == torch.device("cuda", 0) and placed == [torch.device("cuda", 0)]
+
+
+def test_a_model_placed_by_accelerate_stays_where_it_was_put(tmp_path, tiny_models, machine):
+    # on one device accelerate leaves no hf_device_map: the model's own device is the map
+    placed = machine({"cuda": 2})
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, "  device_map: auto\n"))
+    assert not hasattr(pipeline.model, "hf_device_map")
+    assert pipeline.device == torch.device("cpu") and placed == []
+
+
+def test_a_spread_model_takes_inputs_on_the_device_of_its_first_module(tmp_path, tiny_models, machine):
+    spread = {"embeddings": 1, "encoder": 0, "pooler": 0}
+
+    def as_accelerate_spreads_it(parts):
+        parts.model.hf_device_map = spread
+        return parts
+
+    placed = machine({"cuda": 2}, after_loading=as_accelerate_spreads_it)
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, "  device_map: auto\n"))
+    assert pipeline.device == torch.device("cuda", 1) and placed == []
+    assert plan_summary(pipeline)["hf_device_map"] == spread
+
+
+def test_each_distributed_rank_takes_its_own_device(tmp_path, tiny_models, machine):
+    placed = machine({"cuda": 4}, local_rank=3)
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder))
+    assert pipeline.device == torch.device("cuda", 3) and placed == [torch.device("cuda", 3)]
+
+
+def test_minus_one_keeps_the_model_on_the_device_it_was_loaded_on(tmp_path, tiny_models, machine):
+    def loaded_elsewhere(parts):
+        parts.model.to("meta")  # the meta device stands in for a device other than the CPU
+        return parts
+
+    placed = machine({}, after_loading=loaded_elsewhere)
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, "  device: -1\n"))
+    assert pipeline.device == torch.device("meta") and placed == [torch.device("meta")]
+
+
+def without_pad_token(parts):
+    parts.tokenizer.pad_token = None
+    return parts
+
+
+def test_an_encoder_decoder_tokenizer_without_pad_takes_the_generation_configs_not_eos(tmp_path, tiny_models, machine):
+    machine({}, after_loading=without_pad_token)
+    pipeline = initialize(job(tmp_path, "summarization", tiny_models.seq2seq))
+    assert pipeline.generation_config.pad_token_id == 0 and pipeline.generation_config.eos_token_id == 1
+    assert (pipeline.tokenizer.pad_token, pipeline.tokenizer.pad_token_id) == ("<pad>", 0)
+
+
+def test_the_compatibility_checks_run_for_the_jobs_task(tmp_path, tiny_models, machine):
+    machine({}, after_loading=without_pad_token)
+    with pytest.raises(UsageError) as caught:
+        initialize(job(tmp_path, "text-classification", tiny_models.text_classifier))
+    assert str(caught.value) == HEADER + (
+        "  - the tokenizer has no pad token, which batching needs; use a tokenizer that defines one")
+
+
+def test_the_compatibility_checks_see_the_pipelines_generation_config(tmp_path, tiny_models, machine):
+    def without_eos(parts):
+        parts.tokenizer.eos_token = None
+        parts.model.generation_config.eos_token_id = None
+        return parts
+
+    machine({}, after_loading=without_eos)
+    with pytest.raises(UsageError) as caught:
+        initialize(job(tmp_path, "summarization", tiny_models.seq2seq))
+    assert str(caught.value) == HEADER + (
+        "  - neither the model's generation config nor the tokenizer has an EOS token to stop on")
+
+
+def test_plan_summary_names_the_tokenizer_class_and_rounds_stage_times(tmp_path, tiny_models):
+    pipeline = initialize(job(tmp_path, "text-classification", tiny_models.text_classifier))
+    pipeline.stages = [("components", 1.23456789), ("placement", 0.00004)]
+    summary = plan_summary(pipeline)
+    assert summary["tokenizer_class"] == type(pipeline.tokenizer).__name__ != "NoneType"
+    assert summary["stages"] == [{"name": "components", "seconds": 1.2346}, {"name": "placement", "seconds": 0.0}]
