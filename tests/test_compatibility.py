@@ -1,5 +1,7 @@
 """Compatibility checks (the initializer's last stage), each on its own: what an image processor produces against
 config.image_size, sampling rates, tokenizer against embeddings, pad and EOS tokens, and models that cannot generate.
+Then what feeds them: special-token alignment, generation settings, loading the components (and what each loading
+failure says), and the staged initializer's device choice and checks on the tiny models.
 
 Models are stand-ins holding a real config where only the config is read; the exact messages are asserted, since
 users read them.
@@ -407,16 +409,17 @@ def record_loads(monkeypatch, calls: list, *names):
         monkeypatch.setattr(module, name, SimpleNamespace(from_pretrained=recording))
 
 
-def test_revision_and_remote_code_settings_reach_every_loader(tmp_path, monkeypatch, tiny_models):
+def test_the_manifests_model_settings_reach_every_loader(tmp_path, monkeypatch, tiny_models):
     calls = []
     record_loads(monkeypatch, calls, "AutoConfig", "AutoModel", "AutoTokenizer", "AutoProcessor")
     name = str(tiny_models.embedder)
-    pipeline = initialize(job(tmp_path, "feature-extraction", name, "  revision: main\n  dtype: float32\n"))
+    extra = "  revision: main\n  dtype: float32\n  device_map: sequential\n"
+    pipeline = initialize(job(tmp_path, "feature-extraction", name, extra))
     common = {"revision": "main", "trust_remote_code": False}
     assert calls == [
         ("AutoConfig", name, common),
         # the config already read picks the model class, and the model is built from that same config
-        ("AutoModel", name, {"config": pipeline.components.config, "dtype": torch.float32, "device_map": None,
+        ("AutoModel", name, {"config": pipeline.components.config, "dtype": torch.float32, "device_map": "sequential",
                              **common}),
         ("AutoTokenizer", name, common),  # found: no processor is looked for
     ]
