@@ -5,6 +5,8 @@ Accelerator availability is faked by patching the backend checks the module call
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -119,3 +121,52 @@ def test_distributed_local_rank_reads_the_process_group(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     assert device_stage.distributed_local_rank() is None
 
+
+
+def test_index_equal_to_the_device_count_is_past_the_end(fake_accelerators):
+    found = fake_accelerators(cuda=2)
+    assert resolve_device("cuda:1", found) == "cuda:1"
+    with pytest.raises(UsageError) as caught:
+        resolve_device("cuda:2", found)
+    assert str(caught.value) == "model.device='cuda:2', but this machine has only cuda:0, cuda:1, cpu"
+
+
+def test_bare_indices_of_a_device_map_go_to_the_first_accelerator_else_cuda(fake_accelerators):
+    # accelerate writes GPU placements as bare indices; with no accelerator seen, they are CUDA's
+    assert resolve_device("auto", fake_accelerators(), hf_device_map={"": 1}) == "cuda:1"
+    assert resolve_device("auto", fake_accelerators(xpu=2), hf_device_map={"": 1, "head": 0}) == "xpu:1"
+
+
+def test_device_count_asks_the_backend_and_counts_at_least_one(monkeypatch):
+    monkeypatch.setattr(torch, "fakeaccel", SimpleNamespace(device_count=lambda: 3), raising=False)
+    assert device_stage.device_count("fakeaccel") == 3
+    monkeypatch.setattr(torch, "fakeaccel", SimpleNamespace(device_count=lambda: 1))
+    assert device_stage.device_count("fakeaccel") == 1
+    # a kind that reports itself available counts one device even when its backend says none
+    monkeypatch.setattr(torch, "fakeaccel", SimpleNamespace(device_count=lambda: 0))
+    assert device_stage.device_count("fakeaccel") == 1
+
+
+def test_device_count_is_one_where_the_backend_cannot_count(monkeypatch):
+    monkeypatch.setattr(torch, "fakeaccel", SimpleNamespace(), raising=False)  # a backend without device_count
+    assert device_stage.device_count("fakeaccel") == 1
+    assert not hasattr(torch, "nosuchaccel")
+    assert device_stage.device_count("nosuchaccel") == 1  # no backend module at all
+
+
+def test_available_accelerators_counts_each_available_kind_in_priority_order(monkeypatch):
+    for kind in PRIORITY:
+        monkeypatch.setitem(device_stage.AVAILABILITY, kind, lambda kind=kind: kind in ("xpu", "cuda"))
+    monkeypatch.setattr(torch, "xpu", SimpleNamespace(device_count=lambda: 2))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert list(available_accelerators().items()) == [("cuda", 4), ("xpu", 2)]
+
+
+def test_distributed_rank_without_local_rank_is_the_global_rank(monkeypatch):
+    # a bare init_process_group sets no LOCAL_RANK: the process group's rank stands in for it
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert device_stage.distributed_local_rank() == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device_stage.distributed_local_rank() == 1
