@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import socket
 import subprocess
@@ -18,37 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from jobs import rows, run, write_job
 from pipeline_core.cli import run_cli
 from pipeline_core.output import lock as lock_module
 from pipeline_core.output.lock import LOCK, OutputLocked, RunLock, lock_state
 from pipeline_core.output.store import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the quick brown fox jumps over the lazy dog while people walk through london".split()
 HOST = socket.gethostname()
-
-
-def rows(count: int, seed: int = 1) -> list[dict]:
-    generator = random.Random(seed)
-    return [{"id": f"r{i:04d}", "text": " ".join(generator.choices(WORDS, k=generator.randint(1, 40)))}
-            for i in range(count)]
-
-
-def write_job(directory: Path, model: Path, data: list[dict], rows_per_part: int = 4) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: text-classification\nmodel:\n  name: '{model}'\n"
-        f"dataset: {{path: json, data_files: '{directory / 'rows.jsonl'}', keep_columns: [id]}}\n"
-        f"batching: {{max_tokens: 256, max_batch_size: 8, num_workers: 0}}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: {rows_per_part}}}\n"
-    )
-    return job
-
-
-def run(job: Path, *args: str) -> int:
-    return run_cli(["run", str(job), "--no-progress", *args])
 
 
 def write_lock(directory: Path, pid: int, host: str, heartbeat_age: float) -> dict:

@@ -21,41 +21,18 @@ import pandas as pd
 import pytest
 import torch
 
+import jobs
+from jobs import WORDS, output, rows, run
 from pipeline_core.cli import run_cli
 from pipeline_core.output.lock import LOCK
 from pipeline_core.tasks.classification import TextClassificationTask
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the quick brown fox jumps over the lazy dog while people walk through london".split()
 
 
-def rows(count: int, seed: int = 1) -> list[dict]:
-    generator = random.Random(seed)
-    return [{"id": f"r{i:04d}", "text": " ".join(generator.choices(WORDS, k=generator.randint(1, 40)))}
-            for i in range(count)]
-
-
-def write_job(directory: Path, model: Path, data: list[dict], task: str = "text-classification",
-              rows_per_part: int = 4, extra: str = "") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: {task}\nmodel:\n  name: '{model}'\n{extra}"
-        f"dataset: {{path: json, data_files: '{directory / 'rows.jsonl'}', keep_columns: [id]}}\n"
-        f"batching: {{max_tokens: 256, max_batch_size: 8, num_workers: 1}}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: {rows_per_part}}}\n"
-        "errors: {max_error_rate: 1.0}\n"
-    )
-    return job
-
-
-def run(job: Path, *args: str) -> int:
-    return run_cli(["run", str(job), "--no-progress", *args])
-
-
-def output(job: Path) -> pd.DataFrame:
-    return pd.read_parquet(job.parent / "out")
+def write_job(directory: Path, model: Path, data: list[dict], **settings) -> Path:
+    """The shared job with one preprocessing worker: the kill tests kill the workers too."""
+    return jobs.write_job(directory, model, data, workers=1, **settings)
 
 
 def start(job: Path, *args: str, stderr=subprocess.PIPE) -> subprocess.Popen:

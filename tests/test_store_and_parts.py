@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import stat
 from pathlib import Path
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_core.cli import run_cli
+from jobs import output, rows, run, write_job
 from pipeline_core.manifest import load_job
 from pipeline_core.manifest.spec import KEYS
 from pipeline_core.output import store as store_module
@@ -31,37 +30,7 @@ from pipeline_core.output.parts import (
 )
 from pipeline_core.output.store import LocalStore
 
-WORDS = "the quick brown fox jumps over the lazy dog while people walk through london".split()
 FINGERPRINT = "0123456789abcdef"
-
-
-def rows(count: int, seed: int = 1) -> list[dict]:
-    generator = random.Random(seed)
-    return [{"id": f"r{i:04d}", "text": " ".join(generator.choices(WORDS, k=generator.randint(1, 40)))}
-            for i in range(count)]
-
-
-def write_job(directory: Path, model: Path, data: list[dict], task: str = "text-classification",
-              rows_per_part: int = 4, extra: str = "") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: {task}\nmodel:\n  name: '{model}'\n{extra}"
-        f"dataset: {{path: json, data_files: '{directory / 'rows.jsonl'}', keep_columns: [id]}}\n"
-        f"batching: {{max_tokens: 256, max_batch_size: 8, num_workers: 0}}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: {rows_per_part}}}\n"
-        "errors: {max_error_rate: 1.0}\n"
-    )
-    return job
-
-
-def run(job: Path, *args: str) -> int:
-    return run_cli(["run", str(job), "--no-progress", *args])
-
-
-def output(job: Path) -> pd.DataFrame:
-    return pd.read_parquet(job.parent / "out")
 
 
 # --- the store ---------------------------------------------------------------------------------------------------
