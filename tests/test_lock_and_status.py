@@ -41,11 +41,16 @@ def read_lock(directory: Path) -> dict:
 
 @pytest.fixture
 def live_process():
-    """A process of this host that is alive for the whole test: the owner of a live lock."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """A process of this host that is alive for the whole test: the owner of a live lock. It takes every signal's
+    default action, even when started under nohup, so a probe that sends a real signal ends it."""
+    owner = ("import signal, time\nfor number in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):\n"
+             "    signal.signal(number, signal.SIG_DFL)\nprint('ready', flush=True)\ntime.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", owner], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "ready\n"  # its signal handlers are set
     yield process
     process.kill()
     process.wait()
+    process.stdout.close()
 
 
 @pytest.fixture

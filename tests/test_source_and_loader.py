@@ -417,6 +417,13 @@ def test_a_streamed_part_that_fails_to_read_is_named():
     assert items[2:] == [SourceFailure("reading part 2 failed: OSError: connection reset")]  # rows 6-8
 
 
+@pytest.mark.parametrize("skip", [{1}, {0, 1}])
+def test_a_streamed_part_that_fails_to_read_after_skipped_parts_is_named(skip):
+    items = list(PreparedParts(failing_stream(7), WordTask(), 3, ["id"], LIMITS, frozenset(skip)))
+    assert prepared(items[:-1]) == [(0, 0, [0, 1, 2])] * (0 not in skip)
+    assert items[-1] == SourceFailure("reading part 2 failed: OSError: connection reset")
+
+
 # --- the DataLoader ------------------------------------------------------------------------------------------
 
 
