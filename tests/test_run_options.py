@@ -6,8 +6,8 @@ the planned image task.
 
 from __future__ import annotations
 
+import functools
 import json
-import random
 from pathlib import Path
 
 import datasets
@@ -18,18 +18,13 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+import jobs
 from pipeline_core import runner
 from pipeline_core.cli import run_cli
 from pipeline_core.tasks.classification import TextClassificationTask
 
-WORDS = "the quick brown fox jumps over the lazy dog while people walk through london".split()
-
-
-def rows(count: int, seed: int = 3) -> list[dict]:
-    """Rows of 1 to 40 words; every word is one token of the tiny models' vocabulary, so a row has words + 2."""
-    generator = random.Random(seed)
-    return [{"id": f"r{i:04d}", "text": " ".join(generator.choices(WORDS, k=generator.randint(1, 40)))}
-            for i in range(count)]
+# rows of 1 to 40 words; every word is one token of the tiny models' vocabulary, so a row has words + 2 tokens
+rows = functools.partial(jobs.rows, seed=3)
 
 
 def write_job(directory: Path, task: str, model: Path, data: list[dict], rows_per_part: int = 4) -> Path:
