@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from tiny_models import TinyModels, build_all
+from tiny_models import TinyModels, build_all, built_in
 
 # Forced, not defaulted: huggingface_hub reads these once, at its import, and a "0" in the shell must not win.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -119,7 +119,7 @@ def cached_models(cache: Path) -> TinyModels:
             building.rename(directory)
         except OSError:  # another session finished first; its set is identical
             shutil.rmtree(building)
-    return TinyModels(**{name: directory / name for name in TinyModels.__dataclass_fields__})
+    return built_in(directory)
 
 
 @pytest.fixture(scope="session")

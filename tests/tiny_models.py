@@ -77,6 +77,11 @@ def build_all(root: Path) -> TinyModels:
     return TinyModels(**{name: build(Path(root) / name) for name, build in BUILDERS.items()})
 
 
+def built_in(root: Path) -> TinyModels:
+    """Where build_all(root) put each model."""
+    return TinyModels(**{name: Path(root) / name for name in BUILDERS})
+
+
 def wordpiece_tokenizer():
     """A BERT-style uncased WordPiece tokenizer: [CLS] text [SEP], fast, so it gives offsets."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
