@@ -49,26 +49,26 @@ def _set_option(function):
 @click.option("--output", metavar="PATH", help="Output directory; same as --set output.path=PATH.")
 @click.option("--limit", type=click.IntRange(min=1), help="Process only the first N rows of the split (a smoke run).")
 @click.option("--fresh", is_flag=True, help="Discard what OUTPUT holds and start over.")
-@click.option("--num-shards", type=click.IntRange(min=1), help="Run one of N independent shards (with --shard-index).")
-@click.option("--shard-index", type=click.IntRange(min=0), help="Which shard, 0 to N-1 (with --num-shards).")
+@click.option("--num-shards", metavar="N|auto",
+              help="Run one of N independent shards (with --shard-index); auto: SLURM_ARRAY_TASK_COUNT.")
+@click.option("--shard-index", metavar="I|auto",
+              help="Which shard, 0 to N-1; auto: JOB_COMPLETION_INDEX (Kubernetes indexed Job) or "
+                   "SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN (Slurm array).")
 @click.option("--no-progress", is_flag=True, help="Log a line every few seconds instead of a progress bar.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def run(job_file, overrides, output, limit, fresh, num_shards, shard_index, no_progress, log_format):
     """Run the job; resumes when OUTPUT holds a compatible unfinished run."""
-    if (num_shards is None) != (shard_index is None):
-        raise UsageError("--num-shards and --shard-index go together: --num-shards 4 --shard-index 0")
-    if num_shards is not None and shard_index >= num_shards:
-        raise UsageError(f"--shard-index must be below --num-shards ({num_shards}), got {shard_index}")
-    if num_shards is not None:
-        raise NotImplementedYet("--num-shards / --shard-index are planned (scale-out); run without them for now")
+    from pipeline_core.layout import layout_from  # deferred: imports torch
+
+    layout = layout_from(num_shards, shard_index)
     if log_format == "json":
         raise NotImplementedYet("--log-format json is planned; use --log-format text")
     extra = [f"output.path={output}"] if output is not None else []
     job = load_job(job_file, [*overrides, *extra])
-    setup_logging()
+    setup_logging(tag=layout.tag())
     from pipeline_core.runner import RunOptions, run_job  # deferred: imports torch, transformers, datasets
 
-    options = RunOptions(limit=limit, fresh=fresh, progress_bar=False if no_progress else None)
+    options = RunOptions(limit=limit, fresh=fresh, progress_bar=False if no_progress else None, layout=layout)
     raise SystemExit(run_job(job, options))
 
 
@@ -144,13 +144,15 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """batchrun's log lines go to stderr, so stdout stays the command's result (plan --json pipes cleanly)."""
+def setup_logging(level: int = logging.INFO, tag: str = "") -> None:
+    """batchrun's log lines go to stderr, so stdout stays the command's result (plan --json pipes cleanly).
+    A scaled-out process tags its lines with its rank or shard ("batchrun[rank 1/2]")."""
     logger = logging.getLogger("batchrun")
     if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s batchrun %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
+        logger.addHandler(_StderrHandler())
+    name = f"batchrun[{tag}]" if tag else "batchrun"
+    for handler in logger.handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s", "%H:%M:%S"))
     logger.setLevel(level)
     # batchrun logs each stage's time; transformers' per-weight loading bars would only add noise to cron logs
     from transformers.utils import logging as hf_logging

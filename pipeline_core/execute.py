@@ -8,6 +8,7 @@ the run. A stop request (SIGTERM / SIGINT) ends the part between batches, or mid
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,13 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early for a stop request; True when a stop was requested."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        return self.requested
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The run: initialize once, stream prepared parts from the workers, run their batches, commit each part.
 
 Resuming is part-wise: a part whose file is committed is never recomputed, so a rerun of the same command
-finishes the job with the rows, values and order of an uninterrupted run.
+finishes the job with the rows, values and order of an uninterrupted run. The same holds across processes: each
+claims the parts it computes (output/claims.py), so any number of processes, launched together or as shards,
+in any layout from one attempt to the next, write one OUTPUT; the last to see every part committed writes _SUCCESS.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +30,19 @@ from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
 from pipeline_core.initializer import initialize, plan_summary
+from pipeline_core.layout import Layout, ProcessGroup, Share, check_device_map
 from pipeline_core.manifest import Job
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
+from pipeline_core.output.claims import (
+    CLAIM_PATTERN,
+    FINISH,
+    STALE_AFTER,
+    WORKER_PATTERN,
+    OutputBusy,
+    Worker,
+    worker_records,
+)
 from pipeline_core.output.identity import differences, fingerprint, identity
-from pipeline_core.output.lock import RunLock
 from pipeline_core.output.parts import (
     PartFacts,
     assemble_part,
@@ -46,6 +57,7 @@ from pipeline_core.signals import StopOnSignals
 from pipeline_core.tasks import build_task
 
 log = logging.getLogger("batchrun")
+WAIT_POLL_SECONDS = 2.0  # how often a process whose share is held by others looks again
 
 
 @dataclass
@@ -53,39 +65,57 @@ class RunOptions:
     limit: int | None = None
     fresh: bool = False
     progress_bar: bool | None = None  # None: a bar when stderr is a terminal
+    layout: Layout = field(default_factory=Layout)
 
 
 def run_job(job: Job, options: RunOptions) -> int:
     store = LocalStore(job.get("output.path"))
-    with RunLock(store):
-        remove_leftovers(store)
-        if options.fresh:
-            _discard(store)
-        run_identity = identity(job, options.limit)
-        if _already_finished(store, run_identity):
+    layout = options.layout
+    check_device_map(job.get("model.device_map"), layout)
+    run_identity = identity(job, options.limit)
+    with ProcessGroup(layout) as group:
+        finished = group.prepared_by_rank_0(lambda: prepare_output(store, run_identity, options.fresh, layout))
+        if finished:
             log.info("%s already holds this finished run; nothing to do", store)
             return EXIT_OK
         with StopOnSignals() as stop:
             return _run(job, options, store, run_identity, stop)
 
 
+def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: Layout) -> bool:
+    """Before any model loads: --fresh, leftovers, and the job's identity against OUTPUT's. True when finished."""
+    if fresh:
+        if layout.num_shards > 1:
+            raise UsageError("--fresh with --num-shards would discard the other shards' parts; "
+                             "discard OUTPUT once before starting the shards (or use a new output.path)")
+        _discard(store)
+    remove_leftovers(store)
+    if _already_finished(store, run_identity):
+        return True
+    info = {"fingerprint": fingerprint(run_identity), "identity": run_identity, "started": _now()}
+    if not store.create(RUN_INFO, json.dumps(info, indent=2, default=str).encode()):
+        return _already_finished(store, run_identity)  # another process created it first: is it this job?
+    return False
+
+
 def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, stop: StopFlag) -> int:
     started = time.monotonic()
+    layout = options.layout
     pipeline = initialize(job)
     task = build_task(job, pipeline, should_stop=lambda: stop.requested)
     split = open_split(job, options.limit)
-    info = _run_info(job, run_identity, pipeline)
+    run_fingerprint = fingerprint(run_identity)
     rows_per_part = job.get("output.rows_per_part")
-    done = verified_parts(store, info["fingerprint"], rows_per_part)
-    store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
-    log.info("run %s: %s rows, %d parts already committed, device %s", info["fingerprint"],
+    done = verified_parts(store, run_fingerprint, rows_per_part)
+    _record_run_info(store, job, run_identity, pipeline)
+    share = Share(layout, -(-split.total // rows_per_part) if split.total is not None else None)
+    log.info("run %s as %s: %s rows, %d parts already committed, device %s", run_fingerprint, layout.describe(),
              split.total if split.total is not None else "unknown", len(done), pipeline.device)
     max_tokens = token_budget(job.get("batching.max_tokens"), pipeline.device)
     limits = BatchLimits(max_tokens, job.get("batching.max_batch_size"), 8 if pipeline.device.type == "cuda" else 1)
-    parts = PreparedParts(split, task, rows_per_part, job.get("dataset.keep_columns"), limits, frozenset(done))
-    loader = part_loader(parts, job.get("batching.num_workers"), pin_memory=pipeline.device.type == "cuda")
-    progress = Progress(store, split.total, rows_per_part, sum(f.rows for f in done.values()), len(done),
-                        options.progress_bar)
+    share_rows = _share_rows(share, split.total, rows_per_part)
+    progress = Progress(store, share_rows, rows_per_part, *_rows_and_parts(done, share),
+                        options.progress_bar if layout.shows_progress else False, quiet=not layout.shows_progress)
     progress.failed_rows = sum(f.failed_rows for f in done.values())
     heap = HeapTrimmer()
 
@@ -94,38 +124,164 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
         heap.after_batch()
 
     runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop, on_batch=after_batch)
-    total_parts, first = 0, True
-    try:
-        for item in _until_stopped(loader, stop):
-            if first and isinstance(item, PreparedPart):  # how long skipping committed parts took
-                log.info("first part to compute (part %d) ready %.1fs after the run started",
-                         item.index, time.monotonic() - started)
-                first = False
-            if isinstance(item, EndOfSplit):
-                total_parts = max(total_parts, item.parts)
-                continue
-            if isinstance(item, SourceFailure):
-                raise BatchrunError(f"dataset {job.get('dataset.path')!r}: {item.message}; committed parts are kept")
-            done[item.index] = _process_part(item, runner, job, store, progress, info["fingerprint"])
-    except Interrupted:
-        store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
-        log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
-                    stop.signal_name, progress.parts_done)
-        return EXIT_INTERRUPTED
-    finally:
-        progress.close()
-    missing = sorted(set(range(total_parts)) - set(done))
-    if missing:
-        raise BatchrunError(f"parts {missing[:5]} were not committed; rerun to resume")
-    rows = sum(facts.rows for facts in done.values())
-    progress.total_parts, progress.total_rows = total_parts, rows  # known for sure now, even for a stream
-    info["finished"] = _now()
-    store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
-    store.put(PROGRESS, json.dumps(progress.snapshot(complete=True), indent=2).encode())
-    store.put(SUCCESS, b"")
-    log.info("done: %s", progress.line())
-    return _exit_for_errors(sum(facts.failed_rows for facts in done.values()), rows,
-                            job.get("errors.max_error_rate"))
+    work = Work(job, store, split, task, share, limits, runner, progress, stop, run_fingerprint)
+    labels = {**layout.labels(), "device": str(pipeline.device)}
+    with Worker(store, labels, figures=progress.figures) as worker:
+        work.worker = worker
+        try:
+            work.compute_share(started)
+        except Interrupted:
+            worker.claims.release_all()
+            worker.write(state="stopped")
+            store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
+            log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
+                        stop.signal_name, progress.parts_done)
+            return EXIT_INTERRUPTED
+        except BaseException:
+            worker.claims.release_all()
+            worker.write(state="stopped")
+            raise
+        finally:
+            progress.close()
+        worker.write(state="finished")
+        code = work.finish()
+    if store.exists(SUCCESS):
+        worker.retire()
+    return code
+
+
+@dataclass
+class Work:
+    """This process's share of the job: claim parts, compute and commit them, then, if last, finish the job."""
+
+    job: Job
+    store: LocalStore
+    split: object
+    task: object
+    share: Share
+    limits: BatchLimits
+    runner: PartRunner
+    progress: Progress
+    stop: StopFlag
+    fingerprint: str
+    worker: Worker | None = None
+
+    def compute_share(self, started: float) -> None:
+        """Passes over the share until every part of it is committed, by this process or others."""
+        first, waiting = True, False
+        while True:
+            for item in _until_stopped(self._loader(), self.stop):
+                if first and isinstance(item, PreparedPart):  # how long skipping committed parts took
+                    log.info("first part to compute (part %d) ready %.1fs after the run started",
+                             item.index, time.monotonic() - started)
+                    first = False
+                if isinstance(item, EndOfSplit):
+                    if self.share.total_parts is None or item.parts > self.share.total_parts:
+                        self.share.total_parts = item.parts  # a stream of unknown length has been read through
+                    continue
+                if isinstance(item, SourceFailure):
+                    raise BatchrunError(f"dataset {self.job.get('dataset.path')!r}: {item.message}; "
+                                        "committed parts are kept")
+                self._commit(item)
+            outstanding = self._outstanding()
+            if not outstanding:
+                return
+            if any(self.worker.claims.available(index) for index in outstanding):
+                continue  # a holder is gone: another pass takes its parts over
+            if not waiting:
+                log.info("waiting for %d parts held by other processes (%s)", len(outstanding),
+                         _first_few(outstanding))
+                waiting = True
+            if self.stop.wait(WAIT_POLL_SECONDS):
+                raise Interrupted
+
+    def _loader(self):
+        done = committed_parts(self.store.names())
+        parts = PreparedParts(self.split, self.task, self.job.get("output.rows_per_part"),
+                              self.job.get("dataset.keep_columns"), self.limits, self.share, self.worker.claims,
+                              frozenset(done))
+        return part_loader(parts, self.job.get("batching.num_workers"),
+                           pin_memory=self.runner.device.type == "cuda")
+
+    def _commit(self, part: PreparedPart) -> None:
+        facts = _process_part(part, self.runner, self.job, self.store, self.progress, self.fingerprint)
+        self.worker.claims.release(part.index, done=True)
+        parts, rows, peers = self._share_figures()
+        if self.share.layout.num_shards > 1:
+            self.progress.job = self._job_figures()
+        self.progress.part_committed(facts.failed_rows, parts, rows, peers)
+        if part.read is not None:
+            self.progress.input_read(part.read)
+
+    def _outstanding(self) -> list[int]:
+        committed = committed_parts(self.store.names())
+        if self.share.total_parts is None:
+            return []
+        return [index for index in range(self.share.total_parts)
+                if self.share.includes(index) and index not in committed]
+
+    def _share_figures(self) -> tuple[int, int, float]:
+        """(parts, rows) of this share committed by every process, and the other live processes' rows/s."""
+        committed = committed_parts(self.store.names())
+        mine = [index for index in committed if self.share.includes(index)]
+        rows_per_part = self.job.get("output.rows_per_part")
+        parts, rows = len(mine), sum(_part_rows(index, self.split.total, rows_per_part) for index in mine)
+        peers = sum(record.get("rows_per_second") or 0 for record in worker_records(self.store)
+                    if record["live"] and record.get("worker") != self.worker.id
+                    and record.get("shard_index") == self.share.layout.shard_index)
+        return parts, rows, peers
+
+    def _job_figures(self) -> dict:
+        """The whole job's committed parts and rows, for `_progress.json` written by one shard."""
+        committed = committed_parts(self.store.names())
+        rows_per_part = self.job.get("output.rows_per_part")
+        total_rows = self.split.total
+        return {"parts_done": len(committed),
+                "parts_total": self.share.total_parts if total_rows is not None else None,
+                "rows_done": sum(_part_rows(index, total_rows, rows_per_part) for index in committed),
+                "rows_total": total_rows}
+
+    def finish(self) -> int:
+        """Every part of the share is committed. The process that sees the whole job committed writes _SUCCESS,
+        exactly once even when processes finish together; the exit code judges the rows of this share."""
+        rows_per_part = self.job.get("output.rows_per_part")
+        total = self.share.total_parts
+        done = verified_parts(self.store, self.fingerprint, rows_per_part)
+        own = [facts for index, facts in done.items() if self.share.includes(index)]
+        if set(range(total)) <= set(done) and self._finish_claimed():
+            try:
+                self._write_success(done, total)
+            finally:
+                self.worker.claims.release(FINISH, done=True)
+            own = list(done.values())
+        elif not self.store.exists(SUCCESS):
+            log.info("%s done: %d parts; the job completes when every shard has finished",
+                     self.share.layout.describe(), len(own))
+        return _exit_for_errors(sum(f.failed_rows for f in own), sum(f.rows for f in own),
+                                self.job.get("errors.max_error_rate"))
+
+    def _finish_claimed(self) -> bool:
+        if self.store.exists(SUCCESS) or not self.worker.claims.claim(FINISH):
+            return False
+        if self.store.exists(SUCCESS):  # written by the holder we took the claim over from, or just before
+            self.worker.claims.release(FINISH, done=True)
+            return False
+        return True
+
+    def _write_success(self, done: dict, total: int) -> None:
+        rows = sum(facts.rows for facts in done.values())
+        progress = self.progress
+        progress.total_parts, progress.total_rows = total, rows  # known for sure now, even for a stream
+        progress.parts_done, progress.rows_done = total, rows
+        progress.failed_rows = sum(facts.failed_rows for facts in done.values())
+        info = json.loads(self.store.get(RUN_INFO))
+        info["finished"] = _now()
+        info["processes"] = _process_summaries(worker_records(self.store))
+        self.store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
+        self.store.put(PROGRESS, json.dumps(progress.snapshot(complete=True), indent=2).encode())
+        self.store.create(SUCCESS, b"")
+        remove_claims_and_records(self.store)
+        log.info("done: %s; wrote %s", progress.line(), SUCCESS)
 
 
 def token_budget(setting, device) -> int:
@@ -162,7 +318,6 @@ def _process_part(part, runner: PartRunner, job: Job, store, progress: Progress,
     progress.advance(len(part.encoded.errors) - sum(len(rows) for rows, _ in results), 0)
     table = assemble_part(part, results, runner.task.columns)
     commit_part(store, part.index, table, job.get("output.compression"), run_fingerprint)
-    progress.part_committed(len(failed))
     return PartFacts(part.index, part.num_rows, len(failed))
 
 
@@ -180,10 +335,22 @@ def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int) 
 
 
 def remove_leftovers(store: LocalStore) -> None:
-    """Temporary files of a run killed mid-write (the lock is held, so none belongs to a live run)."""
+    """Temporary files of processes killed mid-write. A live process renames its temporaries within seconds, so
+    one older than STALE_AFTER is a leftover; with no live process at all, every one is."""
+    anyone_live = any(record["live"] for record in worker_records(store))
     for name in store.names():
-        if name.startswith(".") and ".tmp-" in name:
+        if name.startswith(".") and ".tmp-" in name and (not anyone_live or store.age(name) > STALE_AFTER):
             store.remove(name)
+
+
+def remove_claims_and_records(store: LocalStore) -> None:
+    """The finished job needs no claims, and no records of processes that have stopped."""
+    for name in store.names():
+        if CLAIM_PATTERN.fullmatch(name):
+            store.remove(name)
+    for record in worker_records(store):
+        if not record["live"]:
+            store.remove(f".worker-{record['worker']}.json")
 
 
 def _exit_for_errors(failed_rows: int, rows: int, max_error_rate: float) -> int:
@@ -216,10 +383,24 @@ def _already_finished(store: LocalStore, run_identity: dict) -> bool:
 
 
 def _discard(store: LocalStore) -> None:
-    """--fresh: remove the run's own files (leftover temporaries are already gone), keeping our lock."""
+    """--fresh: remove the run's own files, refused while another process is writing OUTPUT."""
+    live = [record for record in worker_records(store) if record["live"]]
+    if live:
+        raise OutputBusy(f"--fresh would discard {store} while {len(live)} live process(es) write it, e.g. pid "
+                         f"{live[0].get('pid')} on {live[0].get('host')}; retry when they have finished")
     for name in store.names():
-        if committed_parts([name]) or name in (RUN_INFO, SUCCESS, PROGRESS):
+        if (committed_parts([name]) or name in (RUN_INFO, SUCCESS, PROGRESS) or CLAIM_PATTERN.fullmatch(name)
+                or WORKER_PATTERN.fullmatch(name)):
             store.remove(name)
+
+
+def _record_run_info(store: LocalStore, job: Job, run_identity: dict, pipeline) -> None:
+    """_batchrun.json gets the manifest, versions and resolved device from the first process to load the model."""
+    info = json.loads(store.get(RUN_INFO) or b"{}")
+    if info.get("manifest") is not None:
+        return
+    store.put(RUN_INFO, json.dumps({**_run_info(job, run_identity, pipeline), "started": info.get("started", _now())},
+                                   indent=2, default=str).encode())
 
 
 def _run_info(job: Job, run_identity: dict, pipeline) -> dict:
@@ -246,6 +427,35 @@ def _run_info(job: Job, run_identity: dict, pipeline) -> dict:
     }
 
 
+def _process_summaries(records: list[dict]) -> list[dict]:
+    """Who computed the job, for _batchrun.json: one entry per process that took part."""
+    keys = ("host", "pid", "rank", "world_size", "shard_index", "num_shards", "device", "parts_done", "rows_done",
+            "rows_per_second", "input_read")
+    return [{key: record.get(key) for key in keys} for record in sorted(records, key=lambda r: r.get("started", 0))]
+
+
+def _share_rows(share: Share, total_rows: int | None, rows_per_part: int) -> int | None:
+    if total_rows is None:
+        return None
+    block = share.parts()
+    return max(0, min(block.stop * rows_per_part, total_rows) - block.start * rows_per_part)
+
+
+def _rows_and_parts(done: dict[int, PartFacts], share: Share) -> tuple[int, int]:
+    mine = [facts for index, facts in done.items() if share.includes(index)]
+    return sum(facts.rows for facts in mine), len(mine)
+
+
+def _part_rows(index: int, total_rows: int | None, rows_per_part: int) -> int:
+    if total_rows is None:
+        return rows_per_part
+    return max(0, min(rows_per_part, total_rows - index * rows_per_part))
+
+
+def _first_few(indices: list[int]) -> str:
+    shown = ", ".join(str(index) for index in indices[:5])
+    return f"parts {shown}" + (", ..." if len(indices) > 5 else "")
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-

@@ -1,6 +1,7 @@
 """`batchrun status OUTPUT`: how far a run directory is, from its own files, without loading anything heavy.
 
-Parts and rows come from the part files' footers; rates and the ETA from `_progress.json`; liveness from the lock.
+Parts and rows come from the part files' footers; rates and the ETA from `_progress.json`; the processes at work,
+their claims and rates from their worker records; which shards are finished from the parts of each shard's block.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import json
 import time
 
 from pipeline_core.errors import UsageError
+from pipeline_core.layout import Layout, Share
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
-from pipeline_core.output.lock import lock_state
+from pipeline_core.output.claims import held_claims, worker_records
 from pipeline_core.output.parts import committed_parts, read_part_facts
 from pipeline_core.output.store import LocalStore
 
@@ -26,7 +28,9 @@ def run_status(output: str) -> dict:
     facts = [read_part_facts(store, index, info["fingerprint"], rows_per_part)
              for index in sorted(committed_parts(store.names()))]
     good = [fact for fact in facts if fact is not None]
-    lock = lock_state(store)
+    records = worker_records(store)
+    held = held_claims(store)
+    processes = [_process(record, held.get(record.get("worker"), [])) for record in records if record["live"]]
     complete = store.exists(SUCCESS)
     return {
         "output": output,
@@ -41,11 +45,32 @@ def run_status(output: str) -> dict:
         "failed_rows": sum(fact.failed_rows for fact in good),
         "rows_per_second": progress.get("rows_per_second"),
         "eta_seconds": None if complete else progress.get("eta_seconds"),
-        "running": bool(lock and not lock["stale"]),
-        "lock": None if lock is None else {key: lock.get(key) for key in ("pid", "host", "heartbeat", "stale")},
+        "running": bool(processes),
+        "processes": processes,
+        "shards": _shards(records, progress.get("parts_total"), {fact.index for fact in good}),
         "started": info.get("started"),
         "finished": info.get("finished"),
     }
+
+
+def _process(record: dict, claims: list) -> dict:
+    keys = ("host", "pid", "rank", "world_size", "shard_index", "num_shards", "device", "rows_per_second",
+            "parts_done", "heartbeat")
+    return {**{key: record.get(key) for key in keys}, "claims": claims}
+
+
+def _shards(records: list[dict], parts_total: int | None, done: set[int]) -> list[dict] | None:
+    """For a sharded run: each shard of the latest shard count, finished when every part of its block is done."""
+    sharded = [record for record in records if (record.get("num_shards") or 1) > 1]
+    if not sharded or parts_total is None:
+        return None
+    count = max(sharded, key=lambda record: record.get("started", 0))["num_shards"]
+    shards = []
+    for index in range(count):
+        block = Share(Layout(shard_index=index, num_shards=count), parts_total).parts()
+        shards.append({"shard": index, "parts": len(block), "parts_done": len(done.intersection(block)),
+                       "finished": set(block) <= done})
+    return shards
 
 
 def render_status(status: dict) -> str:
@@ -54,8 +79,7 @@ def render_status(status: dict) -> str:
     if status["complete"]:
         state = "complete"
     elif status["running"]:
-        lock = status["lock"]
-        state = f"running (pid {lock['pid']} on {lock['host']}, heartbeat {time.time() - lock['heartbeat']:.0f}s ago)"
+        state = f"running ({len(status['processes'])} process{'es' if len(status['processes']) > 1 else ''})"
     else:
         state = "stopped before the end: rerun the same command to resume"
     lines = [
@@ -67,4 +91,25 @@ def render_status(status: dict) -> str:
     if status["rows_per_second"] is not None:
         eta = status["eta_seconds"]
         lines.append(f"  speed   {status['rows_per_second']:,.1f} rows/s" + (f", ETA {eta:,.0f}s" if eta else ""))
+    for process in status["processes"]:
+        lines.append(f"  process {_who(process)}: pid {process['pid']} on {process['host']}, "
+                     f"{process['rows_per_second'] or 0:,.1f} rows/s, {process['parts_done'] or 0} parts done, "
+                     f"heartbeat {time.time() - process['heartbeat']:.0f}s ago, claims {_claims(process['claims'])}")
+    for shard in status["shards"] or []:
+        state = "finished" if shard["finished"] else "not finished"
+        lines.append(f"  shard   {shard['shard']}: {shard['parts_done']}/{shard['parts']} parts, {state}")
     return "\n".join(lines)
+
+
+def _who(process: dict) -> str:
+    words = []
+    if (process.get("world_size") or 1) > 1:
+        words.append(f"rank {process['rank']}/{process['world_size']}")
+    if (process.get("num_shards") or 1) > 1:
+        words.append(f"shard {process['shard_index']}/{process['num_shards']}")
+    return " ".join(words) or "single"
+
+
+def _claims(claims: list) -> str:
+    parts = [str(claim) for claim in claims]
+    return ", ".join(parts[:8]) + (", ..." if len(parts) > 8 else "") if parts else "none"

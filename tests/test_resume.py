@@ -24,7 +24,6 @@ import torch
 import jobs
 from jobs import WORDS, output, rows, run
 from pipeline_core.cli import run_cli
-from pipeline_core.output.lock import LOCK
 from pipeline_core.tasks.classification import TextClassificationTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,53 +148,47 @@ def test_sigterm_commits_and_exits_75_within_10_seconds_then_resumes(tmp_path, r
     progress = json.loads((job.parent / "out" / "_progress.json").read_text())
     assert progress["complete"] is False and progress["parts_done"] >= 1
     assert not (job.parent / "out" / "_SUCCESS").exists()
-    assert not (job.parent / "out" / LOCK).exists()
+    assert not list((job.parent / "out").glob(".claim-*"))  # its claims are given back
+    assert [json.loads(path.read_text())["state"] for path in (job.parent / "out").glob(".worker-*")] == ["stopped"]
     process = start(job)
     assert process.wait(timeout=300) == 0
     pd.testing.assert_frame_equal(output(job), expected)
 
 
-def test_live_lock_exits_75_naming_its_holder(tmp_path, tiny_models, capsys):
+def live_record(out: Path, pid: int, host: str | None = None, heartbeat: float | None = None) -> dict:
+    """A worker record of a process writing `out`, as claims.Worker writes it."""
+    record = {"worker": f"w{pid}", "host": host or socket.gethostname(), "pid": pid, "state": "running",
+              "started": time.time(), "heartbeat": heartbeat or time.time(), "rank": 0, "world_size": 1,
+              "shard_index": 0, "num_shards": 1}
+    out.mkdir(exist_ok=True)
+    (out / f".worker-w{pid}.json").write_text(json.dumps(record))
+    return record
+
+
+def test_fresh_while_a_live_process_writes_exits_75_naming_it(tmp_path, tiny_models, capsys):
     job = write_job(tmp_path, tiny_models.text_classifier, rows(5))
+    assert run(job) == 0
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / "out").mkdir()
-        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": time.time(), "heartbeat": time.time()}
-        (tmp_path / "out" / LOCK).write_text(json.dumps(lock))
-        assert run(job) == 75
-        assert f"locked by a live run: pid {holder.pid} on {socket.gethostname()}" in capsys.readouterr().err
-        assert run_cli(["status", str(tmp_path / "out")]) == 2  # no run info yet, but the lock is intact
-        assert (tmp_path / "out" / LOCK).exists()
+        live_record(tmp_path / "out", holder.pid)
+        assert run(job, "--fresh") == 75
+        assert f"live process(es) write it, e.g. pid {holder.pid} on {socket.gethostname()}" in capsys.readouterr().err
+        assert (tmp_path / "out" / "_SUCCESS").exists() and (tmp_path / "out" / f".worker-w{holder.pid}.json").exists()
     finally:
         holder.kill()
         holder.wait()
-    assert run(job) == 0  # the holder is dead: its lock is stale and taken over
-    assert not (tmp_path / "out" / LOCK).exists()
+    assert run(job, "--fresh") == 0  # the holder is dead: nothing live is discarded
+    assert not [name for name in os.listdir(tmp_path / "out") if name.startswith(".")]
 
 
-def test_fresh_keeps_the_lock_while_it_runs(tmp_path, tiny_models, monkeypatch):
-    from pipeline_core import runner
-
+def test_a_claim_of_a_process_gone_from_another_host_is_taken_over(tmp_path, tiny_models, capsys):
     job = write_job(tmp_path, tiny_models.text_classifier, rows(5))
+    out = tmp_path / "out"
+    live_record(out, 1, host="another-node", heartbeat=time.time() - 3600)
+    (out / ".claim-000000.0").write_text(json.dumps({"worker": "w1", "claimed": 0}))
     assert run(job) == 0
-    seen = []
-    original = runner._already_finished
-
-    def watching(store, identity):
-        seen.append((tmp_path / "out" / LOCK).exists())
-        return original(store, identity)
-
-    monkeypatch.setattr(runner, "_already_finished", watching)
-    assert run(job, "--fresh") == 0
-    assert seen == [True]
-
-
-def test_lock_with_a_stale_heartbeat_from_another_host_is_taken_over(tmp_path, tiny_models):
-    job = write_job(tmp_path, tiny_models.text_classifier, rows(5))
-    (tmp_path / "out").mkdir()
-    stale = {"pid": 1, "host": "another-node", "started": 0, "heartbeat": time.time() - 3600}
-    (tmp_path / "out" / LOCK).write_text(json.dumps(stale))
-    assert run(job) == 0
+    assert "took over part 0 from w1, which is gone" in capsys.readouterr().err
+    assert not [name for name in os.listdir(out) if name.startswith(".")]
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
-"""Preprocessing in DataLoader workers: each worker reads the split and prepares its own parts, whole.
+"""Preprocessing in DataLoader workers: each worker claims parts of the process's share and prepares them, whole.
 
-Part i belongs to worker i mod num_workers, so the split of work is deterministic. A prepared part holds its
-rows' encodings and the padded tensors of its length-sorted batches, ready for the device; the model's process
-only runs forward passes and writes. Every worker ends with a marker saying how many parts the split has.
+A source with random access (Parquet files, a converted split) is read only where a claimed part lies; a stream is
+read through, preparing only the claimed parts. A prepared part holds its rows' encodings and the padded tensors
+of its length-sorted batches, ready for the device; the model's process only runs forward passes and writes. Every
+worker ends with a marker saying how many parts the split has.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 from pipeline_core.data.batching import pack_batches
 from pipeline_core.data.source import Split
+from pipeline_core.layout import Share
+from pipeline_core.output.parts import part_name
 from pipeline_core.tasks.text import Encoded
 
 
@@ -27,6 +30,7 @@ class PreparedPart:
     encoded: Encoded
     batches: list[dict]  # {"rows": positions in the part, "inputs": {name: tensor}}
     tokens: int  # real (unpadded) input tokens
+    read: object = None  # what reading the part cost (ReadStats: row groups, rows, bytes), where the source says
 
 
 @dataclass
@@ -50,37 +54,98 @@ class BatchLimits:
 
 
 class PreparedParts(torch.utils.data.IterableDataset):
+    """The parts of this process's share that it claims, prepared. Worker w of W tries every W-th part of the
+    share's order, so the workers of one process never meet; other processes are kept off by the claims."""
+
     def __init__(self, split: Split, task, rows_per_part: int, keep_columns: list[str], limits: BatchLimits,
-                 skip: frozenset[int] = frozenset()):
+                 share: Share, claims, skip: frozenset[int] = frozenset()):
         self.split = split
         self.task = task
         self.rows_per_part = rows_per_part
         self.keep_columns = keep_columns
         self.limits = limits
+        self.share = share
+        self.claims = claims
         self.skip = skip
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.split.random_access:
+            yield from self._read_share(worker, workers)
+        else:
+            yield from self._read_through(worker, workers)
+
+    def _read_share(self, worker: int, workers: int):
+        """Random access: read only the parts this worker claims, nothing of the rest."""
+        order = self.share.order()
+        index = None
+        try:
+            for position, index in enumerate(order):
+                if position % workers == worker and index not in self.skip and self._claim(index):
+                    before = self.split.reads()
+                    table = self.split.read_part(index, self.rows_per_part)
+                    yield self._prepare(index, table, _read_since(before, self.split.reads()))
+        except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
+            yield SourceFailure(f"reading part {index} failed: {type(error).__name__}: {error}")
+            return
+        yield EndOfSplit(self.share.total_parts)
+
+    def _read_through(self, worker: int, workers: int):
+        """A source read in sequence: every part is read, only the claimed ones are prepared."""
         # `current` is the part being read or prepared, named if it fails: a stream reads part i before asking
         # whether it is wanted, so after a part is skipped or handed over, the next one is the current one
-        seen, current = 0, 0
+        seen, current, last = 0, 0, self.share.last()
 
         def wanted(index: int) -> bool:
             nonlocal seen, current
+            if last is not None and index > last:
+                raise _PastShare
             seen = max(seen, index + 1)
-            mine = index % workers == worker and index not in self.skip
+            mine = (self.share.includes(index) and self._position(index) % workers == worker
+                    and index not in self.skip and self._claim(index))
             current = index if mine else index + 1
             return mine
 
         try:
             for index, table in self.split.parts(self.rows_per_part, wanted):
-                yield prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
+                yield self._prepare(index, table, None)
                 current = index + 1
+        except _PastShare:
+            seen = self.share.total_parts
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
             yield SourceFailure(f"reading part {current} failed: {type(error).__name__}: {error}")
             return
         yield EndOfSplit(seen)
+
+    def _position(self, index: int) -> int:
+        """The part's place in the share, which deals the share's parts to this process's workers in turn."""
+        if self.share.total_parts is None:
+            return index // self.share.layout.num_shards
+        return index - self.share.parts().start
+
+    def _claim(self, index: int) -> bool:
+        """Claim the part, unless it was committed meanwhile (its committer may have released its claim already)."""
+        if not self.claims.claim(index):
+            return False
+        if self.claims.store.exists(part_name(index)):
+            self.claims.release(index, done=True)
+            return False
+        return True
+
+    def _prepare(self, index: int, table: pa.Table, read) -> PreparedPart:
+        part = prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
+        part.read = read
+        return part
+
+
+def _read_since(before, after):
+    """What one read cost, where the source counts its reads."""
+    return None if before is None or after is None else after - before
+
+
+class _PastShare(Exception):
+    """A sequential read has passed the share's last part: the rest of the stream is not this process's."""
 
 
 def prepare_part(index: int, first_row: int, table: pa.Table, task, keep_columns: list[str],

@@ -31,6 +31,16 @@ class Split:
     total: int | None
     columns: list[str]
 
+    @property
+    def random_access(self) -> bool:  # TEMP shim until the parquet branch lands
+        return isinstance(self.rows, datasets.Dataset)
+
+    def read_part(self, index: int, rows_per_part: int) -> pa.Table:
+        return self.rows[index * rows_per_part:(index + 1) * rows_per_part]
+
+    def reads(self):
+        return None
+
     def parts(self, rows_per_part: int, wanted: Callable[[int], bool]) -> Iterator[tuple[int, pa.Table]]:
         """(part index, table) for each wanted part, in order. Unwanted parts are skipped without conversion."""
         if isinstance(self.rows, datasets.Dataset):  # random access: read only the wanted parts

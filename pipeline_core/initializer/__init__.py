@@ -80,7 +80,8 @@ def initialize(job: Job) -> InferencePipeline:
             accelerators,
             hf_device_map=device_map,
             model_device=model.device,
-            local_rank=distributed_local_rank(),
+            # a model spread by accelerate stays where the map put it; one placed whole goes to this rank's device
+            local_rank=None if placed_by_accelerate else distributed_local_rank(),
         ))
     with stage("placement", stages):
         if not placed_by_accelerate:

@@ -1,5 +1,10 @@
 """Progress for people and schedulers: a tqdm bar on a terminal, else a log line every few seconds,
-and `_progress.json` rewritten atomically after each committed part."""
+and `_progress.json` rewritten atomically after each committed part.
+
+Where several processes share the work, each counts its own rows and rate; after each commit it takes the parts
+committed by all of them and their rates (from their worker records), so the one process that shows progress shows
+the job's, and `_progress.json` says the job's whoever writes it last.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ LOG_EVERY_SECONDS = 10.0
 
 class Progress:
     def __init__(self, store, total_rows: int | None, rows_per_part: int, rows_done: int, parts_done: int,
-                 bar: bool | None = None):
+                 bar: bool | None = None, quiet: bool = False):
         self.store = store
         self.total_rows = total_rows
         self.total_parts = -(-total_rows // rows_per_part) if total_rows is not None else None
@@ -27,6 +32,11 @@ class Progress:
         self.started = time.monotonic()
         self.rows_this_run = self.tokens_this_run = 0
         self.last_log = self.started
+        self.quiet = quiet  # another process of the group shows the progress
+        self.peers_rows_per_second = 0.0
+        self.rows_here = self.parts_here = 0
+        self.input = None  # what this process read of the input (ReadStats), where the source says
+        self.job: dict | None = None  # the whole job's figures when this process computes only a shard of it
         show_bar = sys.stderr.isatty() if bar is None else bar
         self.bar = tqdm(total=total_rows, initial=rows_done, unit="row", dynamic_ncols=True) if show_bar else None
 
@@ -34,6 +44,9 @@ class Progress:
         self.rows_this_run += rows
         self.tokens_this_run += tokens
         self.rows_done += rows
+        self.rows_here += rows
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.update(rows)
             self.bar.set_postfix_str(f"{self.tokens_per_second():,.0f} tok/s", refresh=False)
@@ -41,22 +54,43 @@ class Progress:
             self.last_log = time.monotonic()
             log.info("%s", self.line())
 
-    def part_committed(self, failed_rows: int) -> None:
+    def part_committed(self, failed_rows: int, parts_done: int | None = None, rows_done: int | None = None,
+                       peers_rows_per_second: float = 0.0) -> None:
+        """One more part of this process; `parts_done` and `rows_done`, when given, count every process's."""
         self.parts_done += 1
+        self.parts_here += 1
         self.failed_rows += failed_rows
+        if parts_done is not None:
+            self.parts_done = max(self.parts_done, parts_done)
+            if self.bar is not None and rows_done > self.rows_done:
+                self.bar.update(rows_done - self.rows_done)
+            self.rows_done = max(self.rows_done, rows_done)
+        self.peers_rows_per_second = peers_rows_per_second
         self.store.put(PROGRESS, json.dumps(self.snapshot(), indent=2).encode())
 
-    def rows_per_second(self) -> float:
+    def input_read(self, stats) -> None:
+        self.input = stats if self.input is None else self.input + stats
+
+    def own_rows_per_second(self) -> float:
         return self.rows_this_run / max(time.monotonic() - self.started, 1e-9)
+
+    def rows_per_second(self) -> float:
+        """This process's rate plus its live peers': the job's."""
+        return self.own_rows_per_second() + self.peers_rows_per_second
+
+    def figures(self) -> dict:
+        """What this process's worker record says of its work (status shows it per process)."""
+        figures = {"rows_per_second": round(self.own_rows_per_second(), 3), "parts_done": self.parts_here,
+                   "rows_done": self.rows_here}
+        if self.input is not None:
+            figures["input_read"] = vars(self.input)
+        return figures
 
     def tokens_per_second(self) -> float:
         return self.tokens_this_run / max(time.monotonic() - self.started, 1e-9)
 
     def eta_seconds(self) -> float | None:
-        rate = self.rows_per_second()
-        if self.total_rows is None or rate <= 0:
-            return None
-        return max(self.total_rows - self.rows_done, 0) / rate
+        return _eta(self.total_rows, self.rows_done, self.rows_per_second())
 
     def line(self) -> str:
         total = f"/{self.total_rows:,}" if self.total_rows is not None else ""
@@ -65,15 +99,15 @@ class Progress:
                 f"{self.tokens_per_second():,.0f} tokens/s" + (f", ETA {eta:,.0f}s" if eta is not None else ""))
 
     def snapshot(self, complete: bool = False) -> dict:
+        """`_progress.json`: the job's figures (a shard knows the job's parts from the listing)."""
+        job = {"parts_done": self.parts_done, "parts_total": self.total_parts, "rows_done": self.rows_done,
+               "rows_total": self.total_rows, **(self.job if self.job and not complete else {})}
         return {
-            "parts_done": self.parts_done,
-            "parts_total": self.total_parts,
-            "rows_done": self.rows_done,
-            "rows_total": self.total_rows,
+            **job,
             "failed_rows": self.failed_rows,
             "rows_per_second": round(self.rows_per_second(), 3),
             "tokens_per_second": round(self.tokens_per_second(), 1),
-            "eta_seconds": None if complete else self.eta_seconds(),
+            "eta_seconds": None if complete else _eta(job["rows_total"], job["rows_done"], self.rows_per_second()),
             "complete": complete,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -81,3 +115,9 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _eta(total_rows: int | None, rows_done: int, rate: float) -> float | None:
+    if total_rows is None or rate <= 0:
+        return None
+    return max(total_rows - rows_done, 0) / rate

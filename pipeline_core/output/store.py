@@ -2,12 +2,14 @@
 
 Everything in a run directory (parts, _batchrun.json, _progress.json, _SUCCESS) goes through `put`, which writes
 under a hidden temporary name and renames into place, so a reader or a killed run never sees half a file.
-Local directories today; an fsspec store (s3://, gs://) implements the same seven methods.
+Local directories today; an fsspec store (s3://, gs://) implements the same eight methods.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
 
@@ -20,7 +22,8 @@ class LocalStore:
 
     def put(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        temporary = self.root / f".{name}.tmp-{os.getpid()}"
+        # unique per writer: processes on other hosts, and this process's heartbeat thread, may write the same name
+        temporary = self.root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with open(temporary, "wb") as file:
             file.write(data)
             file.flush()
@@ -56,6 +59,13 @@ class LocalStore:
         if not self.root.is_dir():
             return []
         return sorted(entry.name for entry in self.root.iterdir() if entry.is_file())
+
+    def age(self, name: str) -> float:
+        """Seconds since `name` was last written (0 when it is gone)."""
+        try:
+            return max(0.0, time.time() - (self.root / name).stat().st_mtime)
+        except FileNotFoundError:
+            return 0.0
 
     def remove(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)

@@ -1,0 +1,210 @@
+"""Where this process stands in a scaled-out run: its rank under a launcher, its shard, and the parts it may take.
+
+torchrun and `accelerate launch` start one process per device and tell each its RANK, LOCAL_RANK and WORLD_SIZE;
+schedulers that fan out tasks (Airflow mapped tasks, Slurm arrays, Kubernetes indexed Jobs) give `--num-shards N
+--shard-index I`, or `auto` to read the index from the scheduler's environment. Both compose: the ranks of a shard
+share its parts.
+
+A shard is a fixed, contiguous block of parts (a sixth of the input for shard 0 of 6: a scheduler sizes a task's
+timeout and retries it alone). Within a shard the processes share the parts dynamically through claims
+(output/claims.py): each starts at its own slice of the block and, when done, takes whatever is left, so a slow
+process never leaves the others idle while parts remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pipeline_core.errors import BatchrunError, UsageError
+
+log = logging.getLogger("batchrun")
+
+# (variable, what sets it) read by `--shard-index auto`, in this order
+SHARD_INDEX_SOURCES = (("JOB_COMPLETION_INDEX", "a Kubernetes indexed Job"),
+                       ("SLURM_ARRAY_TASK_ID", "a Slurm job array"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int | None = None  # set under a launcher
+    local_world_size: int = 1
+    shard_index: int = 0
+    num_shards: int = 1
+
+    @property
+    def launched(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def shows_progress(self) -> bool:
+        """One process of a launched group shows the job's progress; every shard shows its own."""
+        return self.rank == 0
+
+    def labels(self) -> dict:
+        """What a worker record says about this process."""
+        return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank,
+                "shard_index": self.shard_index, "num_shards": self.num_shards}
+
+    def tag(self) -> str:
+        """Short, for every log line of a scaled-out process: "rank 1/2", "shard 0/3"."""
+        words = []
+        if self.num_shards > 1:
+            words.append(f"shard {self.shard_index}/{self.num_shards}")
+        if self.launched:
+            words.append(f"rank {self.rank}/{self.world_size}")
+        return " ".join(words)
+
+    def describe(self) -> str:
+        words = []
+        if self.launched:
+            words.append(f"rank {self.rank} of {self.world_size} (local rank {self.local_rank})")
+        if self.num_shards > 1:
+            words.append(f"shard {self.shard_index} of {self.num_shards}")
+        return ", ".join(words) or "one process"
+
+
+def layout_from(num_shards: str | None, shard_index: str | None, env: Mapping[str, str] = os.environ) -> Layout:
+    """The layout of this process: the launcher's variables and the --num-shards / --shard-index options."""
+    if (num_shards is None) != (shard_index is None):
+        raise UsageError("--num-shards and --shard-index go together: --num-shards 4 --shard-index 0 "
+                         "(or --shard-index auto under a Kubernetes indexed Job or a Slurm array)")
+    shards, index = 1, 0
+    if num_shards is not None:
+        shards = _count(num_shards, env)
+        index = _index(shard_index, env)
+        if index >= shards:
+            raise UsageError(f"--shard-index must be below --num-shards ({shards}), got {index}")
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_rank = env.get("LOCAL_RANK")
+    return Layout(rank=int(env.get("RANK", "0")), world_size=world,
+                  local_rank=int(local_rank) if local_rank is not None and world > 1 else None,
+                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")), shard_index=index, num_shards=shards)
+
+
+def _count(value: str, env: Mapping[str, str]) -> int:
+    if value == "auto":
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise UsageError("--num-shards auto reads SLURM_ARRAY_TASK_COUNT (a Slurm job array), which is not set; "
+                             "give the number of shards: --num-shards 4")
+        return _positive("SLURM_ARRAY_TASK_COUNT", env["SLURM_ARRAY_TASK_COUNT"], minimum=1)
+    return _positive("--num-shards", value, minimum=1)
+
+
+def _index(value: str, env: Mapping[str, str]) -> int:
+    if value != "auto":
+        return _positive("--shard-index", value, minimum=0)
+    for variable, _ in SHARD_INDEX_SOURCES:
+        if variable in env:
+            index = _positive(variable, env[variable], minimum=0)
+            if variable == "SLURM_ARRAY_TASK_ID":  # arrays may be numbered from 1 (--array=1-4)
+                index -= _positive("SLURM_ARRAY_TASK_MIN", env.get("SLURM_ARRAY_TASK_MIN", "0"), minimum=0)
+            return index
+    where = " or ".join(f"{variable} ({what})" for variable, what in SHARD_INDEX_SOURCES)
+    raise UsageError(f"--shard-index auto reads {where}; neither is set: give the index, --shard-index 0")
+
+
+def _positive(name: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise UsageError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return number
+
+
+def check_device_map(device_map, layout: Layout) -> None:
+    """A model spread over a node's devices takes all of them: one process per node, refused before loading."""
+    if device_map is not None and layout.local_world_size > 1:
+        raise UsageError(
+            f"model.device_map={device_map!r} spreads one model over this node's devices, but the launcher started "
+            f"{layout.local_world_size} processes on this node; start one process per node "
+            "(torchrun --nproc-per-node 1, accelerate launch --num_processes = number of machines) or remove "
+            "model.device_map to run one model per device"
+        )
+
+
+@dataclass
+class Share:
+    """The parts this process may compute, and the order it tries them in."""
+
+    layout: Layout
+    total_parts: int | None  # None until a stream of unknown length has been read to its end
+
+    def parts(self) -> range | list[int]:
+        """The shard's parts (a known total only): a contiguous block, balanced to within one part."""
+        shards, index = self.layout.num_shards, self.layout.shard_index
+        return range(self.total_parts * index // shards, self.total_parts * (index + 1) // shards)
+
+    def includes(self, index: int) -> bool:
+        if self.total_parts is None:  # blocks need the total: a stream of unknown length is dealt round-robin
+            return index % self.layout.num_shards == self.layout.shard_index
+        return index in self.parts()
+
+    def last(self) -> int | None:
+        """The last part of the share, when known: a sequential read can stop after it."""
+        if self.total_parts is None or self.layout.num_shards == 1:
+            return None
+        block = self.parts()
+        return block[-1] if block else -1
+
+    def order(self) -> list[int]:
+        """The shard's parts, starting at this rank's slice: ranks meet only once their own slices are done."""
+        block = list(self.parts())
+        start = len(block) * self.layout.rank // self.layout.world_size
+        return block[start:] + block[:start]
+
+
+class ProcessGroup:
+    """torch.distributed over gloo for a launched run, used once: rank 0 prepares OUTPUT while the others wait.
+
+    Nothing collective happens after that, so a rank with fewer parts never holds the others up.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.owned = False
+
+    def __enter__(self) -> ProcessGroup:
+        import torch.distributed as distributed  # here: `batchrun status` reads layouts without loading torch
+
+        if self.layout.launched and not distributed.is_initialized():
+            # gloo on every device: one small message at start-up needs no NCCL communicator on the GPUs
+            distributed.init_process_group("gloo", timeout=timedelta(minutes=10))
+            self.owned = True
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.owned:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+        return False
+
+    def prepared_by_rank_0(self, prepare: Callable[[], object]):
+        """prepare() on rank 0; every rank gets its result, or raises the error rank 0 met."""
+        if not self.layout.launched:
+            return prepare()
+        import torch.distributed
+
+        outcome: list = [None]
+        if self.layout.rank == 0:
+            try:
+                outcome[0] = ("ok", prepare())
+            except BatchrunError as error:
+                outcome[0] = ("error", error)
+            except Exception as error:  # noqa: BLE001 - the other ranks must not wait forever; rank 0 re-raises
+                outcome[0] = ("failed", error)
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        kind, value = outcome[0]
+        if kind == "ok":
+            return value
+        if kind == "error" or self.layout.rank == 0:
+            raise value
+        raise BatchrunError(f"rank 0 failed preparing the output directory: {type(value).__name__}: {value}")

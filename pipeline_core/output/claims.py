@@ -1,0 +1,229 @@
+"""Several processes, one output directory: who is working on it, and which part each one computes.
+
+Each process announces itself in a hidden worker record (`.worker-ID.json`: host, pid, rank or shard, rows/s),
+rewritten every HEARTBEAT_EVERY seconds. Before computing part i a process claims it by creating
+`.claim-00000i.G` exclusively (G, the generation, starts at 0). A claim is stale when its holder's record is gone,
+was last rewritten over STALE_AFTER seconds ago (any host: a preempted node), or names a process that no longer
+exists (same host: kill -9, a torchrun restart). A stale claim is taken over by creating generation G+1, which
+exactly one process can do: no claim is ever overwritten or deleted by anyone but its holder or the part's commit.
+
+Claims only keep healthy processes from computing a part twice; they are not what makes output correct. Parts are
+committed by an atomic rename, so even two processes that both believe they hold a part (a holder wrongly judged
+dead) each write a complete file with the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from pipeline_core.errors import EXIT_INTERRUPTED, BatchrunError
+
+log = logging.getLogger("batchrun")
+HEARTBEAT_EVERY = 15.0
+STALE_AFTER = 120.0
+LIVENESS_CACHE_SECONDS = 5.0  # a pass over thousands of claims held by one peer reads its record once
+WORKER_PATTERN = re.compile(r"\.worker-(?P<id>[\w.-]+)\.json")
+CLAIM_PATTERN = re.compile(r"\.claim-(?P<key>\w+)\.(?P<generation>\d+)")
+FINISH = "finish"  # the claim that lets exactly one process write _SUCCESS
+
+
+class OutputBusy(BatchrunError):
+    """A change to OUTPUT that live processes would not survive (--fresh while they write it)."""
+
+    exit_code = EXIT_INTERRUPTED  # a scheduler retries later; the live processes may finish the job meanwhile
+
+
+def worker_name(worker_id: str) -> str:
+    return f".worker-{worker_id}.json"
+
+
+def claim_name(key: int | str, generation: int) -> str:
+    label = f"{key:06d}" if isinstance(key, int) else key
+    return f".claim-{label}.{generation}"
+
+
+def is_live(record: dict | None, now: float | None = None) -> bool:
+    """A worker record of a process still at work: running, with a fresh heartbeat and, on this host, a pid."""
+    if not record or record.get("state") != "running":
+        return False
+    now = time.time() if now is None else now
+    if now - record.get("heartbeat", 0) > STALE_AFTER:
+        return False
+    if record.get("host") == socket.gethostname():
+        return _alive(record.get("pid"))
+    return True
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # no process to ask about (and os.kill(-1, ...) would reach every process): the heartbeat decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def read_json(store, name: str) -> dict | None:
+    raw = store.get(name)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None  # torn by a crash mid-write (claims are written in one create; records by rename)
+    return value if isinstance(value, dict) else None
+
+
+def worker_records(store) -> list[dict]:
+    """Every worker record in OUTPUT, live or not, each with "live" set."""
+    now = time.time()
+    records = []
+    for name in store.names():
+        if WORKER_PATTERN.fullmatch(name) and (record := read_json(store, name)) is not None:
+            records.append({**record, "live": is_live(record, now)})
+    return records
+
+
+def held_claims(store) -> dict[str, list]:
+    """{worker id: [claim keys]}: who holds the top generation of each claim in OUTPUT."""
+    top: dict[str, int] = {}
+    for name in store.names():
+        if match := CLAIM_PATTERN.fullmatch(name):
+            top[match["key"]] = max(top.get(match["key"], -1), int(match["generation"]))
+    held: dict = {}
+    for key, generation in sorted(top.items()):
+        holder = read_json(store, claim_name(key, generation))
+        if holder is not None:
+            held.setdefault(holder.get("worker"), []).append(int(key) if key.isdigit() else key)
+    return held
+
+
+class Worker:
+    """This process in OUTPUT: its record, kept fresh by a heartbeat thread, and its claims."""
+
+    def __init__(self, store, labels: dict, figures: Callable[[], dict] | None = None):
+        self.store = store
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        now = time.time()
+        self.record = {"worker": self.id, "host": socket.gethostname(), "pid": os.getpid(), **labels,
+                       "state": "running", "started": now, "heartbeat": now}
+        self.figures = figures or dict  # the process's current figures (rows/s, parts done), merged into the record
+        self.claims = Claims(store, self.id)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="batchrun-heartbeat", daemon=True)
+
+    def __enter__(self) -> Worker:
+        self.write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self.record["state"] == "running":
+            self.write(state="stopped" if exc_info[0] is not None else "finished")
+        return False
+
+    def retire(self) -> None:
+        """Remove the record: the job is complete, nobody needs to know this process was here."""
+        self.store.remove(worker_name(self.id))
+
+    def write(self, state: str | None = None) -> None:
+        """Rewrite the record (the heartbeat); `state` running, finished or stopped."""
+        if state is not None:
+            self.record["state"] = state
+        self.record.update(self.figures())
+        self.record["heartbeat"] = time.time()
+        self.store.put(worker_name(self.id), json.dumps(self.record).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_EVERY):
+            self.write()
+
+
+class Claims:
+    """Claims taken as one worker. Small and picklable: DataLoader workers claim the parts they will read."""
+
+    def __init__(self, store, worker_id: str):
+        self.store = store
+        self.worker_id = worker_id
+        self._liveness: dict = {}
+
+    def claim(self, key: int | str) -> bool:
+        """True when this process now holds `key`'s claim (a new one, a stale one taken over, or its own)."""
+        for _ in range(100):  # each round loses a race to another process; a handful is already unusual
+            generation = self._top_generation(key)
+            if generation < 0:
+                if self.store.create(claim_name(key, 0), self._claim_record()):
+                    return True
+                continue
+            holder = read_json(self.store, claim_name(key, generation))
+            if holder is None:
+                continue  # released or removed after a commit since we looked
+            if holder.get("worker") == self.worker_id:
+                return True
+            if self.holder_is_live(holder.get("worker")):
+                return False
+            if self.store.create(claim_name(key, generation + 1), self._claim_record()):
+                log.info("took over %s from %s, which is gone", _label(key), holder.get("worker"))
+                return True
+        return False
+
+    def available(self, key: int | str) -> bool:
+        """True when `key` is unclaimed, claimed by this process, or its holder is gone: a claim would succeed."""
+        generation = self._top_generation(key)
+        if generation < 0:
+            return True
+        holder = read_json(self.store, claim_name(key, generation)) or {}
+        return holder.get("worker") == self.worker_id or not self.holder_is_live(holder.get("worker"))
+
+    def release(self, key: int | str, done: bool) -> None:
+        """A committed part's claims all go (every generation); an uncommitted one gives back only its own."""
+        generation = self._top_generation(key)
+        for current in range(generation, -1, -1):
+            name = claim_name(key, current)
+            if done or (read_json(self.store, name) or {}).get("worker") == self.worker_id:
+                self.store.remove(name)
+            if not done:
+                return
+
+    def release_all(self) -> None:
+        """Give back every claim this worker holds (parts claimed ahead by the loader, when the run stops)."""
+        for name in self.store.names():
+            if CLAIM_PATTERN.fullmatch(name) and (read_json(self.store, name) or {}).get("worker") == self.worker_id:
+                self.store.remove(name)
+
+    def holder_is_live(self, worker_id: str | None) -> bool:
+        if worker_id == self.worker_id:
+            return True
+        cached = self._liveness.get(worker_id)
+        if cached is not None and time.monotonic() - cached[0] < LIVENESS_CACHE_SECONDS:
+            return cached[1]
+        live = worker_id is not None and is_live(read_json(self.store, worker_name(worker_id)))
+        self._liveness[worker_id] = (time.monotonic(), live)
+        return live
+
+    def _top_generation(self, key: int | str) -> int:
+        generation = -1
+        while self.store.exists(claim_name(key, generation + 1)):
+            generation += 1
+        return generation
+
+    def _claim_record(self) -> bytes:
+        return json.dumps({"worker": self.worker_id, "claimed": time.time()}).encode()
+
+
+def _label(key: int | str) -> str:
+    return f"part {key}" if isinstance(key, int) else f"the {key} claim"
