@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from pipeline_core.errors import BatchrunError, UsageError
@@ -136,20 +136,29 @@ class Share:
 
     layout: Layout
     total_parts: int | None  # None until a stream of unknown length has been read to its end
+    # blocks need the total: the parts of a stream of unknown length are dealt round-robin, for good (learning
+    # the total at the stream's end must not move any part to another shard)
+    round_robin: bool = field(init=False)
 
-    def parts(self) -> range | list[int]:
-        """The shard's parts (a known total only): a contiguous block, balanced to within one part."""
+    def __post_init__(self):
+        self.round_robin = self.total_parts is None
+
+    def parts(self) -> range:
+        """The shard's parts (a known total only): a contiguous block balanced to within one part, or every
+        num_shards-th part when dealt round-robin."""
         shards, index = self.layout.num_shards, self.layout.shard_index
+        if self.round_robin:
+            return range(index, self.total_parts, shards)
         return range(self.total_parts * index // shards, self.total_parts * (index + 1) // shards)
 
     def includes(self, index: int) -> bool:
-        if self.total_parts is None:  # blocks need the total: a stream of unknown length is dealt round-robin
+        if self.round_robin:
             return index % self.layout.num_shards == self.layout.shard_index
         return index in self.parts()
 
     def last(self) -> int | None:
         """The last part of the share, when known: a sequential read can stop after it."""
-        if self.total_parts is None or self.layout.num_shards == 1:
+        if self.round_robin or self.layout.num_shards == 1:
             return None
         block = self.parts()
         return block[-1] if block else -1

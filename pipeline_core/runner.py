@@ -125,7 +125,7 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
 
     runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop, on_batch=after_batch)
     work = Work(job, store, split, task, share, limits, runner, progress, stop, run_fingerprint)
-    labels = {**layout.labels(), "device": str(pipeline.device)}
+    labels = {**layout.labels(), "device": str(pipeline.device), "round_robin": share.round_robin}
     with Worker(store, labels, figures=progress.figures) as worker:
         work.worker = worker
         try:
@@ -143,8 +143,7 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
             raise
         finally:
             progress.close()
-        worker.write(state="finished")
-        code = work.finish()
+        code = work.finish()  # still "running": a finished record would let another process take the finish claim
     if store.exists(SUCCESS):
         worker.retire()
     return code
@@ -212,6 +211,7 @@ class Work:
         self.progress.part_committed(facts.failed_rows, parts, rows, peers)
         if part.read is not None:
             self.progress.input_read(part.read)
+        self.worker.write()  # its figures, fresh for status and for the others' rates
 
     def _outstanding(self) -> list[int]:
         committed = committed_parts(self.store.names())
@@ -248,6 +248,8 @@ class Work:
         total = self.share.total_parts
         done = verified_parts(self.store, self.fingerprint, rows_per_part)
         own = [facts for index, facts in done.items() if self.share.includes(index)]
+        log.info("%s computed %d parts (%d rows) here", self.share.layout.describe(), self.progress.parts_here,
+                 self.progress.rows_here)
         if set(range(total)) <= set(done) and self._finish_claimed():
             try:
                 self._write_success(done, total)
@@ -279,9 +281,12 @@ class Work:
         info["processes"] = _process_summaries(worker_records(self.store))
         self.store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
         self.store.put(PROGRESS, json.dumps(progress.snapshot(complete=True), indent=2).encode())
-        self.store.create(SUCCESS, b"")
+        if self.store.create(SUCCESS, b""):
+            log.info("done: %s; wrote %s", progress.line(), SUCCESS)
+        else:  # the output is complete either way; the claim should have made this impossible
+            log.warning("%s appeared while this process held the finish claim: another process judged it dead "
+                        "(check the hosts' clocks)", SUCCESS)
         remove_claims_and_records(self.store)
-        log.info("done: %s; wrote %s", progress.line(), SUCCESS)
 
 
 def token_budget(setting, device) -> int:

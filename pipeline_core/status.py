@@ -64,10 +64,13 @@ def _shards(records: list[dict], parts_total: int | None, done: set[int]) -> lis
     sharded = [record for record in records if (record.get("num_shards") or 1) > 1]
     if not sharded or parts_total is None:
         return None
-    count = max(sharded, key=lambda record: record.get("started", 0))["num_shards"]
+    latest = max(sharded, key=lambda record: record.get("started", 0))
+    count = latest["num_shards"]
     shards = []
     for index in range(count):
-        block = Share(Layout(shard_index=index, num_shards=count), parts_total).parts()
+        share = Share(Layout(shard_index=index, num_shards=count), parts_total)
+        share.round_robin = bool(latest.get("round_robin"))
+        block = share.parts()
         shards.append({"shard": index, "parts": len(block), "parts_done": len(done.intersection(block)),
                        "finished": set(block) <= done})
     return shards

@@ -120,7 +120,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
 
     def _position(self, index: int) -> int:
         """The part's place in the share, which deals the share's parts to this process's workers in turn."""
-        if self.share.total_parts is None:
+        if self.share.round_robin:
             return index // self.share.layout.num_shards
         return index - self.share.parts().start
 
