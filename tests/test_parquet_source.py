@@ -136,6 +136,18 @@ def test_files_behind_a_url_are_read_through_fsspec(monkeypatch):
         memory.rm("/batchrun-test", recursive=True)
 
 
+def test_files_written_by_datasets_keep_the_features_they_state(tmp_path, monkeypatch):
+    """A file written by datasets states its features (here a ClassLabel) in its metadata: the stream's tables carry
+    them, and so must the reader's."""
+    features = datasets.Features({"text": datasets.Value("string"), "id": datasets.Value("int32"),
+                                  "label": datasets.ClassLabel(names=["no", "yes"])})
+    for n in range(2):
+        rows_of_file = {"text": [f"t{i}" for i in range(n * 9, n * 9 + 9)], "id": list(range(n * 9, n * 9 + 9)),
+                        "label": [i % 2 for i in range(9)]}
+        datasets.Dataset.from_dict(rows_of_file, features=features).to_parquet(tmp_path / f"d{n}.parquet")
+    assert_same_parts(make_job(str(tmp_path / "d*.parquet"), split="train[2:]", keep=("label",)), 5, monkeypatch)
+
+
 def test_a_file_holding_an_empty_row_group_reads_as_no_rows(tmp_path, monkeypatch):
     """pq.write_table of no rows writes one empty row group, on which datasets' stream fails ("BatchSize must be
     greater than 0"); the reader skips it, and gives the rows the stream gives without that file."""
