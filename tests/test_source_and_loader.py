@@ -24,11 +24,11 @@ from pipeline_core.data.loader import (
     part_loader,
     prepare_part,
 )
+from pipeline_core.data.parquet import ParquetFiles, ParquetRows, find_parquet
 from pipeline_core.data.source import (
     Split,
     _check_columns,
     _known_size,
-    _parquet_rows,
     _streaming_slice,
     input_columns,
     open_split,
@@ -71,9 +71,25 @@ def ids_of(split: Split, rows_per_part: int = 4) -> list[int]:
 # --- open_split ----------------------------------------------------------------------------------------------
 
 
-def test_a_streamed_split_reads_only_the_needed_columns_and_counts_its_rows_from_the_footers(files):
+@pytest.fixture
+def through_datasets(monkeypatch):
+    """Streamed Parquet files read by datasets, as when parquet.py declines them (datasets would cast their tables);
+    their footers still give the total."""
+    monkeypatch.setattr(ParquetFiles, "rows", lambda self: None)
+
+
+@pytest.fixture(params=["parquet", "datasets"])
+def streamed(request) -> type:
+    """Each streamed-Parquet test runs on both readers; the class its split's rows have."""
+    if request.param == "datasets":
+        request.getfixturevalue("through_datasets")
+        return datasets.IterableDataset
+    return ParquetRows
+
+
+def test_a_streamed_split_reads_only_the_needed_columns_and_counts_its_rows_from_the_footers(files, streamed):
     split = open_split(make_job([files.a, files.b], keep=["id"]))
-    assert isinstance(split.rows, datasets.IterableDataset)
+    assert isinstance(split.rows, streamed)
     assert split.total == 17 and split.columns == ["text", "id"]
     tables = [table for _, table in split.parts(5, lambda index: True)]
     assert [table.column_names for table in tables] == [["text", "id"]] * 4
@@ -92,15 +108,16 @@ def test_a_streamed_split_reads_only_the_needed_columns_and_counts_its_rows_from
     ("train", 5, [0, 1, 2, 3, 4], 5),
     ("train", 40, list(range(17)), 17),
 ])
-def test_a_streamed_split_is_sliced_by_row_numbers_then_limited(files, spec, limit, ids, total):
+def test_a_streamed_split_is_sliced_by_row_numbers_then_limited(files, streamed, spec, limit, ids, total):
     split = open_split(make_job([files.a, files.b], split=spec, keep=["id"]), limit=limit)
-    assert isinstance(split.rows, datasets.IterableDataset)
+    assert isinstance(split.rows, streamed)
     assert ids_of(split) == ids
     assert split.total == total
 
 
-def test_a_streamed_split_of_a_mapping_of_files_counts_the_chosen_splits_files(files):
+def test_a_streamed_split_of_a_mapping_of_files_counts_the_chosen_splits_files(files, streamed):
     split = open_split(make_job({"train": files.a, "test": [files.b]}, split="test[2:]", keep=["id"]))
+    assert isinstance(split.rows, streamed)
     assert ids_of(split) == [12, 13, 14, 15, 16]
     assert split.total == 5
 
@@ -137,7 +154,7 @@ def test_a_converted_split_takes_any_datasets_split_spec_then_the_limit(files, s
     assert ids_of(split) == ids and split.total == len(ids)
 
 
-def test_load_passes_the_jobs_dataset_keys_to_datasets(files, monkeypatch):
+def test_load_passes_the_jobs_dataset_keys_to_datasets(files, monkeypatch, through_datasets):
     calls = []
     load_dataset = datasets.load_dataset
 
@@ -263,17 +280,18 @@ def test_known_size_without_split_metadata():
     assert _known_size(SimpleNamespace(info=SimpleNamespace()), "train", 2, None, 10) == 8
 
 
-def test_parquet_rows_totals_files_globs_and_mappings_counting_each_file_once(files, tmp_path):
+def test_parquet_footers_count_files_globs_and_mappings_as_datasets_resolves_them(files, tmp_path):
     nested = tmp_path / "nested" / "deeper"
     nested.mkdir(parents=True)
     write_rows(nested / "c.parquet", 0, 3)
 
     def total(data_files, split="train", path="parquet"):
-        return _parquet_rows(make_job(data_files, path=path), split)
+        found = find_parquet(path, data_files, split)
+        return found.num_rows if found else None
 
     assert total(files.a) == 10
     assert total([files.a, files.b]) == 17
-    assert total([files.a, str(tmp_path / "*.parquet")]) == 17  # a.parquet matched twice, counted once
+    assert total([files.a, str(tmp_path / "*.parquet")]) == 27  # a.parquet matched twice: datasets streams it twice
     assert total(str(tmp_path / "**" / "*.parquet")) == 20  # ** reaches any depth
     assert total({"train": files.a, "test": [files.b]}, split="test") == 7
     assert total({"train": files.a}, split="test") is None
@@ -281,7 +299,7 @@ def test_parquet_rows_totals_files_globs_and_mappings_counting_each_file_once(fi
     assert total(None) is None
     assert total([]) is None
     assert total(files.a, path="json") is None
-    assert total(["s3://bucket/rows.parquet", files.a]) is None  # remote files are not opened here
+    assert total(["s3://bucket/rows.parquet", files.a]) is None  # no s3 filesystem here: left to datasets
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet")
     assert total([files.a, str(bad)]) is None  # unreadable here; datasets will say why

@@ -1,22 +1,22 @@
-"""Reading: open the job's split with `datasets`, streamed by default, and hand it out one part at a time.
+"""Reading: open the job's split, streamed by default, and hand it out one part at a time.
 
 A part is `rows_per_part` consecutive rows of the split (after `--limit`), read as one Arrow table; row ids are
 positions in the split. Streaming sources do not support split slicing, so `train[a:b]` is applied here with
-skip/take; percentages need the split's size, which only a non-streaming source knows for sure.
+skip/take; percentages need the split's size, which only a non-streaming source knows for sure. A streamed split of
+Parquet data files is read by row group instead (parquet.py), so that any part can be read without the ones before.
 """
 
 from __future__ import annotations
 
-import glob
 import re
 import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import datasets
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
 
@@ -25,11 +25,32 @@ _SLICE = re.compile(r"(?P<name>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d*)\]")
 
 @dataclass
 class Split:
-    """The rows to process: a datasets object formatted as Arrow, its size when known, and the columns read."""
+    """The rows to process (a datasets object formatted as Arrow, or Parquet rows), its size when known, the columns
+    read, and for Parquet rows the row of the files where the split starts (the start of `train[a:b]`)."""
 
-    rows: datasets.Dataset | datasets.IterableDataset
+    rows: datasets.Dataset | datasets.IterableDataset | ParquetRows
     total: int | None
     columns: list[str]
+    offset: int = 0
+
+    @property
+    def random_access(self) -> bool:
+        """Whether any part can be read on its own (read_part); a stream is read in order (parts)."""
+        return not isinstance(self.rows, datasets.IterableDataset)
+
+    def read_part(self, index: int, rows_per_part: int) -> pa.Table:
+        """Part `index` as one table; from Parquet files, only the row groups that hold its rows are read."""
+        assert self.random_access, "a streamed split is read in order, with parts()"
+        first = index * rows_per_part
+        if isinstance(self.rows, ParquetRows):
+            stop = min(first + rows_per_part, self.total)
+            return self.rows.read(self.offset + first, self.offset + stop)
+        return self.rows[first:first + rows_per_part]
+
+    def reads(self) -> ReadStats:
+        """What has been read so far in this process (a copy, so that callers can subtract); zeros for sources
+        that do not count."""
+        return replace(self.rows.stats) if isinstance(self.rows, ParquetRows) else ReadStats()
 
     @property
     def random_access(self) -> bool:  # TEMP shim until the parquet branch lands
@@ -43,10 +64,11 @@ class Split:
 
     def parts(self, rows_per_part: int, wanted: Callable[[int], bool]) -> Iterator[tuple[int, pa.Table]]:
         """(part index, table) for each wanted part, in order. Unwanted parts are skipped without conversion."""
-        if isinstance(self.rows, datasets.Dataset):  # random access: read only the wanted parts
-            for index in range(-(-len(self.rows) // rows_per_part)):
+        if self.random_access:  # read only the wanted parts
+            size = len(self.rows) if isinstance(self.rows, datasets.Dataset) else self.total
+            for index in range(-(-size // rows_per_part)):
                 if wanted(index):
-                    yield index, self.rows[index * rows_per_part:(index + 1) * rows_per_part]
+                    yield index, self.read_part(index, rows_per_part)
             return
         for index, table in enumerate(self.rows.iter(batch_size=rows_per_part)):
             if wanted(index):
@@ -63,11 +85,18 @@ def input_columns(job: Job) -> list[str]:
 
 
 def open_split(job: Job, limit: int | None = None) -> Split:
+    """The job's split, sliced and limited. Streamed Parquet data files are read by row group where that gives
+    exactly what datasets would stream; anything else goes through datasets."""
     streaming = job.get("dataset.streaming")
     split_spec = job.get("dataset.split")
     base_split, start, stop = _streaming_slice(split_spec) if streaming else (split_spec, None, None)
-    rows = _load(job, base_split, streaming)
     columns = input_columns(job)
+    parquet = find_parquet(job.get("dataset.path"), job.get("dataset.data_files"), base_split) if streaming else None
+    parquet_rows = parquet.rows() if parquet else None
+    if parquet_rows is not None:
+        _check_columns(job, parquet_rows.column_names, columns)
+        return _parquet_split(parquet_rows.select_columns(columns), columns, start, stop, limit)
+    rows = _load(job, base_split, streaming)
     _check_columns(job, rows.column_names, columns)
     rows = rows.select_columns(columns)
     if streaming:
@@ -75,13 +104,22 @@ def open_split(job: Job, limit: int | None = None) -> Split:
             rows = rows.skip(start)
         if stop is not None:
             rows = rows.take(max(stop - (start or 0), 0))
-        total = _known_size(rows, base_split, start, stop, _parquet_rows(job, base_split))
+        total = _known_size(rows, base_split, start, stop, parquet.num_rows if parquet else None)
     else:
         total = len(rows)
     if limit is not None:
         rows = rows.take(limit) if streaming else rows.select(range(min(limit, len(rows))))
         total = min(total, limit) if total is not None else None
     return Split(rows.with_format("arrow"), total, columns)
+
+
+def _parquet_split(rows: ParquetRows, columns: list[str], start: int | None, stop: int | None,
+                   limit: int | None) -> Split:
+    """`train[a:b]` then `--limit` on Parquet rows: an offset and a row count, the rows skip/take give on a stream."""
+    first = start or 0
+    end = rows.num_rows if stop is None else min(stop, rows.num_rows)
+    total = max(end - first, 0)
+    return Split(rows, total if limit is None else min(total, limit), columns, offset=first)
 
 
 def _streaming_slice(split: str) -> tuple[str, int | None, int | None]:
@@ -138,20 +176,3 @@ def _known_size(rows, split: str, start: int | None, stop: int | None, counted: 
         return None
     end = min(size, stop) if stop is not None else size
     return max(end - (start or 0), 0)
-
-
-def _parquet_rows(job: Job, split: str) -> int | None:
-    """Local Parquet files state their row counts in their footers: a total for the progress bar, for free."""
-    files = job.get("dataset.data_files")
-    if job.get("dataset.path") != "parquet" or files is None:
-        return None
-    if isinstance(files, dict):
-        files = files.get(split)
-    paths = [files] if isinstance(files, str) else list(files or [])
-    if not paths or any("://" in path for path in paths):
-        return None
-    matched = sorted({match for path in paths for match in glob.glob(path, recursive=True)})
-    try:
-        return sum(pq.ParquetFile(path).metadata.num_rows for path in matched) if matched else None
-    except (OSError, pa.ArrowInvalid):
-        return None  # unreadable here: datasets will say why when it reads
