@@ -102,6 +102,7 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
     started = time.monotonic()
     layout = options.layout
     pipeline = initialize(job)
+    loaded = time.monotonic()
     task = build_task(job, pipeline, should_stop=lambda: stop.requested)
     split = open_split(job, options.limit)
     run_fingerprint = fingerprint(run_identity)
@@ -129,7 +130,7 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
     with Worker(store, labels, figures=progress.figures) as worker:
         work.worker = worker
         try:
-            work.compute_share(started)
+            work.compute_share(started, loaded)
         except Interrupted:
             worker.claims.release_all()
             worker.write(state="stopped")
@@ -165,14 +166,15 @@ class Work:
     fingerprint: str
     worker: Worker | None = None
 
-    def compute_share(self, started: float) -> None:
+    def compute_share(self, started: float, loaded: float) -> None:
         """Passes over the share until every part of it is committed, by this process or others."""
         first, waiting = True, False
         while True:
             for item in _until_stopped(self._loader(), self.stop):
                 if first and isinstance(item, PreparedPart):  # how long skipping committed parts took
-                    log.info("first part to compute (part %d) ready %.1fs after the run started",
-                             item.index, time.monotonic() - started)
+                    log.info("first part to compute (part %d) ready %.1fs after the run started, %.2fs after "
+                             "the model was loaded", item.index, time.monotonic() - started,
+                             time.monotonic() - loaded)
                     first = False
                 if isinstance(item, EndOfSplit):
                     if self.share.total_parts is None or item.parts > self.share.total_parts:
@@ -248,8 +250,10 @@ class Work:
         total = self.share.total_parts
         done = verified_parts(self.store, self.fingerprint, rows_per_part)
         own = [facts for index, facts in done.items() if self.share.includes(index)]
-        log.info("%s computed %d parts (%d rows) here", self.share.layout.describe(), self.progress.parts_here,
-                 self.progress.rows_here)
+        read = self.progress.input
+        log.info("%s computed %d parts (%d rows) here%s", self.share.layout.describe(), self.progress.parts_here,
+                 self.progress.rows_here, f"; read {read.rows} input rows in {read.row_groups} row groups "
+                 f"({read.bytes / 1e6:.1f} MB)" if read is not None else "")
         if set(range(total)) <= set(done) and self._finish_claimed():
             try:
                 self._write_success(done, total)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import jobs
 from jobs import output, rows
+from pipeline_core.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -230,3 +234,64 @@ def test_sigterm_to_torchrun_stops_every_rank_after_committing_then_a_rerun_comp
     rerun = start(batchrun(job), tmp_path / "rerun")
     assert finish(rerun, tmp_path / "rerun") and rerun.returncode == 0
     pd.testing.assert_frame_equal(output(job), reference)
+
+
+# --- reading only your share ---------------------------------------------------------------------------------
+
+READ = re.compile(r"read (\d+) input rows in (\d+) row groups")
+
+
+@pytest.fixture
+def parquet_job(tmp_path, tiny_models) -> Path:
+    """48 rows in 6 Parquet files of 8 rows, row groups of 4 rows: 12 parts of 4, each exactly one row group."""
+    data = pd.DataFrame(rows(48))
+    for index in range(6):
+        table = pa.Table.from_pandas(data.iloc[index * 8:(index + 1) * 8], preserve_index=False)
+        pq.write_table(table, tmp_path / f"rows-{index}.parquet", row_group_size=4)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"task: text-classification\nmodel: {{name: '{tiny_models.text_classifier}'}}\n"
+        f"dataset: {{path: parquet, data_files: '{tmp_path}/rows-*.parquet', keep_columns: [id]}}\n"
+        "batching: {max_tokens: 256, max_batch_size: 8, num_workers: 0}\n"
+        f"output: {{path: '{tmp_path / 'out'}', rows_per_part: 4}}\n"
+    )
+    return job
+
+
+def in_process(job: Path, capsys, *args: str) -> tuple[int, str]:
+    code = run_cli(["run", str(job), "--no-progress", *args])
+    return code, capsys.readouterr().err
+
+
+def test_a_shard_of_6_reads_only_the_row_groups_of_its_parts(parquet_job, capsys):
+    code, log = in_process(parquet_job, capsys, "--num-shards", "6", "--shard-index", "2")
+    assert code == 0, log
+    assert READ.findall(log) == [("8", "2")]  # parts 4 and 5: rows 16-23, two row groups of the 12
+    assert committed(parquet_job) == {"part-000004.parquet", "part-000005.parquet"}
+
+
+def test_a_rerun_reads_nothing_of_the_committed_parts(parquet_job, capsys):
+    code, log = in_process(parquet_job, capsys)
+    assert code == 0 and READ.findall(log) == [("48", "12")]
+    expected = output(parquet_job)
+    (parquet_job.parent / "out" / "part-000007.parquet").unlink()
+    (parquet_job.parent / "out" / "_SUCCESS").unlink()
+    code, log = in_process(parquet_job, capsys)
+    assert code == 0, log
+    assert READ.findall(log) == [("4", "1")]  # part 7's row group, nothing else
+    assert "first part to compute (part 7) ready" in log
+    pd.testing.assert_frame_equal(output(parquet_job), expected)
+
+
+def test_parquet_shards_at_once_equal_one_process(parquet_job, capsys, tmp_path):
+    code, log = in_process(parquet_job, capsys)
+    assert code == 0
+    expected = output(parquet_job)
+    shutil.rmtree(parquet_job.parent / "out")
+    shards = [start(batchrun(parquet_job, "--num-shards", "3", "--shard-index", str(index)), tmp_path / f"s{index}")
+              for index in range(3)]
+    logs = [finish(shard, tmp_path / f"s{index}") for index, shard in enumerate(shards)]
+    assert [shard.returncode for shard in shards] == [0, 0, 0], logs
+    assert [READ.findall(log) for log in logs] == [[("16", "4")]] * 3  # a third of the row groups each
+    pd.testing.assert_frame_equal(output(parquet_job), expected)
+    assert sum(log.count("wrote _SUCCESS") for log in logs) == 1

@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from pipeline_core.data.batching import pack_batches
+from pipeline_core.data.parquet import ReadStats
 from pipeline_core.data.source import Split
 from pipeline_core.layout import Share
 from pipeline_core.output.parts import part_name
@@ -30,7 +31,7 @@ class PreparedPart:
     encoded: Encoded
     batches: list[dict]  # {"rows": positions in the part, "inputs": {name: tensor}}
     tokens: int  # real (unpadded) input tokens
-    read: object = None  # what reading the part cost (ReadStats: row groups, rows, bytes), where the source says
+    read: ReadStats | None = None  # what reading the part cost (row groups, rows, bytes), where the source counts
 
 
 @dataclass
@@ -85,7 +86,8 @@ class PreparedParts(torch.utils.data.IterableDataset):
                 if position % workers == worker and index not in self.skip and self._claim(index):
                     before = self.split.reads()
                     table = self.split.read_part(index, self.rows_per_part)
-                    yield self._prepare(index, table, _read_since(before, self.split.reads()))
+                    cost = self.split.reads() - before
+                    yield self._prepare(index, table, cost if cost.row_groups else None)  # zero: a source not counting
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
             yield SourceFailure(f"reading part {index} failed: {type(error).__name__}: {error}")
             return
@@ -137,11 +139,6 @@ class PreparedParts(torch.utils.data.IterableDataset):
         part = prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
         part.read = read
         return part
-
-
-def _read_since(before, after):
-    """What one read cost, where the source counts its reads."""
-    return None if before is None or after is None else after - before
 
 
 class _PastShare(Exception):

@@ -38,6 +38,9 @@ class ReadStats:
     def __sub__(self, other: ReadStats) -> ReadStats:
         return ReadStats(self.row_groups - other.row_groups, self.rows - other.rows, self.bytes - other.bytes)
 
+    def __add__(self, other: ReadStats) -> ReadStats:
+        return ReadStats(self.row_groups + other.row_groups, self.rows + other.rows, self.bytes + other.bytes)
+
 
 @dataclass(frozen=True)
 class RowGroup:

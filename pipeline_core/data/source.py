@@ -52,16 +52,6 @@ class Split:
         that do not count."""
         return replace(self.rows.stats) if isinstance(self.rows, ParquetRows) else ReadStats()
 
-    @property
-    def random_access(self) -> bool:  # TEMP shim until the parquet branch lands
-        return isinstance(self.rows, datasets.Dataset)
-
-    def read_part(self, index: int, rows_per_part: int) -> pa.Table:
-        return self.rows[index * rows_per_part:(index + 1) * rows_per_part]
-
-    def reads(self):
-        return None
-
     def parts(self, rows_per_part: int, wanted: Callable[[int], bool]) -> Iterator[tuple[int, pa.Table]]:
         """(part index, table) for each wanted part, in order. Unwanted parts are skipped without conversion."""
         if self.random_access:  # read only the wanted parts
