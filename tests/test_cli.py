@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -53,7 +54,6 @@ def test_console_script_is_installed():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", SUMMARIZE, "--num-shards", "2", "--shard-index", "0"], "--num-shards / --shard-index are planned"),
         ([SUMMARIZE, "--log-format", "json"], "--log-format json is planned"),
         (["evaluate", "outputs/x"], "`batchrun evaluate` is not implemented yet"),
     ],
@@ -64,19 +64,88 @@ def test_commands_not_landed_refuse_instead_of_pretending(capsys, args, message)
     assert message in err and out == ""
 
 
+SCHEDULER_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT",
+                       "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture
+def no_scheduler_environment(monkeypatch):
+    """Neither a launcher nor a scheduler around: the test sets the variables it needs."""
+    for variable in SCHEDULER_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def started_runs(no_scheduler_environment):
+    """The layout each `batchrun run` would start with, and the log line it wrote: run_job stands in for the run."""
+    from pipeline_core import runner
+
+    started = []
+
+    def run_job(job, options):
+        logging.getLogger("batchrun").info("started %s", job.get("name"))
+        started.append(options.layout)
+        return 0
+
+    no_scheduler_environment.setattr(runner, "run_job", run_job)
+    yield started
+    cli.setup_logging()  # later tests' log lines untagged, as a plain run writes them
+
+
+@pytest.mark.parametrize("args, env, shard, tag", [
+    (["--num-shards", "3", "--shard-index", "1"], {}, (1, 3), "batchrun[shard 1/3]"),
+    (["--num-shards", "1", "--shard-index", "0"], {}, (0, 1), "batchrun"),
+    (["--num-shards", "4", "--shard-index", "auto"], {"JOB_COMPLETION_INDEX": "3"}, (3, 4), "batchrun[shard 3/4]"),
+    (["--num-shards", "auto", "--shard-index", "auto"],
+     {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "4"}, (2, 4),
+     "batchrun[shard 2/4]"),  # an array numbered 3-6: its third task
+    (["--num-shards", "auto", "--shard-index", "auto"],
+     {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"}, (0, 2), "batchrun[shard 0/2]"),
+    (["--num-shards", "2", "--shard-index", "auto"],
+     {"JOB_COMPLETION_INDEX": "1", "SLURM_ARRAY_TASK_ID": "0"}, (1, 2), "batchrun[shard 1/2]"),  # Kubernetes first
+    ([], {}, (0, 1), "batchrun"),
+    ([], {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, (0, 1), "batchrun[rank 1/2]"),
+    (["--num-shards", "2", "--shard-index", "1"], {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, (1, 2),
+     "batchrun[shard 1/2 rank 0/4]"),
+])
+def test_shards_and_launcher_ranks_reach_the_run_and_tag_its_log_lines(started_runs, monkeypatch, capsys, args, env,
+                                                                      shard, tag):
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    assert run_cli(["run", SUMMARIZE, *args]) == 0
+    [layout] = started_runs
+    assert (layout.shard_index, layout.num_shards) == shard
+    assert (layout.rank, layout.world_size) == (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    assert re.fullmatch(rf"\d\d:\d\d:\d\d {re.escape(tag)} INFO started summarize-articles\n", capsys.readouterr().err)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["run", SUMMARIZE, "--limit", "0"], "Invalid value for '--limit'"),
         (["run", SUMMARIZE, "--num-shards", "2"], "--num-shards and --shard-index go together"),
-        (["run", SUMMARIZE, "--num-shards", "2", "--shard-index", "2"], "--shard-index must be below --num-shards"),
+        (["run", SUMMARIZE, "--shard-index", "0"], "--num-shards and --shard-index go together"),
+        (["run", SUMMARIZE, "--num-shards", "2", "--shard-index", "2"],
+         "--shard-index must be below --num-shards (2), got 2"),
+        (["run", SUMMARIZE, "--num-shards", "0", "--shard-index", "0"],
+         "--num-shards must be an integer of at least 1, got '0'"),
+        (["run", SUMMARIZE, "--num-shards", "two", "--shard-index", "0"],
+         "--num-shards must be an integer of at least 1, got 'two'"),
+        (["run", SUMMARIZE, "--num-shards", "2", "--shard-index", "-1"],
+         "--shard-index must be an integer of at least 0, got '-1'"),
+        (["run", SUMMARIZE, "--num-shards", "auto", "--shard-index", "0"],
+         "--num-shards auto reads SLURM_ARRAY_TASK_COUNT (a Slurm job array), which is not set"),
+        (["run", SUMMARIZE, "--num-shards", "2", "--shard-index", "auto"],
+         "--shard-index auto reads JOB_COMPLETION_INDEX (a Kubernetes indexed Job) or SLURM_ARRAY_TASK_ID "
+         "(a Slurm job array); neither is set"),
         (["run", SUMMARIZE, "--log-format", "xml"], "Invalid value for '--log-format'"),
         (["run"], "Missing argument 'JOB.yaml'"),
         (["validate"], "Missing argument"),
         (["run", SUMMARIZE, "--no-such-option"], "No such option"),
     ],
 )
-def test_usage_errors_exit_2(capsys, args, message):
+def test_usage_errors_exit_2(capsys, no_scheduler_environment, args, message):
     assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -11,6 +11,8 @@ import os
 import platform
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import datasets
@@ -27,7 +29,9 @@ from pipeline_core.cli import run_cli
 from pipeline_core.data.loader import PreparedPart, SourceFailure
 from pipeline_core.errors import UsageError
 from pipeline_core.execute import StopFlag
+from pipeline_core.layout import Layout
 from pipeline_core.manifest import load_job
+from pipeline_core.output.claims import OutputBusy
 from pipeline_core.output.identity import fingerprint, identity
 from pipeline_core.output.parts import PartFacts, commit_part, part_name
 from pipeline_core.output.progress import Progress
@@ -36,6 +40,7 @@ from pipeline_core.runner import (
     _already_finished,
     _discard,
     _exit_for_errors,
+    prepare_output,
     remove_leftovers,
     token_budget,
     verified_parts,
@@ -116,7 +121,7 @@ def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(f
     info = json.loads(raw)
     assert raw == json.dumps(info, indent=2)
     assert list(info) == ["name", "fingerprint", "identity", "manifest", "versions", "device", "dtype",
-                          "generation_config", "stages", "host", "started", "finished"]
+                          "generation_config", "stages", "host", "started", "finished", "processes"]
     loaded = load_job(job, [])
     expected_identity = json.loads(json.dumps(identity(loaded, None)))
     assert info["name"] == "tiny-sentiment"
@@ -134,6 +139,14 @@ def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(f
     assert all(isinstance(stage["seconds"], float) for stage in info["stages"])
     assert re.fullmatch(TIMESTAMP, info["started"]) and re.fullmatch(TIMESTAMP, info["finished"])
     assert info["started"] <= info["finished"]
+    # who computed the job: this one process (the test's), every part and row of it
+    [process] = info["processes"]
+    assert list(process) == ["host", "pid", "rank", "world_size", "shard_index", "num_shards", "device", "parts_done",
+                             "rows_done", "rows_per_second", "input_read"]
+    assert {key: value for key, value in process.items() if key != "rows_per_second"} == {
+        "host": socket.gethostname(), "pid": os.getpid(), "rank": 0, "world_size": 1, "shard_index": 0,
+        "num_shards": 1, "device": "cpu", "parts_done": 2, "rows_done": 6, "input_read": None}
+    assert isinstance(process["rows_per_second"], float) and process["rows_per_second"] > 0
 
 
 def test_progress_json_of_a_finished_run(finished):
@@ -151,7 +164,7 @@ def test_log_of_a_run_names_the_run_its_rows_device_first_part_and_result(finish
     _, out, _, lines = finished
     run_fingerprint = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
     # a JSON source does not know its length before it is read
-    assert f"INFO run {run_fingerprint}: unknown rows, 0 parts already committed, device cpu" in lines
+    assert f"INFO run {run_fingerprint} as one process: unknown rows, 0 parts already committed, device cpu" in lines
     assert [line for line in lines if "first part to compute" in line] == [
         line for line in lines if re.fullmatch(r"INFO first part to compute \(part 0\) ready \d+\.\ds after the run "
                                                r"started", line)]
@@ -159,7 +172,7 @@ def test_log_of_a_run_names_the_run_its_rows_device_first_part_and_result(finish
     assert len(ready) == 1 and 0 <= ready[0] < 120  # seconds since this run started, not a clock reading
     done = [line for line in lines if line.startswith("INFO done: ")]
     assert len(done) == 1
-    assert re.fullmatch(r"INFO done: 6/6 rows, [\d,]+\.\d rows/s, [\d,]+ tokens/s, ETA 0s", done[0])
+    assert re.fullmatch(r"INFO done: 6/6 rows, [\d,]+\.\d rows/s, [\d,]+ tokens/s, ETA 0s; wrote _SUCCESS", done[0])
     assert not [line for line in lines if line.startswith("WARNING")]
 
 
@@ -181,7 +194,7 @@ def test_resume_logs_the_committed_parts_and_computes_only_the_missing_one(tmp_p
     code, lines = run(job, "--output", str(copy))  # output.path is not part of the identity
     assert code == 0
     run_fingerprint = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
-    assert f"INFO run {run_fingerprint}: unknown rows, 1 parts already committed, device cpu" in lines
+    assert f"INFO run {run_fingerprint} as one process: unknown rows, 1 parts already committed, device cpu" in lines
     assert [line.split(" ready ")[0] for line in lines if "first part to compute" in line] == [
         "INFO first part to compute (part 1)"]
     assert (copy / part_name(0)).stat().st_ino == kept
@@ -319,13 +332,64 @@ def test_run_info_without_an_identity_differs_in_every_key(tmp_path):
     assert re.findall(r"  - (\S+):", str(raised.value)) == ["limit", "model.name", "task"]
 
 
+def worker_record(directory: Path, worker: str, state: str = "running", host: str = "another-node",
+                  heartbeat_age: float = 1.0) -> None:
+    """A worker record as claims.Worker writes it (another host's: no pid of this machine is probed)."""
+    now = time.time()
+    record = {"worker": worker, "host": host, "pid": 4242, "rank": 0, "world_size": 1, "shard_index": 0,
+              "num_shards": 1, "state": state, "started": now - 600, "heartbeat": now - heartbeat_age}
+    (directory / f".worker-{worker}.json").write_text(json.dumps(record))
+
+
 def test_fresh_discards_exactly_the_runs_files(tmp_path):
     names = ["part-000000.parquet", "part-000007.parquet", "_batchrun.json", "_progress.json", "_SUCCESS",
-             ".batchrun.lock", "notes.txt", "part-1.parquet", "_eval.json"]
+             ".claim-000000.0", ".claim-000000.1", ".claim-finish.0", ".batchrun.lock", "notes.txt",
+             "part-1.parquet", "_eval.json", ".claim-x", ".worker-.json"]
     for name in names:
         (tmp_path / name).write_text(name)
+    worker_record(tmp_path, "node-1-abc123", state="stopped")
+    worker_record(tmp_path, "node-2-def456", state="running", heartbeat_age=3600)
     _discard(LocalStore(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", "_eval.json", "notes.txt", "part-1.parquet"]
+    assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", ".claim-x", ".worker-.json", "_eval.json", "notes.txt",
+                                            "part-1.parquet"]
+
+
+def test_fresh_while_a_live_process_writes_is_refused_with_exit_75_and_discards_nothing(tmp_path):
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / ".claim-000003.0").write_text(json.dumps({"worker": "node-2-def456", "claimed": 0}))
+    worker_record(tmp_path, "node-1-abc123", state="finished")
+    worker_record(tmp_path, "node-2-def456", state="running", heartbeat_age=100)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(OutputBusy) as raised:
+        _discard(LocalStore(tmp_path))
+    assert str(raised.value) == (f"--fresh would discard {tmp_path} while 1 live process(es) write it, e.g. pid 4242 "
+                                 "on another-node; retry when they have finished")
+    assert raised.value.exit_code == 75
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_fresh_with_shards_is_refused_before_anything_is_discarded(tmp_path):
+    (tmp_path / "part-000000.parquet").write_text("a part of another shard")
+    with pytest.raises(UsageError) as raised:
+        prepare_output(LocalStore(tmp_path), run_identity(), True, Layout(shard_index=1, num_shards=2))
+    assert str(raised.value) == ("--fresh with --num-shards would discard the other shards' parts; discard OUTPUT "
+                                 "once before starting the shards (or use a new output.path)")
+    assert sorted(os.listdir(tmp_path)) == ["part-000000.parquet"]
+
+
+def test_prepare_output_creates_the_run_info_once_and_a_second_process_joins_it(tmp_path):
+    store = LocalStore(tmp_path)
+    assert prepare_output(store, run_identity(), False, Layout()) is False
+    first = (tmp_path / "_batchrun.json").read_text()
+    info = json.loads(first)
+    assert list(info) == ["fingerprint", "identity", "started"]
+    assert (info["fingerprint"], info["identity"]) == (fingerprint(run_identity()), run_identity())
+    assert prepare_output(store, run_identity(), False, Layout(shard_index=1, num_shards=2)) is False
+    assert (tmp_path / "_batchrun.json").read_text() == first  # not rewritten: created exclusively
+    with pytest.raises(UsageError, match="holds a run of a different job"):
+        prepare_output(store, run_identity(limit=3), False, Layout(shard_index=1, num_shards=2))
+    store.put("_SUCCESS", b"")
+    assert prepare_output(store, run_identity(), False, Layout()) is True
 
 
 def test_fresh_run_over_another_jobs_output_starts_over_and_keeps_other_files(tmp_path, finished):
@@ -352,6 +416,26 @@ def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path):
                                             "part-000000.parquet"]
 
 
+def test_while_a_process_is_live_only_temporaries_over_2_minutes_old_are_leftovers(tmp_path):
+    """A live process renames its temporaries within seconds: a fresh one may be mid-write, one over STALE_AFTER
+    old is a leftover. A record no longer live (stopped, or a stale heartbeat) protects nothing."""
+    fresh, old = ".part-000001.parquet.tmp-4242-0a1b2c3d", ".part-000002.parquet.tmp-4242-4e5f6a7b"
+    for name, age in ((fresh, 5), (old, 130)):
+        (tmp_path / name).write_text(name)
+        os.utime(tmp_path / name, (time.time() - age, time.time() - age))
+    worker_record(tmp_path, "node-1-abc123", state="stopped")
+    worker_record(tmp_path, "node-2-def456", state="running", heartbeat_age=3600)
+    remove_leftovers(LocalStore(tmp_path))
+    assert not (tmp_path / fresh).exists() and not (tmp_path / old).exists()  # nobody live: every one goes
+    for name, age in ((fresh, 5), (old, 130)):
+        (tmp_path / name).write_text(name)
+        os.utime(tmp_path / name, (time.time() - age, time.time() - age))
+    worker_record(tmp_path, "node-3-a1b2c3", state="running", heartbeat_age=3)
+    remove_leftovers(LocalStore(tmp_path))
+    assert (tmp_path / fresh).exists() and not (tmp_path / old).exists()
+    assert len([name for name in os.listdir(tmp_path) if name.startswith(".worker-")]) == 3  # records are kept
+
+
 def test_verified_parts_keeps_this_runs_parts_and_removes_the_others(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="batchrun")
     store = LocalStore(tmp_path)
@@ -375,6 +459,22 @@ def test_verified_parts_keeps_this_runs_parts_and_removes_the_others(tmp_path, c
 
 
 # --- stopping ------------------------------------------------------------------------------------------------------
+
+
+def visible(out: Path) -> list[str]:
+    return sorted(name for name in os.listdir(out) if not name.startswith("."))
+
+
+def assert_stopped_and_claiming_nothing(out: Path) -> None:
+    """A run that stopped before the end leaves its worker record, saying so, for `status`; its claims it gives
+    back, so a rerun (or another process) takes the parts at once instead of waiting for them to go stale."""
+    hidden = sorted(name for name in os.listdir(out) if name.startswith("."))
+    assert len(hidden) == 1 and re.fullmatch(r"\.worker-[\w.-]+\.json", hidden[0]), hidden
+    record = json.loads((out / hidden[0]).read_text())
+    assert hidden[0] == f".worker-{record['worker']}.json"
+    assert (record["state"], record["pid"], record["host"]) == ("stopped", os.getpid(), socket.gethostname())
+    assert (record["rank"], record["world_size"], record["shard_index"], record["num_shards"]) == (0, 1, 0, 1)
+    assert record["parts_done"] == 1 and record["heartbeat"] >= record["started"]
 
 
 @pytest.fixture
@@ -421,10 +521,11 @@ def test_stop_after_a_part_keeps_it_updates_progress_and_exits_75(tmp_path, tiny
     out = tmp_path / "out"
     assert code == 75
     run_fingerprint = json.loads((out / "_batchrun.json").read_text())["fingerprint"]
-    assert f"INFO run {run_fingerprint}: 6 rows, 0 parts already committed, device cpu" in lines
+    assert f"INFO run {run_fingerprint} as one process: 6 rows, 0 parts already committed, device cpu" in lines
     assert "WARNING stopped by SIGTERM after committing 1 parts; rerun the same command to resume" in lines
     assert not [line for line in lines if line.startswith("INFO done: ")]
-    assert sorted(os.listdir(out)) == ["_batchrun.json", "_progress.json", part_name(0)]
+    assert visible(out) == ["_batchrun.json", "_progress.json", part_name(0)]
+    assert_stopped_and_claiming_nothing(out)
     raw = (out / "_progress.json").read_text()
     snapshot = json.loads(raw)
     assert raw == json.dumps(snapshot, indent=2)
@@ -469,7 +570,8 @@ def test_source_failure_after_a_part_exits_1_naming_the_dataset_and_keeps_the_pa
     assert code == 1
     assert ("error: dataset 'json': reading part 1 failed: OSError: the disk went away; committed parts are kept"
             in capsys.readouterr().err)
-    assert sorted(os.listdir(tmp_path / "out")) == ["_batchrun.json", "_progress.json", part_name(0)]
+    assert visible(tmp_path / "out") == ["_batchrun.json", "_progress.json", part_name(0)]
+    assert_stopped_and_claiming_nothing(tmp_path / "out")
 
 
 def test_resume_with_two_workers_computes_parts_after_one_worker_has_finished(tmp_path, tiny_models):

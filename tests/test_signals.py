@@ -106,6 +106,9 @@ def test_a_second_signal_during_a_run_exits_75_at_once(tmp_path, tiny_models, mo
     err = capsys.readouterr().err
     assert "SIGTERM received" in err and err.splitlines()[-1] == "interrupted"
     assert "stopped by SIGTERM" not in err and "Traceback" not in err  # not the first signal's orderly stop
-    assert sorted(path.name for path in Path(tmp_path / "out").iterdir()) == []  # no part, no lock left behind
+    # stopped while the model loaded: only the run info made before it, no part, no worker record, no claim
+    assert sorted(path.name for path in Path(tmp_path / "out").iterdir()) == ["_batchrun.json"]
+    info = json.loads((tmp_path / "out" / "_batchrun.json").read_text())
+    assert list(info) == ["fingerprint", "identity", "started"]
     assert own_handlers == {signal.SIGTERM: [], signal.SIGINT: []}
     assert {signum: signal.getsignal(signum) for signum in own_handlers} == before  # the run put them back

@@ -3,6 +3,9 @@ limits, the columns it reads, its error messages; which parts a worker prepares,
 
 from __future__ import annotations
 
+import json
+import pickle
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +37,11 @@ from pipeline_core.data.source import (
     open_split,
 )
 from pipeline_core.errors import BatchrunError, UsageError
+from pipeline_core.layout import Layout, Share
 from pipeline_core.manifest import Job
+from pipeline_core.output.claims import Claims
+from pipeline_core.output.parts import part_name
+from pipeline_core.output.store import LocalStore
 from pipeline_core.tasks.text import Encoded
 
 
@@ -377,12 +384,44 @@ def prepared(items) -> list:
             else item for item in items]
 
 
+ME = "node-1-abc123"  # the worker id of the process whose parts are prepared
+
+
+@pytest.fixture
+def claims(tmp_path) -> Claims:
+    """The process's claims, in a store of their own (the run's OUTPUT)."""
+    return Claims(LocalStore(tmp_path / "out"), ME)
+
+
+def parts_of(split, claims, rows_per_part: int = 3, skip=frozenset(), layout: Layout | None = None,
+             task=None) -> PreparedParts:
+    """PreparedParts over the share `layout` (one process by default) has of `split`, as the runner builds it."""
+    total_parts = None if split.total is None else -(-split.total // rows_per_part)
+    return PreparedParts(split, task or WordTask(), rows_per_part, ["id"], LIMITS,
+                         Share(layout or Layout(), total_parts), claims, frozenset(skip))
+
+
+def other_worker(store: LocalStore, worker: str, live: bool) -> None:
+    """The record of another process (on another host, so no pid of this machine is probed): live with a heartbeat
+    3 s old, gone with one an hour old."""
+    now = time.time()
+    record = {"worker": worker, "host": "another-node", "pid": 4242, "state": "running", "started": now - 3600,
+              "heartbeat": now - (3 if live else 3600)}
+    store.put(f".worker-{worker}.json", json.dumps(record).encode())
+
+
+def claim_files(store: LocalStore) -> dict[str, str]:
+    """{claim file: the worker it names}."""
+    return {name: json.loads(store.get(name))["worker"] for name in store.names() if name.startswith(".claim-")}
+
+
 @pytest.mark.parametrize("streamed", [False, True])
-def test_in_the_main_process_every_part_not_skipped_is_prepared_then_the_part_count(streamed):
-    parts = PreparedParts(in_memory(10, streamed), WordTask(), 3, ["id"], LIMITS, skip=frozenset({1}))
-    items = list(parts)
+def test_in_the_main_process_every_part_not_skipped_is_claimed_and_prepared_then_the_part_count(claims, streamed):
+    items = list(parts_of(in_memory(10, streamed), claims, skip={1}))
     assert prepared(items) == [(0, 0, [0, 1, 2]), (2, 6, [6, 7, 8]), (3, 9, [9]), EndOfSplit(4)]
     assert all(type(item.first_row) is int for item in items[:-1])
+    # each prepared part is held until its commit releases it; a skipped (committed) part is never claimed
+    assert claim_files(claims.store) == {".claim-000000.0": ME, ".claim-000002.0": ME, ".claim-000003.0": ME}
 
 
 @pytest.mark.parametrize("worker, workers, skip, expected", [
@@ -392,33 +431,153 @@ def test_in_the_main_process_every_part_not_skipped_is_prepared_then_the_part_co
     (0, 3, frozenset({3}), [0]),
 ])
 @pytest.mark.parametrize("streamed", [False, True])
-def test_a_worker_prepares_the_parts_whose_index_mod_workers_is_its_id(monkeypatch, streamed, worker, workers,
-                                                                           skip, expected):
+def test_a_worker_prepares_every_wth_part_of_the_share(monkeypatch, claims, streamed, worker, workers, skip,
+                                                      expected):
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
-    items = list(PreparedParts(in_memory(10, streamed), WordTask(), 3, ["id"], LIMITS, skip))
+    items = list(parts_of(in_memory(10, streamed), claims, skip=skip))
     assert [item.index for item in items[:-1]] == expected
     assert items[-1] == EndOfSplit(4)  # every worker counts every part
+    assert sorted(claim_files(claims.store)) == [f".claim-{index:06d}.0" for index in sorted(expected)]
 
 
-def test_an_empty_split_has_no_parts():
-    assert list(PreparedParts(in_memory(0, False), WordTask(), 3, ["id"], LIMITS)) == [EndOfSplit(0)]
+@pytest.mark.parametrize("layout, worker, workers, streamed, expected", [
+    # shard 1 of 2 of 4 parts is the block of parts 2 and 3, dealt to its workers in turn
+    (Layout(shard_index=1, num_shards=2), 0, 1, False, [2, 3]),
+    (Layout(shard_index=1, num_shards=2), 0, 2, False, [2]),
+    (Layout(shard_index=1, num_shards=2), 1, 2, True, [3]),
+    (Layout(shard_index=0, num_shards=3), 0, 1, True, [0]),  # parts 0-3 in three blocks: [0], [1], [2, 3]
+    (Layout(shard_index=2, num_shards=3), 0, 1, False, [2, 3]),
+    # rank 1 of 2 starts at the second half of the block; a stream is read in order whatever the rank
+    (Layout(rank=1, world_size=2), 0, 1, False, [2, 3, 0, 1]),
+    (Layout(rank=1, world_size=2), 0, 2, False, [2, 0]),
+    (Layout(rank=1, world_size=2), 1, 2, False, [3, 1]),
+    (Layout(rank=1, world_size=2), 0, 2, True, [0, 2]),
+    (Layout(rank=1, world_size=2, shard_index=1, num_shards=2), 0, 1, False, [3, 2]),
+])
+def test_a_worker_prepares_its_share_of_a_shard_and_of_a_rank(monkeypatch, claims, layout, worker, workers,
+                                                              streamed, expected):
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
+    items = list(parts_of(in_memory(10, streamed), claims, layout=layout))
+    assert [item.index for item in items[:-1]] == expected
+    assert items[-1] == EndOfSplit(4)
 
 
-def test_a_part_that_fails_is_named_in_one_message_and_ends_the_worker():
-    items = list(PreparedParts(in_memory(10, False), WordTask(fail_on_id=7), 3, ["id"], LIMITS))
+@pytest.mark.parametrize("worker, workers, expected", [(0, 1, [1, 3]), (0, 2, [1]), (1, 2, [3])])
+def test_a_stream_of_unknown_length_is_dealt_round_robin_to_the_shards(monkeypatch, claims, worker, workers,
+                                                                       expected):
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=workers))
+    split = in_memory(10, True)
+    split.total = None
+    items = list(parts_of(split, claims, layout=Layout(shard_index=1, num_shards=2)))
+    assert [item.index for item in items[:-1]] == expected
+    assert items[-1] == EndOfSplit(4)  # read through: the stream's length is known now
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_parts_claimed_by_another_live_process_are_left_to_it(claims, streamed):
+    store = claims.store
+    other_worker(store, "node-2-def456", live=True)
+    store.create(".claim-000001.0", json.dumps({"worker": "node-2-def456", "claimed": 0}).encode())
+    store.create(".claim-000003.0", json.dumps({"worker": "node-2-def456", "claimed": 0}).encode())
+    items = list(parts_of(in_memory(10, streamed), claims))
+    assert prepared(items) == [(0, 0, [0, 1, 2]), (2, 6, [6, 7, 8]), EndOfSplit(4)]
+    assert claim_files(store) == {".claim-000000.0": ME, ".claim-000001.0": "node-2-def456",
+                                  ".claim-000002.0": ME, ".claim-000003.0": "node-2-def456"}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_parts_claimed_by_a_process_that_is_gone_are_taken_over(claims, streamed):
+    store = claims.store
+    other_worker(store, "node-2-def456", live=False)
+    store.create(".claim-000001.0", json.dumps({"worker": "node-2-def456", "claimed": 0}).encode())
+    items = list(parts_of(in_memory(10, streamed), claims))
+    assert [item.index for item in items[:-1]] == [0, 1, 2, 3]
+    assert claim_files(store) == {".claim-000000.0": ME, ".claim-000001.0": "node-2-def456",
+                                  ".claim-000001.1": ME, ".claim-000002.0": ME, ".claim-000003.0": ME}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_part_committed_after_the_skip_list_was_made_is_released_and_not_prepared(claims, streamed):
+    """Another process committed part 1 (and released its claim) after this process listed OUTPUT: the claim
+    succeeds, but the part is there. Every generation of its claim goes, the stale one it took over included."""
+    store = claims.store
+    other_worker(store, "node-2-def456", live=False)
+    store.create(".claim-000002.0", json.dumps({"worker": "node-2-def456", "claimed": 0}).encode())
+    store.put(part_name(1), b"committed by another process")
+    store.put(part_name(2), b"committed by a process that died before removing its claim")
+    items = list(parts_of(in_memory(10, streamed), claims))
+    assert prepared(items) == [(0, 0, [0, 1, 2]), (3, 9, [9]), EndOfSplit(4)]
+    assert claim_files(store) == {".claim-000000.0": ME, ".claim-000003.0": ME}
+
+
+def counted_stream(rows: int, read: list) -> Split:
+    """A stream of `rows` rows, known to be that long, that appends the id of every row it yields to `read`."""
+    def generate():
+        for index in range(rows):
+            read.append(index)
+            yield {"id": index, "text": f"w{index}"}
+    return Split(datasets.IterableDataset.from_generator(generate).with_format("arrow"), rows, ["text", "id"])
+
+
+@pytest.mark.parametrize("layout, expected, last_row_read", [
+    (Layout(shard_index=0, num_shards=3), [0], 5),  # 5 parts in blocks [0], [1, 2], [3, 4]: read up to part 1
+    (Layout(shard_index=1, num_shards=3), [1, 2], 11),
+    (Layout(shard_index=2, num_shards=3), [3, 4], 12),  # the last block reads the stream to its end
+    (Layout(), [0, 1, 2, 3, 4], 12),
+])
+def test_a_stream_of_known_length_stops_reading_after_the_shards_last_part(claims, layout, expected, last_row_read):
+    read = []
+    items = list(parts_of(counted_stream(13, read), claims, layout=layout))
+    assert [item.index for item in items[:-1]] == expected
+    assert items[-1] == EndOfSplit(5)  # the whole split's parts, though not all were read
+    assert read == list(range(last_row_read + 1))
+
+
+def test_a_shard_with_an_empty_block_reads_nothing_past_the_first_part(claims):
+    read = []
+    items = list(parts_of(counted_stream(3, read), claims, layout=Layout(shard_index=0, num_shards=2)))
+    assert items == [EndOfSplit(1)]  # one part for two shards: shard 1 has it
+    assert read == [0, 1, 2] and claim_files(claims.store) == {}
+
+
+def test_an_empty_split_has_no_parts(claims):
+    assert list(parts_of(in_memory(0, False), claims)) == [EndOfSplit(0)]
+
+
+def test_a_part_that_fails_is_named_in_one_message_and_ends_the_worker(claims):
+    items = list(parts_of(in_memory(10, False), claims, task=WordTask(fail_on_id=7)))
     assert prepared(items[:2]) == [(0, 0, [0, 1, 2]), (1, 3, [3, 4, 5])]
     assert items[2:] == [SourceFailure("reading part 2 failed: ValueError: cannot encode row 7")]
 
 
 class Unreadable:
+    random_access = False
+    total = None
+
     def parts(self, rows_per_part, wanted):
         raise OSError("connection reset")
         yield  # a generator, like Split.parts
 
 
-def test_a_source_that_fails_before_its_first_part_names_part_0():
-    items = list(PreparedParts(Unreadable(), WordTask(), 3, ["id"], LIMITS))
+class UnreadablePart(Split):
+    """Random access whose reads of part 1 fail (a truncated file, a dropped connection)."""
+
+    def read_part(self, index, rows_per_part):
+        if index == 1:
+            raise OSError("connection reset")
+        return super().read_part(index, rows_per_part)
+
+
+def test_a_source_that_fails_before_its_first_part_names_part_0(claims):
+    items = list(parts_of(Unreadable(), claims))
     assert items == [SourceFailure("reading part 0 failed: OSError: connection reset")]
+
+
+def test_a_random_access_read_that_fails_names_its_part(claims):
+    split = in_memory(10, False)
+    items = list(parts_of(UnreadablePart(split.rows, split.total, split.columns), claims))
+    assert prepared(items[:1]) == [(0, 0, [0, 1, 2])]
+    assert items[1:] == [SourceFailure("reading part 1 failed: OSError: connection reset")]
 
 
 def failing_stream(rows: int):
@@ -429,25 +588,41 @@ def failing_stream(rows: int):
     return Split(datasets.IterableDataset.from_generator(generate).with_format("arrow"), None, ["text", "id"])
 
 
-def test_a_streamed_part_that_fails_to_read_is_named():
-    items = list(PreparedParts(failing_stream(7), WordTask(), 3, ["id"], LIMITS))
+def test_a_streamed_part_that_fails_to_read_is_named(claims):
+    items = list(parts_of(failing_stream(7), claims))
     assert prepared(items[:2]) == [(0, 0, [0, 1, 2]), (1, 3, [3, 4, 5])]
     assert items[2:] == [SourceFailure("reading part 2 failed: OSError: connection reset")]  # rows 6-8
 
 
 @pytest.mark.parametrize("skip", [{1}, {0, 1}])
-def test_a_streamed_part_that_fails_to_read_after_skipped_parts_is_named(skip):
-    items = list(PreparedParts(failing_stream(7), WordTask(), 3, ["id"], LIMITS, frozenset(skip)))
+def test_a_streamed_part_that_fails_to_read_after_skipped_parts_is_named(claims, skip):
+    items = list(parts_of(failing_stream(7), claims, skip=skip))
     assert prepared(items[:-1]) == [(0, 0, [0, 1, 2])] * (0 not in skip)
     assert items[-1] == SourceFailure("reading part 2 failed: OSError: connection reset")
+
+
+def test_a_streamed_part_that_fails_after_a_part_held_by_another_process_is_named(claims):
+    other_worker(claims.store, "node-2-def456", live=True)
+    claims.store.create(".claim-000001.0", json.dumps({"worker": "node-2-def456", "claimed": 0}).encode())
+    items = list(parts_of(failing_stream(7), claims))
+    assert prepared(items[:-1]) == [(0, 0, [0, 1, 2])]
+    assert items[-1] == SourceFailure("reading part 2 failed: OSError: connection reset")
+
+
+def test_claims_travel_to_dataloader_workers(claims):
+    """DataLoader workers get the dataset pickled (or forked): the claims must survive it and claim as this worker."""
+    copy = pickle.loads(pickle.dumps(claims))
+    assert (copy.worker_id, copy.store.root) == (ME, claims.store.root)
+    assert copy.claim(0) is True and claims.claim(0) is True  # the same worker's claim
+    assert claim_files(claims.store) == {".claim-000000.0": ME}
 
 
 # --- the DataLoader ------------------------------------------------------------------------------------------
 
 
-def test_the_loader_hands_over_prepared_parts_unchanged_in_the_main_process(monkeypatch):
+def test_the_loader_hands_over_prepared_parts_unchanged_in_the_main_process(monkeypatch, claims):
     monkeypatch.delenv("TOKENIZERS_PARALLELISM")
-    parts = PreparedParts(in_memory(5, False), WordTask(), 3, ["id"], LIMITS)
+    parts = parts_of(in_memory(5, False), claims)
     loader = part_loader(parts, num_workers=0, pin_memory=False)
     assert (loader.dataset, loader.batch_size, loader.num_workers, loader.collate_fn, loader.pin_memory,
             loader.prefetch_factor, loader.worker_init_fn) == (parts, None, 0, _pass_through, False, None, None)
@@ -455,9 +630,9 @@ def test_the_loader_hands_over_prepared_parts_unchanged_in_the_main_process(monk
     assert "TOKENIZERS_PARALLELISM" not in loader_module.os.environ
 
 
-def test_the_loader_with_workers_quiets_them_and_the_tokenizers_thread_pool(monkeypatch):
+def test_the_loader_with_workers_quiets_them_and_the_tokenizers_thread_pool(monkeypatch, claims):
     monkeypatch.delenv("TOKENIZERS_PARALLELISM")
-    parts = PreparedParts(in_memory(5, False), WordTask(), 3, ["id"], LIMITS)
+    parts = parts_of(in_memory(5, False), claims)
     loader = part_loader(parts, num_workers=2, pin_memory=True)
     assert (loader.batch_size, loader.num_workers, loader.collate_fn, loader.pin_memory, loader.prefetch_factor,
             loader.worker_init_fn) == (None, 2, _pass_through, True, 2, _quiet_worker)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -86,10 +88,10 @@ def test_put_fsyncs_a_hidden_temporary_renames_it_into_place_then_fsyncs_the_dir
 
 def test_create_refuses_a_name_that_exists(tmp_path):
     store = LocalStore(tmp_path / "out")
-    assert store.create(".batchrun.lock", b"first") is True
-    assert store.create(".batchrun.lock", b"second") is False
-    assert (tmp_path / "out" / ".batchrun.lock").read_bytes() == b"first"
-    assert store.get(".batchrun.lock") == b"first" and store.get("missing") is None
+    assert store.create(".claim-000000.0", b"first") is True
+    assert store.create(".claim-000000.0", b"second") is False
+    assert (tmp_path / "out" / ".claim-000000.0").read_bytes() == b"first"
+    assert store.get(".claim-000000.0") == b"first" and store.get("missing") is None
 
 
 def test_committed_parts_are_the_part_files_only():
@@ -322,7 +324,7 @@ def test_store_names_its_directory_and_creates_it_with_its_parents(tmp_path):
     assert store.names() == []  # not created yet
     store.put("_SUCCESS", b"")
     store.put("_SUCCESS", b"again")  # the directory exists now
-    assert LocalStore(tmp_path / "c" / "d").create(".batchrun.lock", b"x") is True
+    assert LocalStore(tmp_path / "c" / "d").create(".claim-000000.0", b"x") is True
     assert LocalStore(tmp_path / "c" / "d").create(".other", b"y") is True
 
 
@@ -341,17 +343,38 @@ def test_remove_of_a_missing_name_is_quiet(tmp_path):
     assert store.names() == [] and store.exists("x") is False
 
 
-def test_put_writes_under_a_hidden_temporary_named_after_the_target_and_the_process(tmp_path, disk_calls):
-    LocalStore(tmp_path).put("_batchrun.json", b"{}")
-    renamed = [call for call in disk_calls if call[0] == "rename"]
-    assert [call[1].name for call in renamed] == [f"._batchrun.json.tmp-{os.getpid()}"]
+def test_put_writes_under_a_hidden_temporary_named_after_the_target_the_process_and_a_random_suffix(tmp_path,
+                                                                                                    disk_calls):
+    """Unique per write: processes on other hosts (same pid, maybe) and this process's heartbeat thread may put the
+    same name at the same moment, and must not write into one temporary."""
+    store = LocalStore(tmp_path)
+    store.put("_batchrun.json", b"{}")
+    store.put("_batchrun.json", b"{}")
+    temporaries = [call[1].name for call in disk_calls if call[0] == "rename"]
+    assert len(temporaries) == 2 and temporaries[0] != temporaries[1]
+    for name in temporaries:
+        assert re.fullmatch(rf"\._batchrun\.json\.tmp-{os.getpid()}-[0-9a-f]{{8}}", name), name
+    assert sorted(os.listdir(tmp_path)) == ["_batchrun.json"]
 
 
-def test_created_lock_file_is_readable_by_others_and_not_executable(tmp_path):
+def test_age_is_the_seconds_since_the_last_write_and_0_for_a_missing_name(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put("x", b"1")
+    assert 0 <= store.age("x") < 5
+    an_hour_ago = time.time() - 3600
+    os.utime(tmp_path / "x", (an_hour_ago, an_hour_ago))
+    assert 3599 < store.age("x") < 3605
+    future = time.time() + 3600  # a clock ahead on the host that wrote it: never a negative age
+    os.utime(tmp_path / "x", (future, future))
+    assert store.age("x") == 0.0
+    assert store.age("missing") == 0.0
+
+
+def test_created_claim_file_is_readable_by_others_and_not_executable(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
-    LocalStore(tmp_path).create(".batchrun.lock", b"x")
-    assert stat.S_IMODE((tmp_path / ".batchrun.lock").stat().st_mode) == 0o644 & ~umask
+    LocalStore(tmp_path).create(".claim-000000.0", b"x")
+    assert stat.S_IMODE((tmp_path / ".claim-000000.0").stat().st_mode) == 0o644 & ~umask
 
 
 def test_footer_keeps_the_tables_own_metadata_and_compression_none_is_uncompressed(tmp_path):
