@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-from pipeline_core.errors import BatchrunError, UsageError
+from pipeline_core.errors import UsageError
 
 log = logging.getLogger("batchrun")
 
@@ -168,52 +167,3 @@ class Share:
         block = list(self.parts())
         start = len(block) * self.layout.rank // self.layout.world_size
         return block[start:] + block[:start]
-
-
-class ProcessGroup:
-    """torch.distributed over gloo for a launched run, used once: rank 0 prepares OUTPUT while the others wait.
-
-    Nothing collective happens after that, so a rank with fewer parts never holds the others up.
-    """
-
-    def __init__(self, layout: Layout):
-        self.layout = layout
-        self.owned = False
-
-    def __enter__(self) -> ProcessGroup:
-        import torch.distributed as distributed  # here: `batchrun status` reads layouts without loading torch
-
-        if self.layout.launched and not distributed.is_initialized():
-            # gloo on every device: one small message at start-up needs no NCCL communicator on the GPUs
-            distributed.init_process_group("gloo", timeout=timedelta(minutes=10))
-            self.owned = True
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.owned:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
-        return False
-
-    def prepared_by_rank_0(self, prepare: Callable[[], object]):
-        """prepare() on rank 0; every rank gets its result, or raises the error rank 0 met."""
-        if not self.layout.launched:
-            return prepare()
-        import torch.distributed
-
-        outcome: list = [None]
-        if self.layout.rank == 0:
-            try:
-                outcome[0] = ("ok", prepare())
-            except BatchrunError as error:
-                outcome[0] = ("error", error)
-            except Exception as error:  # noqa: BLE001 - the other ranks must not wait forever; rank 0 re-raises
-                outcome[0] = ("failed", error)
-        torch.distributed.broadcast_object_list(outcome, src=0)
-        kind, value = outcome[0]
-        if kind == "ok":
-            return value
-        if kind == "error" or self.layout.rank == 0:
-            raise value
-        raise BatchrunError(f"rank 0 failed preparing the output directory: {type(value).__name__}: {value}")

@@ -30,7 +30,7 @@ from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
 from pipeline_core.initializer import initialize, plan_summary
-from pipeline_core.layout import Layout, ProcessGroup, Share, check_device_map
+from pipeline_core.layout import Layout, Share, check_device_map
 from pipeline_core.manifest import Job
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.claims import (
@@ -58,6 +58,7 @@ from pipeline_core.tasks import build_task
 
 log = logging.getLogger("batchrun")
 WAIT_POLL_SECONDS = 2.0  # how often a process whose share is held by others looks again
+RANK_0_TIMEOUT = 600.0  # how long other ranks wait for rank 0 to prepare OUTPUT (it loads no model first)
 
 
 @dataclass
@@ -73,13 +74,30 @@ def run_job(job: Job, options: RunOptions) -> int:
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
     run_identity = identity(job, options.limit)
-    with ProcessGroup(layout) as group:
-        finished = group.prepared_by_rank_0(lambda: prepare_output(store, run_identity, options.fresh, layout))
+    with StopOnSignals() as stop:
+        if layout.rank == 0:
+            finished = prepare_output(store, run_identity, options.fresh, layout)
+        else:
+            finished = wait_for_rank_0(store, run_identity, stop)
+        if finished is None:
+            log.warning("stopped by %s before starting; rerun the same command to resume", stop.signal_name)
+            return EXIT_INTERRUPTED
         if finished:
             log.info("%s already holds this finished run; nothing to do", store)
             return EXIT_OK
-        with StopOnSignals() as stop:
-            return _run(job, options, store, run_identity, stop)
+        # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
+        with Worker(store, layout.labels()) as worker:
+            try:
+                code = _run(job, options, store, run_identity, stop, worker)
+            except BaseException:
+                worker.claims.release_all()
+                worker.write(state="stopped")
+                raise
+            if code == EXIT_INTERRUPTED:
+                worker.write(state="stopped")
+        if store.exists(SUCCESS):
+            worker.retire()
+        return code
 
 
 def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: Layout) -> bool:
@@ -98,7 +116,22 @@ def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: L
     return False
 
 
-def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, stop: StopFlag) -> int:
+def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> bool | None:
+    """Ranks other than 0 wait until rank 0 has prepared OUTPUT (its --fresh must not discard their parts): its
+    live worker record says so, or _SUCCESS when it found the job finished. Then the same identity check.
+    No collective operation: a rank 0 that fails makes the launcher stop the group. None when stopped."""
+    deadline = time.monotonic() + RANK_0_TIMEOUT
+    while not (store.exists(SUCCESS) or any(record["live"] and record.get("rank") == 0
+                                            for record in worker_records(store))):
+        if time.monotonic() > deadline:
+            raise BatchrunError(f"rank 0 did not start writing {store} within {RANK_0_TIMEOUT:.0f}s; see its log")
+        if stop.wait(0.2):
+            return None
+    return _already_finished(store, run_identity)
+
+
+def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, stop: StopFlag,
+         worker: Worker) -> int:
     started = time.monotonic()
     layout = options.layout
     pipeline = initialize(job)
@@ -125,29 +158,20 @@ def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, s
         heap.after_batch()
 
     runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop, on_batch=after_batch)
-    work = Work(job, store, split, task, share, limits, runner, progress, stop, run_fingerprint)
-    labels = {**layout.labels(), "device": str(pipeline.device), "round_robin": share.round_robin}
-    with Worker(store, labels, figures=progress.figures) as worker:
-        work.worker = worker
-        try:
-            work.compute_share(started, loaded)
-        except Interrupted:
-            worker.claims.release_all()
-            worker.write(state="stopped")
-            store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
-            log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
-                        stop.signal_name, progress.parts_done)
-            return EXIT_INTERRUPTED
-        except BaseException:
-            worker.claims.release_all()
-            worker.write(state="stopped")
-            raise
-        finally:
-            progress.close()
-        code = work.finish()  # still "running": a finished record would let another process take the finish claim
-    if store.exists(SUCCESS):
-        worker.retire()
-    return code
+    work = Work(job, store, split, task, share, limits, runner, progress, stop, run_fingerprint, worker)
+    worker.record.update(device=str(pipeline.device), round_robin=share.round_robin)
+    worker.figures = progress.figures
+    try:
+        work.compute_share(started, loaded)
+    except Interrupted:
+        worker.claims.release_all()
+        store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
+        log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
+                    stop.signal_name, progress.parts_done)
+        return EXIT_INTERRUPTED
+    finally:
+        progress.close()
+    return work.finish()  # the record still says running: a finished one would let others take the finish claim
 
 
 @dataclass

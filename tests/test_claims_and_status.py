@@ -354,7 +354,8 @@ def test_a_claim_whose_holder_is_gone_is_taken_over_by_the_next_generation_and_l
     assert claims.claim(7) is True
     gone = None if holder == "no worker named" else OTHER
     assert claims_on_disk(tmp_path) == {".claim-000007.0": THIRD, ".claim-000007.1": gone, ".claim-000007.2": ME}
-    assert [record.getMessage() for record in caplog.records] == [f"took over part 7 from {gone}, which is gone"]
+    named = gone or "a claim naming no process"
+    assert [record.getMessage() for record in caplog.records] == [f"took over part 7 from {named}, which is gone"]
     assert claims.claim(7) is True and len(caplog.records) == 1  # held now: nothing more to take over
 
 
@@ -453,9 +454,6 @@ def test_a_holders_liveness_is_read_once_per_5_seconds(tmp_path, monkeypatch):
     assert claims.claim(7) is True
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: a claim file left empty or torn (kill -9 between the exclusive "
-                   "create and its write) is never taken over, while available() says it may be: compute_share then "
-                   "starts pass after pass without waiting, forever")
 def test_a_torn_claim_long_left_by_a_dead_writer_is_taken_over(tmp_path):
     (tmp_path / claim_name(7, 0)).write_text("")
     an_hour_ago = time.time() - 3600
@@ -466,9 +464,6 @@ def test_a_torn_claim_long_left_by_a_dead_writer_is_taken_over(tmp_path):
     assert claims_on_disk(tmp_path)[".claim-000007.1"] == ME
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: release_all removes a generation under the top one; "
-                   "_top_generation counts up from 0 and stops at the gap, so a third worker claims generation 0 of a "
-                   "part a live worker holds at generation 1")
 def test_a_worker_judged_gone_that_gives_back_its_claims_leaves_the_taker_holding_them(tmp_path):
     write_record(tmp_path, ME)
     write_record(tmp_path, OTHER)

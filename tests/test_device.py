@@ -115,10 +115,21 @@ def test_distributed_rank_wins(fake_accelerators):
 
 
 def test_distributed_local_rank_reads_the_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert device_stage.distributed_local_rank() == 2
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    assert device_stage.distributed_local_rank() is None
+
+
+def test_under_a_launcher_the_local_rank_needs_no_process_group(monkeypatch):
+    # torchrun and accelerate launch set WORLD_SIZE and LOCAL_RANK; batchrun's ranks never form a process group
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert device_stage.distributed_local_rank() == 3
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process that happens to have LOCAL_RANK set
     assert device_stage.distributed_local_rank() is None
 
 
@@ -164,6 +175,7 @@ def test_available_accelerators_counts_each_available_kind_in_priority_order(mon
 
 def test_distributed_rank_without_local_rank_is_the_global_rank(monkeypatch):
     # a bare init_process_group sets no LOCAL_RANK: the process group's rank stands in for it
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 3)
     monkeypatch.delenv("LOCAL_RANK", raising=False)

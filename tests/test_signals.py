@@ -106,8 +106,11 @@ def test_a_second_signal_during_a_run_exits_75_at_once(tmp_path, tiny_models, mo
     err = capsys.readouterr().err
     assert "SIGTERM received" in err and err.splitlines()[-1] == "interrupted"
     assert "stopped by SIGTERM" not in err and "Traceback" not in err  # not the first signal's orderly stop
-    # stopped while the model loaded: only the run info made before it, no part, no worker record, no claim
-    assert sorted(path.name for path in Path(tmp_path / "out").iterdir()) == ["_batchrun.json"]
+    # stopped while the model loaded: the run info made before it, and this process's record, stopped; no part,
+    # no claim
+    names = sorted(path.name for path in Path(tmp_path / "out").iterdir())
+    assert len(names) == 2 and names[1] == "_batchrun.json" and names[0].startswith(".worker-")
+    assert json.loads((tmp_path / "out" / names[0]).read_text())["state"] == "stopped"
     info = json.loads((tmp_path / "out" / "_batchrun.json").read_text())
     assert list(info) == ["fingerprint", "identity", "started"]
     assert own_handlers == {signal.SIGTERM: [], signal.SIGINT: []}

@@ -121,8 +121,11 @@ def _map_device(placement, first_accelerator: str | None) -> str:
 
 
 def distributed_local_rank() -> int | None:
-    """This process's local rank when torch.distributed is initialised, else None."""
+    """This process's local rank under a launcher (torchrun and accelerate launch set WORLD_SIZE and LOCAL_RANK;
+    batchrun needs no process group) or an initialised torch.distributed; else None."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and local_rank is not None:
+        return int(local_rank)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    local_rank = os.environ.get("LOCAL_RANK")  # torchrun and accelerate set it; a bare init has only the rank
     return int(local_rank) if local_rank is not None else torch.distributed.get_rank()

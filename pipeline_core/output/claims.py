@@ -33,6 +33,9 @@ LIVENESS_CACHE_SECONDS = 5.0  # a pass over thousands of claims held by one peer
 WORKER_PATTERN = re.compile(r"\.worker-(?P<id>[\w.-]+)\.json")
 CLAIM_PATTERN = re.compile(r"\.claim-(?P<key>\w+)\.(?P<generation>\d+)")
 FINISH = "finish"  # the claim that lets exactly one process write _SUCCESS
+VANISHED = "\0vanished"  # a claim that disappeared between two looks at it
+UNREADABLE = "\0unreadable"  # a claim that cannot be read yet: left alone until TORN_CLAIM_GRACE has passed
+TORN_CLAIM_GRACE = 10.0  # claims are created whole (store.create); an unreadable one older than this is a leftover
 
 
 class OutputBusy(BatchrunError):
@@ -165,29 +168,25 @@ class Claims:
         """True when this process now holds `key`'s claim (a new one, a stale one taken over, or its own)."""
         for _ in range(100):  # each round loses a race to another process; a handful is already unusual
             generation = self._top_generation(key)
-            if generation < 0:
-                if self.store.create(claim_name(key, 0), self._claim_record()):
-                    return True
-                continue
-            holder = read_json(self.store, claim_name(key, generation))
-            if holder is None:
-                continue  # released or removed after a commit since we looked
-            if holder.get("worker") == self.worker_id:
+            holder = self._holder(key, generation)
+            if holder == VANISHED:
+                continue  # released, or removed after a commit, since we looked
+            if holder == self.worker_id:
                 return True
-            if self.holder_is_live(holder.get("worker")):
+            if holder == UNREADABLE or (holder is not None and self.holder_is_live(holder)):
                 return False
             if self.store.create(claim_name(key, generation + 1), self._claim_record()):
-                log.info("took over %s from %s, which is gone", _label(key), holder.get("worker"))
+                if generation >= 0:
+                    log.info("took over %s from %s, which is gone", _label(key), holder or "a claim naming no process")
                 return True
         return False
 
     def available(self, key: int | str) -> bool:
         """True when `key` is unclaimed, claimed by this process, or its holder is gone: a claim would succeed."""
-        generation = self._top_generation(key)
-        if generation < 0:
-            return True
-        holder = read_json(self.store, claim_name(key, generation)) or {}
-        return holder.get("worker") == self.worker_id or not self.holder_is_live(holder.get("worker"))
+        holder = self._holder(key, self._top_generation(key))
+        if holder == UNREADABLE:
+            return False
+        return holder in (None, VANISHED, self.worker_id) or not self.holder_is_live(holder)
 
     def release(self, key: int | str, done: bool) -> None:
         """A committed part's claims all go (every generation); an uncommitted one gives back only its own."""
@@ -200,10 +199,27 @@ class Claims:
                 return
 
     def release_all(self) -> None:
-        """Give back every claim this worker holds (parts claimed ahead by the loader, when the run stops)."""
+        """Give back every claim this worker holds at the top generation (parts claimed ahead by the loader, when
+        the run stops). A generation someone took over stays: removing it would hide the taker's claim above it."""
         for name in self.store.names():
-            if CLAIM_PATTERN.fullmatch(name) and (read_json(self.store, name) or {}).get("worker") == self.worker_id:
+            match = CLAIM_PATTERN.fullmatch(name)
+            if (match and (read_json(self.store, name) or {}).get("worker") == self.worker_id
+                    and not self.store.exists(claim_name(_key(match["key"]), int(match["generation"]) + 1))):
                 self.store.remove(name)
+
+    def _holder(self, key: int | str, generation: int) -> str | None:
+        """The worker id holding the top generation; None when unclaimed, or unreadable for long (a writer killed
+        mid-write: nobody holds it); VANISHED when it went while we looked; UNREADABLE when unreadable but young."""
+        if generation < 0:
+            return None
+        name = claim_name(key, generation)
+        raw = self.store.get(name)
+        if raw is None:
+            return VANISHED
+        holder = read_json(self.store, name) if raw else None
+        if holder is not None:
+            return holder.get("worker") if isinstance(holder.get("worker"), str) else None
+        return None if self.store.age(name) > TORN_CLAIM_GRACE else UNREADABLE
 
     def holder_is_live(self, worker_id: str | None) -> bool:
         if worker_id == self.worker_id:
@@ -223,6 +239,10 @@ class Claims:
 
     def _claim_record(self) -> bytes:
         return json.dumps({"worker": self.worker_id, "claimed": time.time()}).encode()
+
+
+def _key(label: str) -> int | str:
+    return int(label) if label.isdigit() else label
 
 
 def _label(key: int | str) -> str:

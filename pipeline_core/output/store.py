@@ -32,8 +32,22 @@ class LocalStore:
         _fsync_directory(self.root)  # and the rename itself survives a power cut
 
     def create(self, name: str, data: bytes) -> bool:
-        """Write `name` only if it does not exist yet; False if it does (the primitive behind the run lock)."""
+        """Write `name` only if it does not exist yet; False if it does (the primitive behind claims). The file
+        appears whole: written under a temporary name, then hard-linked to `name`, which fails if it exists."""
         self.root.mkdir(parents=True, exist_ok=True)
+        temporary = self.root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temporary.write_bytes(data)
+        try:
+            os.link(temporary, self.root / name)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: an exclusive create, written in place
+            return self._create_in_place(name, data)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return True
+
+    def _create_in_place(self, name: str, data: bytes) -> bool:
         try:
             descriptor = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
