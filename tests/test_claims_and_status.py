@@ -464,6 +464,17 @@ def test_a_torn_claim_long_left_by_a_dead_writer_is_taken_over(tmp_path):
     assert claims_on_disk(tmp_path)[".claim-000007.1"] == ME
 
 
+def test_an_unreadable_claim_is_left_alone_while_young(tmp_path):
+    (tmp_path / claim_name(7, 0)).write_text('{"worker": "node-2')  # torn, but written a moment ago
+    claims = Claims(LocalStore(tmp_path), ME)
+    assert claims.available(7) is False and claims.claim(7) is False
+    assert sorted(path.name for path in tmp_path.iterdir()) == [claim_name(7, 0)]
+    ten_seconds_ago = time.time() - claims_module.TORN_CLAIM_GRACE - 1
+    os.utime(tmp_path / claim_name(7, 0), (ten_seconds_ago, ten_seconds_ago))
+    assert claims.available(7) is True and claims.claim(7) is True
+    assert claims_on_disk(tmp_path)[claim_name(7, 1)] == ME
+
+
 def test_a_worker_judged_gone_that_gives_back_its_claims_leaves_the_taker_holding_them(tmp_path):
     write_record(tmp_path, ME)
     write_record(tmp_path, OTHER)

@@ -456,3 +456,31 @@ def test_assembled_part_without_failed_rows_still_has_a_string_error_column():
     table = assemble_part(part, [([1, 0], {"label": ["b", "a"]})], {"label": pa.string()})
     assert table.schema == pa.schema([("row_id", pa.int64()), ("label", pa.string()), ("error", pa.string())])
     assert table.to_pydict() == {"row_id": [0, 1], "label": ["a", "b"], "error": [None, None]}
+
+
+def test_create_makes_the_file_appear_whole_through_a_hard_link_and_leaves_no_temporary(tmp_path, monkeypatch):
+    linked = []
+    real_link = os.link
+
+    def watching(source, target):
+        linked.append((Path(source).read_bytes(), Path(target).name, Path(target).exists()))
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", watching)
+    store = LocalStore(tmp_path)
+    assert store.create(".claim-000001.0", b'{"worker": "w"}') is True
+    assert linked == [(b'{"worker": "w"}', ".claim-000001.0", False)]  # complete before the name exists
+    assert store.create(".claim-000001.0", b"other") is False
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".claim-000001.0"]
+
+
+def test_create_without_hard_links_falls_back_to_an_exclusive_create(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = LocalStore(tmp_path)
+    assert store.create(".claim-000002.0", b"first") is True
+    assert store.create(".claim-000002.0", b"second") is False
+    assert (tmp_path / ".claim-000002.0").read_bytes() == b"first"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".claim-000002.0"]

@@ -36,7 +36,8 @@ class LocalStore:
         appears whole: written under a temporary name, then hard-linked to `name`, which fails if it exists."""
         self.root.mkdir(parents=True, exist_ok=True)
         temporary = self.root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        temporary.write_bytes(data)
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as file:
+            file.write(data)
         try:
             os.link(temporary, self.root / name)
         except FileExistsError:
