@@ -124,3 +124,52 @@ def test_fresh_is_refused_for_a_shard(tmp_path, capsys):
     job = write_job(tmp_path, tmp_path / "no-model-here", rows(4))
     assert run_cli(["run", str(job), "--no-progress", "--fresh", "--num-shards", "2", "--shard-index", "0"]) == 2
     assert "--fresh with --num-shards would discard the other shards' parts" in capsys.readouterr().err
+
+
+# --- ranks other than 0 wait for rank 0 to prepare OUTPUT ---------------------------------------------------
+
+
+def rank_0_record(out, state="running") -> None:
+    import json
+    import os
+    import socket
+    import time
+
+    out.mkdir(exist_ok=True)
+    record = {"worker": "rank0", "host": socket.gethostname(), "pid": os.getpid(), "state": state, "rank": 0,
+              "started": time.time(), "heartbeat": time.time()}
+    (out / ".worker-rank0.json").write_text(json.dumps(record))
+
+
+def test_a_rank_waits_for_rank_0s_live_record_then_checks_the_identity(tmp_path):
+    import threading
+
+    from pipeline_core.execute import StopFlag
+    from pipeline_core.output.store import LocalStore
+    from pipeline_core.runner import prepare_output, wait_for_rank_0
+
+    store, identity = LocalStore(tmp_path / "out"), {"task": "text-classification"}
+    timer = threading.Timer(0.5, lambda: (prepare_output(store, identity, False, Layout()),
+                                          rank_0_record(tmp_path / "out")))
+    timer.start()
+    assert wait_for_rank_0(store, identity, StopFlag()) is False  # prepared, not finished
+    assert (tmp_path / "out" / ".worker-rank0.json").exists()
+    with pytest.raises(UsageError, match="holds a run of a different job"):
+        wait_for_rank_0(store, {"task": "summarization"}, StopFlag())
+    (tmp_path / "out" / ".worker-rank0.json").unlink()  # rank 0 found the job finished: it wrote no record
+    (tmp_path / "out" / "_SUCCESS").touch()
+    assert wait_for_rank_0(store, identity, StopFlag()) is True
+
+
+def test_a_rank_waits_no_longer_than_the_timeout_and_stops_on_a_signal(tmp_path, monkeypatch):
+    from pipeline_core import runner
+    from pipeline_core.errors import BatchrunError
+    from pipeline_core.execute import StopFlag
+    from pipeline_core.output.store import LocalStore
+
+    store = LocalStore(tmp_path / "out")
+    rank_0_record(tmp_path / "out", state="stopped")  # an earlier attempt's rank 0: not the one to wait for
+    monkeypatch.setattr(runner, "RANK_0_TIMEOUT", 0.3)
+    with pytest.raises(BatchrunError, match=r"rank 0 did not start writing .* within 0s; see its log"):
+        runner.wait_for_rank_0(store, {}, StopFlag())
+    assert runner.wait_for_rank_0(store, {}, StopFlag(signal_name="SIGTERM")) is None
