@@ -132,14 +132,17 @@ def test_kill_9_dozens_of_times(tmp_path, reference, seed):
     kill_and_resume(tmp_path, reference, kills=5, seed=100 + seed)
 
 
-def test_sigterm_commits_and_exits_75_within_10_seconds_then_resumes(tmp_path, reference):
+@pytest.mark.parametrize("send", [os.kill, os.killpg], ids=["to the run", "to its process group"])
+def test_sigterm_commits_and_exits_75_within_10_seconds_then_resumes(tmp_path, reference, send):
+    # Kubernetes signals the container's first process; Slurm, launchers and a terminal's Ctrl-C the whole
+    # process group, DataLoader workers included, which must leave stopping to the run
     reference_job, expected, _ = reference
     job = copy_job(reference_job, tmp_path / "term")
     process = start(job)
     deadline = time.monotonic() + 120
     while not list((job.parent / "out").glob("part-*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.kill(process.pid, signal.SIGTERM)
+    send(process.pid, signal.SIGTERM)  # start() made the run the leader of its own process group
     signalled = time.monotonic()
     _, err = process.communicate(timeout=60)
     assert process.returncode == 75, err

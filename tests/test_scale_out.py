@@ -108,11 +108,12 @@ def test_torchrun_two_processes_equal_one_process_and_compute_each_part_once(job
     log = finish(process, tmp_path / "log")
     assert process.returncode == 0, log
     assert_complete(job, reference, log)
-    assert "run " in log and "as rank 0 of 2 (local rank 0)" in log and "as rank 1 of 2 (local rank 1)" in log
-    assert "batchrun[rank 1/2]" in log
+    assert "as rank 0 of 2 (local rank 0)" in log and "batchrun[rank 1/2]" in log
+    # on a loaded 2-core machine rank 1 may start only after rank 0 has done everything: then it says so
+    assert ("as rank 1 of 2 (local rank 1)" in log) != ("already holds this finished run" in log)
     info = json.loads((job.parent / "out" / "_batchrun.json").read_text())
     # who took part (their figures as of their last record: a peer may commit once more after the finisher read it)
-    assert sorted(process["rank"] for process in info["processes"]) == [0, 1]
+    assert {process["rank"] for process in info["processes"]} <= {0, 1} and 0 in [p["rank"] for p in info["processes"]]
     assert not list((job.parent / "out").glob(".worker-*"))  # every process retired its record
 
 
@@ -227,8 +228,10 @@ def test_sigterm_to_torchrun_stops_every_rank_after_committing_then_a_rerun_comp
     os.kill(process.pid, signal.SIGTERM)  # the launcher, as a scheduler stops a job
     log = finish(process, tmp_path / "log", timeout=120)
     assert "rank 0/2] WARNING SIGTERM received" in log and "rank 1/2] WARNING SIGTERM received" in log, log
-    assert log.count("rerun the same command to resume") == 2
-    assert "Traceback" not in log.split("SIGTERM received")[-1] or process.returncode != 0
+    # both ranks stop in order (torchrun signals their whole process groups, DataLoader workers included)
+    assert log.count("rerun the same command to resume") == 2, log
+    assert "internal error" not in log and "DataLoader worker" not in log, log
+    assert process.returncode != 0  # torchrun's own verdict on a group it was told to stop
     assert not (job.parent / "out" / "_SUCCESS").exists()
     assert not list((job.parent / "out").glob(".claim-*"))  # the stopped ranks gave their claims back
     rerun = start(batchrun(job), tmp_path / "rerun")

@@ -9,6 +9,7 @@ worker ends with a marker saying how many parts the split has.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -165,6 +166,11 @@ def _pass_through(item):
 def _quiet_worker(_worker_id: int) -> None:
     # The model's process owns the cores for its matmuls; a worker tokenizing with many threads would fight it.
     torch.set_num_threads(1)
+    # Stopping is the model process's decision: launchers (torchrun) and Slurm signal the whole process group, and a
+    # worker dead of that SIGTERM would end the run with "DataLoader worker killed" before it could commit and exit
+    # 75. The model process shuts its workers down itself; they also exit when it dies.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def part_loader(parts: PreparedParts, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
