@@ -273,6 +273,10 @@ class Work:
         rows_per_part = self.job.get("output.rows_per_part")
         total = self.share.total_parts
         done = verified_parts(self.store, self.fingerprint, rows_per_part)
+        damaged = [index for index in self.share.parts() if index not in done]
+        if damaged:  # removed by verified_parts: committed, then damaged or replaced by another job's file
+            raise BatchrunError(f"{_first_few(damaged)} of {self.store} were damaged after being committed and "
+                                "have been removed; rerun the same command to compute them again")
         own = [facts for index, facts in done.items() if self.share.includes(index)]
         read = self.progress.input
         log.info("%s computed %d parts (%d rows) here%s", self.share.layout.describe(), self.progress.parts_here,
@@ -284,7 +288,7 @@ class Work:
             finally:
                 self.worker.claims.release(FINISH, done=True)
             own = list(done.values())
-        elif not self.store.exists(SUCCESS):
+        elif self.share.layout.num_shards > 1 and not self.store.exists(SUCCESS):
             log.info("%s done: %d parts; the job completes when every shard has finished",
                      self.share.layout.describe(), len(own))
         return _exit_for_errors(sum(f.failed_rows for f in own), sum(f.rows for f in own),

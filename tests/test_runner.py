@@ -23,6 +23,7 @@ import pytest
 import torch
 import transformers
 
+import jobs
 from pipeline_core import __version__
 from pipeline_core import runner as runner_module
 from pipeline_core.cli import run_cli
@@ -588,3 +589,26 @@ def test_resume_with_two_workers_computes_parts_after_one_worker_has_finished(tm
     assert run(job, "--set", "batching.num_workers=2")[0] == 0
     assert (out / "_SUCCESS").exists()
     assert pq.read_table(out).equals(expected)
+
+
+def test_a_part_damaged_between_its_commit_and_the_finish_exits_1_and_a_rerun_redoes_it(tmp_path, tiny_models,
+                                                                                         monkeypatch, capsys):
+    job = jobs.write_job(tmp_path, tiny_models.text_classifier, jobs.rows(6), rows_per_part=2)
+    out = tmp_path / "out"
+    verify = runner_module.verified_parts
+    calls = []
+
+    def damaging(store, fingerprint, rows_per_part):
+        calls.append(1)
+        if len(calls) == 2:  # the finish's check, after every part was committed
+            (out / part_name(1)).write_bytes(b"not parquet any more")
+        return verify(store, fingerprint, rows_per_part)
+
+    monkeypatch.setattr(runner_module, "verified_parts", damaging)
+    assert jobs.run(job) == 1
+    err = capsys.readouterr().err
+    assert f"parts 1 of {out} were damaged after being committed and have been removed; rerun" in err
+    assert not (out / "_SUCCESS").exists() and not (out / part_name(1)).exists()
+    monkeypatch.setattr(runner_module, "verified_parts", verify)
+    assert jobs.run(job) == 0 and (out / "_SUCCESS").exists()
+    assert list(jobs.output(job)["row_id"]) == list(range(6))
