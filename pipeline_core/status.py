@@ -38,6 +38,7 @@ def run_status(output: str) -> dict:
         "fingerprint": info["fingerprint"],
         "complete": complete,
         "parts_done": len(good),
+        "done": ranges(sorted(fact.index for fact in good)),
         "parts_total": progress.get("parts_total"),
         "damaged_parts": len(facts) - len(good),
         "rows_done": sum(fact.rows for fact in good),
@@ -76,6 +77,17 @@ def _shards(records: list[dict], parts_total: int | None, done: set[int]) -> lis
     return shards
 
 
+def ranges(indices: list[int]) -> str:
+    """Sorted part indices as a person reads them: "0-5, 8, 10-11"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
 def render_status(status: dict) -> str:
     total = f"/{status['parts_total']}" if status["parts_total"] is not None else ""
     rows_total = f"/{status['rows_total']:,}" if status["rows_total"] is not None else ""
@@ -87,8 +99,8 @@ def render_status(status: dict) -> str:
         state = "stopped before the end: rerun the same command to resume"
     lines = [
         f"{status['output']}: {status['name']} ({status['fingerprint']}), {state}",
-        f"  parts   {status['parts_done']}{total}" + (f", {status['damaged_parts']} damaged (redone on resume)"
-                                                     if status["damaged_parts"] else ""),
+        f"  parts   {status['parts_done']}{total}" + (f" ({status['done']})" if status["done"] else "")
+        + (f", {status['damaged_parts']} damaged (redone on resume)" if status["damaged_parts"] else ""),
         f"  rows    {status['rows_done']:,}{rows_total}, {status['failed_rows']:,} failed",
     ]
     if status["rows_per_second"] is not None:

@@ -628,6 +628,7 @@ def test_status_of_a_live_run_of_several_processes_lists_them_with_their_claims(
     found = json.loads(status_of(out, capsys, "--json"))
     assert found == {
         "output": str(out), "name": "tiny", "fingerprint": FINGERPRINT, "complete": False, "parts_done": 2,
+        "done": "0-1",
         "parts_total": 6, "damaged_parts": 0, "rows_done": 8, "rows_total": 22, "failed_rows": 1,
         "rows_per_second": 25.0, "eta_seconds": 8.0, "running": True,
         "processes": [
@@ -642,7 +643,7 @@ def test_status_of_a_live_run_of_several_processes_lists_them_with_their_claims(
     }
     assert status_of(out, capsys).splitlines() == [
         f"{out}: tiny ({FINGERPRINT}), running (2 processes)",
-        "  parts   2/6",
+        "  parts   2/6 (0-1)",
         "  rows    8/22, 1 failed",
         "  speed   25.0 rows/s, ETA 8s",
         f"  process rank 0/2: pid {live_process.pid} on {HOST}, 10.2 rows/s, 1 parts done, heartbeat 3s ago, "
@@ -694,7 +695,7 @@ def test_status_counts_damaged_parts_apart(tmp_path, capsys):
     make_run(out, parts_total=3, committed=[0, 1, 2], rows_total=12, damaged=(1,))
     found = json.loads(status_of(out, capsys, "--json"))
     assert (found["parts_done"], found["damaged_parts"], found["rows_done"]) == (2, 1, 8)
-    assert "  parts   2/3, 1 damaged (redone on resume)" in status_of(out, capsys).splitlines()
+    assert "  parts   2/3 (0, 2), 1 damaged (redone on resume)" in status_of(out, capsys).splitlines()
 
 
 def test_status_of_shards_says_which_are_finished(tmp_path, capsys, frozen_status_clock):
@@ -786,3 +787,9 @@ def test_status_of_a_real_run_stopped_after_its_first_part(finished_run, tmp_pat
     found = json.loads(status_of(out, capsys, "--json"))
     assert (found["running"], found["complete"], found["parts_done"], found["rows_done"]) == (False, False, 1, 4)
     assert "stopped before the end: rerun the same command to resume" in status_of(out, capsys)
+
+
+@pytest.mark.parametrize("indices, text", [([], ""), ([3], "3"), ([0, 1, 2], "0-2"),
+                                           ([0, 2, 3, 4, 7, 9, 10], "0, 2-4, 7, 9-10")])
+def test_which_parts_are_done_reads_as_ranges(indices, text):
+    assert status_module.ranges(indices) == text
