@@ -14,6 +14,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import torch
 
 from pipeline_core import __version__
@@ -189,6 +190,7 @@ class Work:
     stop: StopFlag
     fingerprint: str
     worker: Worker | None = None
+    pending: dict = field(default_factory=dict)  # {part: {slice offset: computed table}} of parts in progress
 
     def compute_share(self, started: float, loaded: float) -> None:
         """Passes over the share until every part of it is committed, by this process or others."""
@@ -207,7 +209,7 @@ class Work:
                 if isinstance(item, SourceFailure):
                     raise BatchrunError(f"dataset {self.job.get('dataset.path')!r}: {item.message}; "
                                         "committed parts are kept")
-                self._commit(item)
+                self._take(item)
             outstanding = self._outstanding()
             if not outstanding:
                 return
@@ -228,15 +230,23 @@ class Work:
         return part_loader(parts, self.job.get("batching.num_workers"),
                            pin_memory=self.runner.device.type == "cuda")
 
-    def _commit(self, part: PreparedPart) -> None:
-        facts = _process_part(part, self.runner, self.job, self.store, self.progress, self.fingerprint)
-        self.worker.claims.release(part.index, done=True)
+    def _take(self, part: PreparedPart) -> None:
+        """Compute one slice; once a part's slices are all computed, commit the part."""
+        slices = self.pending.setdefault(part.index, {})
+        slices[part.offset] = _compute_slice(part, self.runner, self.job, self.progress)
+        if part.read is not None:
+            self.progress.input_read(part.read)
+        if sum(table.num_rows for table in slices.values()) >= part.part_rows:
+            del self.pending[part.index]
+            self._commit(part.index, slices)
+
+    def _commit(self, index: int, slices: dict[int, pa.Table]) -> None:
+        facts = _commit_whole_part(index, slices, self.job, self.store, self.fingerprint)
+        self.worker.claims.release(index, done=True)
         parts, rows, peers = self._share_figures()
         if self.share.layout.num_shards > 1:
             self.progress.job = self._job_figures()
         self.progress.part_committed(facts.failed_rows, parts, rows, peers)
-        if part.read is not None:
-            self.progress.input_read(part.read)
         self.worker.write()  # its figures, fresh for status and for the others' rates
 
     def _outstanding(self) -> list[int]:
@@ -346,16 +356,21 @@ def _until_stopped(loader, stop: StopFlag):
         yield item
 
 
-def _process_part(part, runner: PartRunner, job: Job, store, progress: Progress, run_fingerprint: str) -> PartFacts:
+def _compute_slice(part, runner: PartRunner, job: Job, progress: Progress) -> pa.Table:
+    """A prepared slice's rows, computed and assembled in row order."""
     results = runner.run(part)
     failed = [row for row, error in enumerate(part.encoded.errors) if error is not None]
     if failed and job.get("errors.on_error") == "fail":
         row = failed[0]
         raise BatchrunError(f"row {part.first_row + row} failed: {part.encoded.errors[row]} (errors.on_error: fail)")
     progress.advance(len(part.encoded.errors) - sum(len(rows) for rows, _ in results), 0)
-    table = assemble_part(part, results, runner.task.columns)
-    commit_part(store, part.index, table, job.get("output.compression"), run_fingerprint)
-    return PartFacts(part.index, part.num_rows, len(failed))
+    return assemble_part(part, results, runner.task.columns)
+
+
+def _commit_whole_part(index: int, slices: dict[int, pa.Table], job: Job, store, run_fingerprint: str) -> PartFacts:
+    table = pa.concat_tables([slices[offset] for offset in sorted(slices)])
+    commit_part(store, index, table, job.get("output.compression"), run_fingerprint)
+    return PartFacts(index, table.num_rows, table.num_rows - table.column("error").null_count)
 
 
 def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int) -> dict[int, PartFacts]:

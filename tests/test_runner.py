@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import datasets
+import pandas as pd
 import pyarrow
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -512,14 +513,14 @@ def test_task_is_told_to_stop_when_a_stop_is_requested(tmp_path, tiny_models, co
 def test_stop_after_a_part_keeps_it_updates_progress_and_exits_75(tmp_path, tiny_models, controlled_stop,
                                                                    monkeypatch):
     flag, _ = controlled_stop
-    process_part = runner_module._process_part
+    commit_whole_part = runner_module._commit_whole_part
 
     def then_stop(*args, **kwargs):
-        facts = process_part(*args, **kwargs)
+        facts = commit_whole_part(*args, **kwargs)
         flag.signal_name = "SIGTERM"
         return facts
 
-    monkeypatch.setattr(runner_module, "_process_part", then_stop)
+    monkeypatch.setattr(runner_module, "_commit_whole_part", then_stop)
     code, lines = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS, parquet=True))
     out = tmp_path / "out"
     assert code == 75
@@ -612,3 +613,45 @@ def test_a_part_damaged_between_its_commit_and_the_finish_exits_1_and_a_rerun_re
     monkeypatch.setattr(runner_module, "verified_parts", verify)
     assert jobs.run(job) == 0 and (out / "_SUCCESS").exists()
     assert list(jobs.output(job)["row_id"]) == list(range(6))
+
+
+def test_a_part_computed_slice_by_slice_equals_the_part_computed_whole(tmp_path, tiny_models, monkeypatch):
+    from pipeline_core.data import loader
+
+    whole = jobs.write_job(tmp_path / "whole", tiny_models.text_classifier, jobs.rows(20), rows_per_part=8)
+    assert jobs.run(whole) == 0
+    sliced = jobs.write_job(tmp_path / "sliced", tiny_models.text_classifier, jobs.rows(20), rows_per_part=8)
+    monkeypatch.setattr(loader, "SLICE_ROWS", 3)  # parts of 8 rows in slices of 3, 3 and 2; the last part 3 and 1
+    seen = []
+    run_slice = runner_module.PartRunner.run
+
+    def watching(self, part):
+        seen.append((part.index, part.offset, part.num_rows, part.part_rows, part.first_row))
+        return run_slice(self, part)
+
+    monkeypatch.setattr(runner_module.PartRunner, "run", watching)
+    assert jobs.run(sliced) == 0
+    assert seen == [(0, 0, 3, 8, 0), (0, 3, 3, 8, 3), (0, 6, 2, 8, 6), (1, 0, 3, 8, 8), (1, 3, 3, 8, 11),
+                    (1, 6, 2, 8, 14), (2, 0, 3, 4, 16), (2, 3, 1, 4, 19)]
+    pd.testing.assert_frame_equal(jobs.output(sliced), jobs.output(whole))
+    committed = sorted(path.name for path in (tmp_path / "sliced" / "out").glob("part-*"))
+    assert committed == [part_name(index) for index in range(3)]
+
+
+def test_a_stop_between_the_slices_of_a_part_commits_none_of_it(tmp_path, tiny_models, monkeypatch,
+                                                                  controlled_stop):
+    from pipeline_core.data import loader
+
+    flag, _ = controlled_stop
+    job = jobs.write_job(tmp_path, tiny_models.text_classifier, jobs.rows(8), rows_per_part=8)
+    monkeypatch.setattr(loader, "SLICE_ROWS", 4)
+    compute = runner_module._compute_slice
+
+    def then_stop(*args, **kwargs):
+        table = compute(*args, **kwargs)
+        flag.signal_name = "SIGTERM"  # after the first slice of the only part
+        return table
+
+    monkeypatch.setattr(runner_module, "_compute_slice", then_stop)
+    assert jobs.run(job) == 75
+    assert not list((tmp_path / "out").glob("part-*")) and not list((tmp_path / "out").glob(".claim-*"))

@@ -22,9 +22,16 @@ from pipeline_core.layout import Share
 from pipeline_core.output.parts import part_name
 from pipeline_core.tasks.text import Encoded
 
+# A part is prepared and handed over in slices of this many rows, each length-sorted into batches on its own: a part
+# of 50,000 rows starts computing once its first slice is tokenized (0.3 s here), not all of it (4.3 s), and a
+# worker's prefetch holds slices rather than whole parts. At the default rows_per_part a part is one slice.
+SLICE_ROWS = 4096
+
 
 @dataclass
 class PreparedPart:
+    """A prepared slice of part `index` (the whole part when it has at most SLICE_ROWS rows)."""
+
     index: int
     first_row: int
     num_rows: int
@@ -33,6 +40,12 @@ class PreparedPart:
     batches: list[dict]  # {"rows": positions in the part, "inputs": {name: tensor}}
     tokens: int  # real (unpadded) input tokens
     read: ReadStats | None = None  # what reading the part cost (row groups, rows, bytes), where the source counts
+    offset: int = 0  # the slice's first row within the part
+    part_rows: int = 0  # rows of the whole part: it is complete when its slices hold that many
+
+    @property
+    def last_row(self) -> int:
+        return self.offset + self.num_rows
 
 
 @dataclass
@@ -88,7 +101,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
                     before = self.split.reads()
                     table = self.split.read_part(index, self.rows_per_part)
                     cost = self.split.reads() - before
-                    yield self._prepare(index, table, cost if cost.row_groups else None)  # zero: a source not counting
+                    yield from self._prepare(index, table, cost if cost.row_groups else None)  # zero: not counted
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
             yield SourceFailure(f"reading part {index} failed: {type(error).__name__}: {error}")
             return
@@ -112,7 +125,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
 
         try:
             for index, table in self.split.parts(self.rows_per_part, wanted):
-                yield self._prepare(index, table, None)
+                yield from self._prepare(index, table, None)
                 current = index + 1
         except _PastShare:
             seen = self.share.total_parts
@@ -136,10 +149,15 @@ class PreparedParts(torch.utils.data.IterableDataset):
             return False
         return True
 
-    def _prepare(self, index: int, table: pa.Table, read) -> PreparedPart:
-        part = prepare_part(index, index * self.rows_per_part, table, self.task, self.keep_columns, self.limits)
-        part.read = read
-        return part
+    def _prepare(self, index: int, table: pa.Table, read):
+        """The part in slices of SLICE_ROWS rows, each prepared and handed over as soon as it is ready."""
+        for offset in range(0, max(table.num_rows, 1), SLICE_ROWS):
+            piece = table.slice(offset, SLICE_ROWS)
+            part = prepare_part(index, index * self.rows_per_part + offset, piece, self.task, self.keep_columns,
+                                self.limits)
+            part.offset, part.part_rows = offset, table.num_rows
+            part.read = read if offset == 0 else None
+            yield part
 
 
 class _PastShare(Exception):
