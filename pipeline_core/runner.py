@@ -37,10 +37,10 @@ from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.claims import (
     CLAIM_PATTERN,
     FINISH,
-    STALE_AFTER,
     WORKER_PATTERN,
     OutputBusy,
     Worker,
+    is_leftover,
     worker_records,
 )
 from pipeline_core.output.identity import differences, fingerprint, identity
@@ -387,16 +387,15 @@ def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int) 
 
 
 def remove_leftovers(store: LocalStore) -> None:
-    """Temporary files of processes killed mid-write. A live process renames its temporaries within seconds, so
-    one older than STALE_AFTER is a leftover; with no live process at all, every one is."""
-    anyone_live = any(record["live"] for record in worker_records(store))
+    """Temporary files of processes killed mid-write (never one of a live process, which may be mid-write)."""
     for name in store.names():
-        if name.startswith(".") and ".tmp-" in name and (not anyone_live or store.age(name) > STALE_AFTER):
+        if is_leftover(store, name):
             store.remove(name)
 
 
 def remove_claims_and_records(store: LocalStore) -> None:
-    """The finished job needs no claims, and no records of processes that have stopped."""
+    """The finished job needs no claims, no records of processes that have stopped, and no leftovers."""
+    remove_leftovers(store)
     for name in store.names():
         if CLAIM_PATTERN.fullmatch(name):
             store.remove(name)

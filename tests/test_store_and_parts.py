@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import time
 from pathlib import Path
@@ -353,7 +354,8 @@ def test_put_writes_under_a_hidden_temporary_named_after_the_target_the_process_
     temporaries = [call[1].name for call in disk_calls if call[0] == "rename"]
     assert len(temporaries) == 2 and temporaries[0] != temporaries[1]
     for name in temporaries:
-        assert re.fullmatch(rf"\._batchrun\.json\.tmp-{os.getpid()}-[0-9a-f]{{8}}", name), name
+        assert re.fullmatch(rf"\._batchrun\.json\.tmp-{re.escape(socket.gethostname())}-{os.getpid()}-[0-9a-f]{{8}}",
+                            name), name
     assert sorted(os.listdir(tmp_path)) == ["_batchrun.json"]
 
 

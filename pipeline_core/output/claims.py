@@ -61,11 +61,11 @@ def is_live(record: dict | None, now: float | None = None) -> bool:
     if now - record.get("heartbeat", 0) > STALE_AFTER:
         return False
     if record.get("host") == socket.gethostname():
-        return _alive(record.get("pid"))
+        return pid_alive(record.get("pid"))
     return True
 
 
-def _alive(pid) -> bool:
+def pid_alive(pid) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return True  # no process to ask about (and os.kill(-1, ...) would reach every process): the heartbeat decides
     try:
@@ -75,6 +75,23 @@ def _alive(pid) -> bool:
     except PermissionError:
         return True  # someone else's live process
     return True
+
+
+# a temporary of store.put / store.create: ".NAME.tmp-HOST-PID-HEX", or ".NAME.tmp-PID[-HEX]" of older versions
+OLD_TEMPORARY = re.compile(r"\..+\.tmp-(?P<pid>\d+)(?:-[0-9a-f]{8})?")
+TEMPORARY = re.compile(r"\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def is_leftover(store, name: str) -> bool:
+    """A temporary whose writer is gone: its pid is dead on this host, or it is older than STALE_AFTER (a live
+    writer renames its temporaries within seconds)."""
+    match = OLD_TEMPORARY.fullmatch(name) or TEMPORARY.fullmatch(name)
+    if match is None:
+        return False
+    host = match.groupdict().get("host") or socket.gethostname()
+    if host == socket.gethostname() and not pid_alive(int(match["pid"])):
+        return True
+    return store.age(name) > STALE_AFTER
 
 
 def read_json(store, name: str) -> dict | None:

@@ -8,9 +8,16 @@ Local directories today; an fsspec store (s3://, gs://) implements the same eigh
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
+
+
+def temporary_name(name: str) -> str:
+    """Hidden, and unique per writer: processes on other hosts, and this process's heartbeat thread, may write the
+    same name. Host and pid tell a leftover of a dead writer from a live one's file in the middle of a write."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class LocalStore:
@@ -22,8 +29,7 @@ class LocalStore:
 
     def put(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        # unique per writer: processes on other hosts, and this process's heartbeat thread, may write the same name
-        temporary = self.root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temporary = self.root / temporary_name(name)
         with open(temporary, "wb") as file:
             file.write(data)
             file.flush()
@@ -35,7 +41,7 @@ class LocalStore:
         """Write `name` only if it does not exist yet; False if it does (the primitive behind claims). The file
         appears whole: written under a temporary name, then hard-linked to `name`, which fails if it exists."""
         self.root.mkdir(parents=True, exist_ok=True)
-        temporary = self.root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temporary = self.root / temporary_name(name)
         with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as file:
             file.write(data)
         try:
