@@ -137,6 +137,8 @@ def test_the_record_names_this_process_and_its_heartbeat_is_rewritten_by_the_thr
         assert {key: first[key] for key in ("worker", "host", "pid", "state", *labels)} == {
             "worker": worker.id, "host": HOST, "pid": os.getpid(), "state": "running", **labels}
         assert first["parts_done"] == 1 and first["started"] <= first["heartbeat"] < first["started"] + 5
+        assert sorted(first) == sorted(["worker", "host", "pid", *labels, "state", "started", "heartbeat",
+                                        "parts_done"])  # nothing else
         seen = {first["heartbeat"]}
         deadline = time.monotonic() + 3
         while len(seen) < 4 and time.monotonic() < deadline:
@@ -446,12 +448,61 @@ def test_a_holders_liveness_is_read_once_per_5_seconds(tmp_path, monkeypatch):
     write_record(tmp_path, OTHER)
     write_claim(tmp_path, 7, 0, OTHER)
     claims = Claims(LocalStore(tmp_path), ME)
+    read_at = clock.ticks
     assert claims.claim(7) is False
     write_record(tmp_path, OTHER, state="stopped")  # it stops now
-    clock.ticks += 4.9
+    clock.ticks = read_at + 4.9
     assert claims.claim(7) is False  # a pass over many parts held by one peer reads its record once
-    clock.ticks += 0.2
+    clock.ticks = read_at + 5.0
+    assert claims.claim(7) is True  # 5 s after the read: read again
+
+
+@pytest.mark.parametrize("worker", [42, ["node-2-222222"], {"id": "node-2-222222"}])
+def test_a_claim_naming_a_worker_that_is_no_worker_id_names_no_process_and_is_taken_over(tmp_path, caplog, worker):
+    caplog.set_level(logging.INFO, logger="batchrun")
+    (tmp_path / claim_name(7, 0)).write_text(json.dumps({"worker": worker, "claimed": 0}))
+    (tmp_path / worker_name("42")).write_text(json.dumps(record(worker="42")))  # not what a claim of 42 names
+    claims = Claims(LocalStore(tmp_path), ME)
+    assert claims.available(7) is True
     assert claims.claim(7) is True
+    assert claims_on_disk(tmp_path)[claim_name(7, 1)] == ME
+    assert [record.getMessage() for record in caplog.records] == [
+        "took over part 7 from a claim naming no process, which is gone"]
+
+
+def test_a_claim_that_vanishes_at_every_look_is_given_up_on(tmp_path):
+    """Each round sees generation 0, and each read finds it gone (released or committed meanwhile): after a bounded
+    number of rounds the claim fails rather than loop for ever or report a part held that is not."""
+
+    class Churning(LocalStore):
+        reads = 0
+
+        def get(self, name):
+            if name == claim_name(7, 0):
+                self.reads += 1
+                return None
+            return super().get(name)
+
+    write_claim(tmp_path, 7, 0, OTHER)
+    store = Churning(tmp_path)
+    assert Claims(store, ME).claim(7) is False
+    assert 1 < store.reads <= 1000
+    assert claims_on_disk(tmp_path) == {".claim-000007.0": OTHER}
+
+
+@pytest.mark.parametrize("age, available", [(claims_module.TORN_CLAIM_GRACE - 0.5, False),
+                                            (claims_module.TORN_CLAIM_GRACE, False),
+                                            (claims_module.TORN_CLAIM_GRACE + 0.5, True)])
+def test_an_unreadable_claim_is_taken_over_only_once_older_than_the_grace(tmp_path, age, available):
+    class Aged(LocalStore):
+        def age(self, name):
+            return age if name == claim_name(7, 0) else super().age(name)
+
+    assert claims_module.TORN_CLAIM_GRACE == 10.0
+    (tmp_path / claim_name(7, 0)).write_text('{"worker": "node-2')
+    claims = Claims(Aged(tmp_path), ME)
+    assert claims.available(7) is available and claims.claim(7) is available
+    assert sorted(claims_on_disk(tmp_path)) == [claim_name(7, 0)] + ([claim_name(7, 1)] if available else [])
 
 
 def test_a_torn_claim_long_left_by_a_dead_writer_is_taken_over(tmp_path):
@@ -543,7 +594,9 @@ def test_held_claims_are_the_holders_of_each_top_generation(tmp_path):
     write_claim(tmp_path, FINISH, 0, OTHER)
     (tmp_path / claim_name(5, 0)).write_text("")  # torn: held by nobody known
     (tmp_path / ".claim-000006").write_text(json.dumps({"worker": OTHER}))  # not a claim
-    assert held_claims(LocalStore(tmp_path)) == {ME: [1, 3], OTHER: [12, FINISH]}
+    for generation in range(11):  # part 4 taken over ten times: generation 10, not 9, is the top (not by name order)
+        write_claim(tmp_path, 4, generation, ME if generation == 10 else OTHER)
+    assert held_claims(LocalStore(tmp_path)) == {ME: [1, 3, 4], OTHER: [12, FINISH]}
     assert held_claims(LocalStore(tmp_path / "missing")) == {}
 
 

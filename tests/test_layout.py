@@ -27,6 +27,22 @@ def test_the_launchers_variables_give_rank_world_and_local_rank():
     assert layout.tag() == "rank 3/4" and layout.describe() == "rank 3 of 4 (local rank 1)"
 
 
+def test_a_local_rank_is_set_only_under_a_launcher_of_several_processes():
+    """LOCAL_RANK left in the environment of a single process (or a launcher of one) labels nothing; a launcher that
+    sets WORLD_SIZE without LOCAL_RANK leaves it unset rather than failing."""
+    alone = layout_from(None, None, env={"LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    assert alone.local_rank is None and alone.labels()["local_rank"] is None
+    assert layout_from(None, None, env={"LOCAL_RANK": "0"}).local_rank is None
+    without = layout_from(None, None, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert (without.rank, without.world_size, without.local_rank) == (1, 2, None)
+
+
+def test_two_shards_are_named_in_the_tag_and_the_description():
+    layout = layout_from("2", "1", env={})
+    assert (layout.shard_index, layout.num_shards) == (1, 2)
+    assert layout.tag() == "shard 1/2" and layout.describe() == "shard 1 of 2"
+
+
 def test_shards_and_ranks_compose():
     layout = layout_from("6", "2", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
     assert (layout.shard_index, layout.num_shards, layout.rank) == (2, 6, 0)
@@ -47,26 +63,37 @@ def test_num_shards_auto_reads_the_slurm_array_size():
     env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}
     layout = layout_from("auto", "auto", env=env)
     assert (layout.shard_index, layout.num_shards) == (0, 3)
+    one_task = layout_from("auto", "auto", env={"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"})
+    assert (one_task.shard_index, one_task.num_shards) == (0, 1)  # an array of one task is one shard, not an error
+
+
+TOGETHER = ("--num-shards and --shard-index go together: --num-shards 4 --shard-index 0 (or --shard-index auto under a "
+            "Kubernetes indexed Job or a Slurm array)")
 
 
 @pytest.mark.parametrize("shards, index, env, message", [
-    ("4", None, {}, "--num-shards and --shard-index go together"),
-    (None, "0", {}, "--num-shards and --shard-index go together"),
+    ("4", None, {}, TOGETHER),
+    (None, "0", {}, TOGETHER),
     ("4", "4", {}, "--shard-index must be below --num-shards (4), got 4"),
     ("0", "0", {}, "--num-shards must be an integer of at least 1, got '0'"),
     ("four", "0", {}, "--num-shards must be an integer of at least 1, got 'four'"),
     ("4", "-1", {}, "--shard-index must be an integer of at least 0, got '-1'"),
     ("4", "auto", {}, "--shard-index auto reads JOB_COMPLETION_INDEX (a Kubernetes indexed Job) or "
-                      "SLURM_ARRAY_TASK_ID (a Slurm job array); neither is set"),
-    ("auto", "0", {}, "--num-shards auto reads SLURM_ARRAY_TASK_COUNT (a Slurm job array), which is not set"),
+                      "SLURM_ARRAY_TASK_ID (a Slurm job array); neither is set: give the index, --shard-index 0"),
+    ("auto", "0", {}, "--num-shards auto reads SLURM_ARRAY_TASK_COUNT (a Slurm job array), which is not set; "
+                      "give the number of shards: --num-shards 4"),
+    ("auto", "auto", {"SLURM_ARRAY_TASK_COUNT": "0", "SLURM_ARRAY_TASK_ID": "0"},
+     "SLURM_ARRAY_TASK_COUNT must be an integer of at least 1, got '0'"),
     ("4", "auto", {"JOB_COMPLETION_INDEX": "x"}, "JOB_COMPLETION_INDEX must be an integer of at least 0, got 'x'"),
+    ("4", "auto", {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "first"},
+     "SLURM_ARRAY_TASK_MIN must be an integer of at least 0, got 'first'"),
     ("4", "auto", {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1"},
      "--shard-index must be below --num-shards (4), got 6"),
 ])
 def test_bad_shard_options_name_the_option_and_the_value(shards, index, env, message):
     with pytest.raises(UsageError) as raised:
         layout_from(shards, index, env=env)
-    assert message in str(raised.value)
+    assert str(raised.value) == message
 
 
 @pytest.mark.parametrize("parts, shards, blocks", [
@@ -104,8 +131,14 @@ def test_each_rank_starts_at_its_own_slice_of_the_block_then_wraps_around():
 def test_a_device_map_is_refused_with_several_processes_on_a_node():
     check_device_map("auto", Layout(world_size=2, local_world_size=1))  # one process per node: fine
     check_device_map(None, Layout(world_size=8, local_world_size=8))
-    with pytest.raises(UsageError, match=r"model.device_map='auto' spreads one model .* started 8 processes"):
+    with pytest.raises(UsageError) as raised:
         check_device_map("auto", Layout(world_size=8, local_world_size=8))
+    assert str(raised.value) == (
+        "model.device_map='auto' spreads one model over this node's devices, but the launcher started 8 processes on "
+        "this node; start one process per node (torchrun --nproc-per-node 1, accelerate launch --num_processes = "
+        "number of machines) or remove model.device_map to run one model per device")
+    with pytest.raises(UsageError, match=r"model.device_map=\{'': 0\} spreads .* started 2 processes on this node"):
+        check_device_map({"": 0}, Layout(world_size=2, local_world_size=2))
 
 
 def test_the_refusal_comes_before_any_model_loads(tmp_path, capsys, monkeypatch):
