@@ -125,7 +125,8 @@ def test_accelerate_launch_two_processes_equal_one_process(job, reference, tmp_p
     log = finish(process, tmp_path / "log")
     assert process.returncode == 0, log
     assert_complete(job, reference, log)
-    assert "as rank 1 of 2 (local rank 1)" in log
+    # on a loaded 2-core machine rank 1 may start only after rank 0 has done everything: then it says so
+    assert ("as rank 1 of 2 (local rank 1)" in log) != ("already holds this finished run" in log)
 
 
 def test_two_shards_one_after_the_other(job, reference, tmp_path):
