@@ -189,7 +189,7 @@ class Work:
     progress: Progress
     stop: StopFlag
     fingerprint: str
-    worker: Worker | None = None
+    worker: Worker
     pending: dict = field(default_factory=dict)  # {part: {slice offset: computed table}} of parts in progress
 
     def compute_share(self, started: float, loaded: float) -> None:
@@ -243,9 +243,10 @@ class Work:
     def _commit(self, index: int, slices: dict[int, pa.Table]) -> None:
         facts = _commit_whole_part(index, slices, self.job, self.store, self.fingerprint)
         self.worker.claims.release(index, done=True)
-        parts, rows, peers = self._share_figures()
+        committed = committed_parts(self.store.names())  # one listing for both figures
+        parts, rows, peers = self._share_figures(committed)
         if self.share.layout.num_shards > 1:
-            self.progress.job = self._job_figures()
+            self.progress.job = self._job_figures(committed)
         self.progress.part_committed(facts.failed_rows, parts, rows, peers)
         self.worker.write()  # its figures, fresh for status and for the others' rates
 
@@ -256,9 +257,8 @@ class Work:
         return [index for index in range(self.share.total_parts)
                 if self.share.includes(index) and index not in committed]
 
-    def _share_figures(self) -> tuple[int, int, float]:
+    def _share_figures(self, committed: set[int]) -> tuple[int, int, float]:
         """(parts, rows) of this share committed by every process, and the other live processes' rows/s."""
-        committed = committed_parts(self.store.names())
         mine = [index for index in committed if self.share.includes(index)]
         rows_per_part = self.job.get("output.rows_per_part")
         parts, rows = len(mine), sum(_part_rows(index, self.split.total, rows_per_part) for index in mine)
@@ -267,9 +267,8 @@ class Work:
                     and record.get("shard_index") == self.share.layout.shard_index)
         return parts, rows, peers
 
-    def _job_figures(self) -> dict:
+    def _job_figures(self, committed: set[int]) -> dict:
         """The whole job's committed parts and rows, for `_progress.json` written by one shard."""
-        committed = committed_parts(self.store.names())
         rows_per_part = self.job.get("output.rows_per_part")
         total_rows = self.split.total
         return {"parts_done": len(committed),
@@ -290,7 +289,7 @@ class Work:
         own = [facts for index, facts in done.items() if self.share.includes(index)]
         read = self.progress.input
         log.info("%s computed %d parts (%d rows) here%s", self.share.layout.describe(), self.progress.parts_here,
-                 self.progress.rows_here, f"; read {read.rows} input rows in {read.row_groups} row groups "
+                 self.progress.rows_this_run, f"; read {read.rows} input rows in {read.row_groups} row groups "
                  f"({read.bytes / 1e6:.1f} MB)" if read is not None else "")
         if set(range(total)) <= set(done) and self._finish_claimed():
             try:

@@ -96,8 +96,10 @@ def is_leftover(store, name: str) -> bool:
 
 def read_json(store, name: str) -> dict | None:
     raw = store.get(name)
-    if raw is None:
-        return None
+    return None if raw is None else _parse(raw)
+
+
+def _parse(raw: bytes) -> dict | None:
     try:
         value = json.loads(raw)
     except ValueError:
@@ -233,7 +235,7 @@ class Claims:
         raw = self.store.get(name)
         if raw is None:
             return VANISHED
-        holder = read_json(self.store, name) if raw else None
+        holder = _parse(raw)
         if holder is not None:
             return holder.get("worker") if isinstance(holder.get("worker"), str) else None
         return None if self.store.age(name) > TORN_CLAIM_GRACE else UNREADABLE

@@ -34,7 +34,7 @@ class Progress:
         self.last_log = self.started
         self.quiet = quiet  # another process of the group shows the progress
         self.peers_rows_per_second = 0.0
-        self.rows_here = self.parts_here = 0
+        self.parts_here = 0  # parts this process committed (its rows are rows_this_run)
         self.input = None  # what this process read of the input (ReadStats), where the source says
         self.job: dict | None = None  # the whole job's figures when this process computes only a shard of it
         show_bar = sys.stderr.isatty() if bar is None else bar
@@ -44,7 +44,6 @@ class Progress:
         self.rows_this_run += rows
         self.tokens_this_run += tokens
         self.rows_done += rows
-        self.rows_here += rows
         if self.quiet:
             return
         if self.bar is not None:
@@ -81,7 +80,7 @@ class Progress:
     def figures(self) -> dict:
         """What this process's worker record says of its work (status shows it per process)."""
         figures = {"rows_per_second": round(self.own_rows_per_second(), 3), "parts_done": self.parts_here,
-                   "rows_done": self.rows_here}
+                   "rows_done": self.rows_this_run}
         if self.input is not None:
             figures["input_read"] = vars(self.input)
         return figures
