@@ -1,4 +1,4 @@
-"""Preprocessing in DataLoader workers: each worker claims parts of the process's share and prepares them, whole.
+"""Preprocessing in DataLoader workers: each worker claims parts of the process's share and prepares them in slices.
 
 A source with random access (Parquet files, a converted split) is read only where a claimed part lies; a stream is
 read through, preparing only the claimed parts. A prepared part holds its rows' encodings and the padded tensors
@@ -42,10 +42,6 @@ class PreparedPart:
     read: ReadStats | None = None  # what reading the part cost (row groups, rows, bytes), where the source counts
     offset: int = 0  # the slice's first row within the part
     part_rows: int = 0  # rows of the whole part: it is complete when its slices hold that many
-
-    @property
-    def last_row(self) -> int:
-        return self.offset + self.num_rows
 
 
 @dataclass
