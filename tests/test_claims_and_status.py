@@ -72,9 +72,12 @@ def write_claim(directory: Path, key: int | str, generation: int, worker: str) -
 
 
 def claims_on_disk(directory: Path) -> dict[str, str | None]:
-    """{claim file: the worker it names (None when torn)}."""
-    return {path.name: (read_json(LocalStore(directory), path.name) or {}).get("worker")
-            for path in sorted(directory.glob(".claim-*"))}
+    """{claim file: the worker it names ("released" for a release, None when torn)}."""
+    claims = {}
+    for path in sorted(directory.glob(".claim-*")):
+        claim = read_json(LocalStore(directory), path.name) or {}
+        claims[path.name] = "released" if claim.get("released") else claim.get("worker")
+    return claims
 
 
 def read_record(directory: Path, worker: str) -> dict:
@@ -570,7 +573,10 @@ def test_release_of_an_uncommitted_part_gives_back_only_this_workers_top_generat
     claims.release(8, done=False)
     claims.release(9, done=False)  # never claimed: nothing happens
     claims.release(9, done=True)
-    assert claims_on_disk(tmp_path) == {".claim-000007.0": OTHER, ".claim-000008.0": ME, ".claim-000008.1": OTHER}
+    # given back by a release generation on top, never by removing a claim (which could be under a taker's)
+    assert claims_on_disk(tmp_path) == {".claim-000007.0": OTHER, ".claim-000007.1": ME, ".claim-000007.2": "released",
+                                        ".claim-000008.0": ME, ".claim-000008.1": OTHER}
+    assert Claims(LocalStore(tmp_path), THIRD).available(7) and not held_claims(LocalStore(tmp_path)).get(ME)
 
 
 def test_release_all_gives_back_every_claim_of_this_worker_and_only_those(tmp_path):
@@ -582,7 +588,10 @@ def test_release_all_gives_back_every_claim_of_this_worker_and_only_those(tmp_pa
     (tmp_path / claim_name(4, 0)).write_text('{"worker": "node-1')  # torn: nobody's to remove
     (tmp_path / worker_name(ME)).write_text(json.dumps({"worker": ME}))
     Claims(LocalStore(tmp_path), ME).release_all()
-    assert claims_on_disk(tmp_path) == {".claim-000002.0": OTHER, ".claim-000003.0": OTHER, ".claim-000004.0": None}
+    assert claims_on_disk(tmp_path) == {
+        ".claim-000001.0": ME, ".claim-000001.1": "released", ".claim-000002.0": OTHER, ".claim-000003.0": OTHER,
+        ".claim-000003.1": ME, ".claim-000003.2": "released", ".claim-000004.0": None, ".claim-finish.0": ME,
+        ".claim-finish.1": "released"}
     assert (tmp_path / worker_name(ME)).exists()
 
 

@@ -164,12 +164,12 @@ def test_fresh_is_refused_for_a_shard(tmp_path, capsys):
 
 def rank_0_record(out, state="running") -> None:
     import json
-    import os
-    import socket
     import time
 
     out.mkdir(exist_ok=True)
-    record = {"worker": "rank0", "host": socket.gethostname(), "pid": os.getpid(), "state": state, "rank": 0,
+    # another host's process: its heartbeat says it is alive (a record with this process's pid that is not one of
+    # its own is an earlier process's, before a restart in a fresh PID namespace)
+    record = {"worker": "rank0", "host": "rank-0-node", "pid": 4242, "state": state, "rank": 0,
               "started": time.time(), "heartbeat": time.time()}
     (out / ".worker-rank0.json").write_text(json.dumps(record))
 

@@ -5,7 +5,9 @@ rewritten every HEARTBEAT_EVERY seconds. Before computing part i a process claim
 `.claim-00000i.G` exclusively (G, the generation, starts at 0). A claim is stale when its holder's record is gone,
 was last rewritten over STALE_AFTER seconds ago (any host: a preempted node), or names a process that no longer
 exists (same host: kill -9, a torchrun restart). A stale claim is taken over by creating generation G+1, which
-exactly one process can do: no claim is ever overwritten or deleted by anyone but its holder or the part's commit.
+exactly one process can do. No claim is ever overwritten, and none is deleted before its part is committed: a
+holder gives an uncommitted part back by creating the next generation as a release (again exclusively), so a
+holder that was judged dead and taken over can never remove the claim of the process that took it over.
 
 Claims only keep healthy processes from computing a part twice; they are not what makes output correct. Parts are
 committed by an atomic rename, so even two processes that both believe they hold a part (a holder wrongly judged
@@ -28,6 +30,7 @@ from pipeline_core.errors import EXIT_INTERRUPTED, BatchrunError
 
 log = logging.getLogger("batchrun")
 HEARTBEAT_EVERY = 15.0
+RETRY_EVERY = 2.0  # after a failed heartbeat write: well within STALE_AFTER, so others never see this one as gone
 STALE_AFTER = 120.0
 LIVENESS_CACHE_SECONDS = 5.0  # a pass over thousands of claims held by one peer reads its record once
 WORKER_PATTERN = re.compile(r"\.worker-(?P<id>[\w.-]+)\.json")
@@ -35,6 +38,7 @@ CLAIM_PATTERN = re.compile(r"\.claim-(?P<key>\w+)\.(?P<generation>\d+)")
 FINISH = "finish"  # the claim that lets exactly one process write _SUCCESS
 VANISHED = "\0vanished"  # a claim that disappeared between two looks at it
 UNREADABLE = "\0unreadable"  # a claim that cannot be read yet: left alone until TORN_CLAIM_GRACE has passed
+RELEASED = "\0released"  # a generation that gives the part back: the next claim takes it without a takeover
 TORN_CLAIM_GRACE = 10.0  # claims are created whole (store.create); an unreadable one older than this is a leftover
 
 
@@ -53,14 +57,24 @@ def claim_name(key: int | str, generation: int) -> str:
     return f".claim-{label}.{generation}"
 
 
+_OWN_WORKERS: set[str] = set()  # ids of this process's Worker records
+
+
 def is_live(record: dict | None, now: float | None = None) -> bool:
     """A worker record of a process still at work: running, with a fresh heartbeat and, on this host, a pid."""
     if not record or record.get("state") != "running":
         return False
+    heartbeat = record.get("heartbeat")
+    if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool):
+        return False  # a record edited by hand or written by something else: it proves nobody is alive
     now = time.time() if now is None else now
-    if now - record.get("heartbeat", 0) > STALE_AFTER:
+    if now - heartbeat > STALE_AFTER:
         return False
     if record.get("host") == socket.gethostname():
+        if record.get("pid") == os.getpid():
+            # this process's pid, but not one of its records: a process before a restart in a fresh PID namespace
+            # (a container's PID 1 restarted on the same host name), which cannot be alive
+            return record.get("worker") in _OWN_WORKERS
         return pid_alive(record.get("pid"))
     return True
 
@@ -126,8 +140,8 @@ def held_claims(store) -> dict[str, list]:
     held: dict = {}
     for key, generation in sorted(top.items()):
         holder = read_json(store, claim_name(key, generation))
-        if holder is not None:
-            held.setdefault(holder.get("worker"), []).append(int(key) if key.isdigit() else key)
+        if holder is not None and isinstance(holder.get("worker"), str):  # a release, or an odd file: nobody's
+            held.setdefault(holder["worker"], []).append(int(key) if key.isdigit() else key)
     return held
 
 
@@ -142,11 +156,13 @@ class Worker:
                        "state": "running", "started": now, "heartbeat": now}
         self.figures = figures or dict  # the process's current figures (rows/s, parts done), merged into the record
         self.claims = Claims(store, self.id)
+        _OWN_WORKERS.add(self.id)
+        self._failing = False  # the last write of the record failed (logged once, not at every heartbeat)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="batchrun-heartbeat", daemon=True)
 
     def __enter__(self) -> Worker:
-        self.write()
+        self.write()  # the first write must succeed: a process others cannot see must not claim parts
         self._thread.start()
         return self
 
@@ -155,7 +171,7 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         if self.record["state"] == "running":
-            self.write(state="stopped" if exc_info[0] is not None else "finished")
+            self.beat(state="stopped" if exc_info[0] is not None else "finished")
         return False
 
     def retire(self) -> None:
@@ -170,9 +186,25 @@ class Worker:
         self.record["heartbeat"] = time.time()
         self.store.put(worker_name(self.id), json.dumps(self.record).encode())
 
+    def beat(self, state: str | None = None) -> bool:
+        """Rewrite the record, riding out a failed write (a transient EIO, a full disk for a moment): the record
+        only tells others this process is alive, and the next beat may succeed. True when written."""
+        try:
+            self.write(state)
+        except Exception as error:  # noqa: BLE001 - whatever the store raised, the heartbeat must go on
+            if not self._failing:
+                log.warning("could not rewrite this process's record in %s (%s); retrying every %.0fs",
+                            self.store, error, RETRY_EVERY)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("this process's record in %s is written again", self.store)
+        self._failing = False
+        return True
+
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_EVERY):
-            self.write()
+        while not self._stop.wait(RETRY_EVERY if self._failing else HEARTBEAT_EVERY):
+            self.beat()
 
 
 class Claims:
@@ -192,10 +224,10 @@ class Claims:
                 continue  # released, or removed after a commit, since we looked
             if holder == self.worker_id:
                 return True
-            if holder == UNREADABLE or (holder is not None and self.holder_is_live(holder)):
+            if holder == UNREADABLE or (holder not in (None, RELEASED) and self.holder_is_live(holder)):
                 return False
             if self.store.create(claim_name(key, generation + 1), self._claim_record()):
-                if generation >= 0:
+                if generation >= 0 and holder != RELEASED:
                     log.info("took over %s from %s, which is gone", _label(key), holder or "a claim naming no process")
                 return True
         return False
@@ -205,40 +237,47 @@ class Claims:
         holder = self._holder(key, self._top_generation(key))
         if holder == UNREADABLE:
             return False
-        return holder in (None, VANISHED, self.worker_id) or not self.holder_is_live(holder)
+        return holder in (None, VANISHED, RELEASED, self.worker_id) or not self.holder_is_live(holder)
 
     def release(self, key: int | str, done: bool) -> None:
-        """A committed part's claims all go (every generation); an uncommitted one gives back only its own."""
+        """A committed part's claims all go (every generation: nobody needs them once the part exists). An
+        uncommitted part is given back only if this process still holds it: by creating the next generation as a
+        release, which fails if another process has taken the claim over meanwhile. Removing our own generation
+        instead could, in that race, remove it from under the taker's and open a gap that hides the taker's claim."""
         generation = self._top_generation(key)
-        for current in range(generation, -1, -1):
-            name = claim_name(key, current)
-            if done or (read_json(self.store, name) or {}).get("worker") == self.worker_id:
-                self.store.remove(name)
-            if not done:
-                return
+        if done:
+            for current in range(generation, -1, -1):
+                self.store.remove(claim_name(key, current))
+        elif generation >= 0 and self._holder(key, generation) == self.worker_id:
+            self.store.create(claim_name(key, generation + 1), self._release_record())
 
     def release_all(self) -> None:
         """Give back every claim this worker holds at the top generation (parts claimed ahead by the loader, when
-        the run stops). A generation someone took over stays: removing it would hide the taker's claim above it."""
+        the run stops); a claim someone took over is theirs and stays."""
         for name in self.store.names():
             match = CLAIM_PATTERN.fullmatch(name)
-            if (match and (read_json(self.store, name) or {}).get("worker") == self.worker_id
-                    and not self.store.exists(claim_name(_key(match["key"]), int(match["generation"]) + 1))):
-                self.store.remove(name)
+            if match and (read_json(self.store, name) or {}).get("worker") == self.worker_id:
+                self.release(_key(match["key"]), done=False)
 
     def _holder(self, key: int | str, generation: int) -> str | None:
         """The worker id holding the top generation; None when unclaimed, or unreadable for long (a writer killed
-        mid-write: nobody holds it); VANISHED when it went while we looked; UNREADABLE when unreadable but young."""
+        mid-write: nobody holds it); VANISHED when it went while we looked; UNREADABLE when unreadable but young;
+        RELEASED when its holder gave it back."""
         if generation < 0:
             return None
         name = claim_name(key, generation)
         raw = self.store.get(name)
         if raw is None:
             return VANISHED
-        holder = _parse(raw)
-        if holder is not None:
-            return holder.get("worker") if isinstance(holder.get("worker"), str) else None
-        return None if self.store.age(name) > TORN_CLAIM_GRACE else UNREADABLE
+        try:
+            holder = json.loads(raw)
+        except ValueError:  # torn by a writer killed mid-write (only where claims cannot be created whole)
+            return None if self.store.age(name) > TORN_CLAIM_GRACE else UNREADABLE
+        if not isinstance(holder, dict):
+            return None  # complete, but no claim of ours (`null`, edited by hand): nobody holds it
+        if holder.get("released") is not None:
+            return RELEASED
+        return holder.get("worker") if isinstance(holder.get("worker"), str) else None
 
     def holder_is_live(self, worker_id: str | None) -> bool:
         if worker_id == self.worker_id:
@@ -258,6 +297,9 @@ class Claims:
 
     def _claim_record(self) -> bytes:
         return json.dumps({"worker": self.worker_id, "claimed": time.time()}).encode()
+
+    def _release_record(self) -> bytes:
+        return json.dumps({"worker": None, "released": time.time(), "by": self.worker_id}).encode()
 
 
 def _key(label: str) -> int | str:
