@@ -27,7 +27,8 @@ class Progress:
         self.store = store
         self.total_rows = total_rows
         self.total_parts = -(-total_rows // rows_per_part) if total_rows is not None else None
-        self.rows_done, self.parts_done = rows_done, parts_done
+        self.rows_done, self.parts_done = rows_done, parts_done  # rows_done counts rows computed, not yet committed
+        self.rows_committed = rows_done  # what _progress.json says: rows in committed parts only
         self.failed_rows = 0
         self.started = time.monotonic()
         self.rows_this_run = self.tokens_this_run = 0
@@ -64,6 +65,7 @@ class Progress:
             if self.bar is not None and rows_done > self.rows_done:
                 self.bar.update(rows_done - self.rows_done)
             self.rows_done = max(self.rows_done, rows_done)
+        self.rows_committed = rows_done if rows_done is not None else self.rows_done
         self.peers_rows_per_second = peers_rows_per_second
         self.store.put(PROGRESS, json.dumps(self.snapshot(), indent=2).encode())
 
@@ -98,8 +100,9 @@ class Progress:
                 f"{self.tokens_per_second():,.0f} tokens/s" + (f", ETA {eta:,.0f}s" if eta is not None else ""))
 
     def snapshot(self, complete: bool = False) -> dict:
-        """`_progress.json`: the job's figures (a shard knows the job's parts from the listing)."""
-        job = {"parts_done": self.parts_done, "parts_total": self.total_parts, "rows_done": self.rows_done,
+        """`_progress.json`: the job's committed figures (a shard knows the job's parts from the listing). Rows of
+        parts still in progress are not counted: a stopped run would otherwise claim rows it never wrote."""
+        job = {"parts_done": self.parts_done, "parts_total": self.total_parts, "rows_done": self.rows_committed,
                "rows_total": self.total_rows, **(self.job if self.job and not complete else {})}
         return {
             **job,
