@@ -76,26 +76,27 @@ def run_job(job: Job, options: RunOptions) -> int:
     check_device_map(job.get("model.device_map"), layout)
     run_identity = identity(job, options.limit)
     with StopOnSignals() as stop:
-        if layout.rank == 0:
-            finished = prepare_output(store, run_identity, options.fresh, layout)
-        else:
-            finished = wait_for_rank_0(store, run_identity, stop)
-        if finished is None:
+        if not stop.requested:  # a signal during start-up (imports, reading the manifest) stops before OUTPUT
+            if layout.rank == 0:
+                finished = prepare_output(store, run_identity, options.fresh, layout)
+            else:
+                finished = wait_for_rank_0(store, run_identity, stop)
+        if stop.requested:  # also one that came while --fresh discarded OUTPUT: it completed, nothing more started
             log.warning("stopped by %s before starting; rerun the same command to resume", stop.signal_name)
             return EXIT_INTERRUPTED
         if finished:
             log.info("%s already holds this finished run; nothing to do", store)
-            return EXIT_OK
+            return finished_exit_code(store, job)
         # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
         with Worker(store, layout.labels()) as worker:
             try:
                 code = _run(job, options, store, run_identity, stop, worker)
             except BaseException:
                 worker.claims.release_all()
-                worker.write(state="stopped")
+                worker.beat(state="stopped")
                 raise
             if code == EXIT_INTERRUPTED:
-                worker.write(state="stopped")
+                worker.beat(state="stopped")
         if store.exists(SUCCESS):
             worker.retire()
         return code
@@ -115,6 +116,18 @@ def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: L
     if not store.create(RUN_INFO, json.dumps(info, indent=2, default=str).encode()):
         return _already_finished(store, run_identity)  # another process created it first: is it this job?
     return False
+
+
+def finished_exit_code(store: LocalStore, job: Job) -> int:
+    """A rerun of a finished job exits as the run did: 3 when its failed rows exceed errors.max_error_rate (so a
+    scheduler's retry of a run that exited 3 does not turn it green), else 0. The totals are those _batchrun.json
+    recorded when the run finished; runs finished before it recorded them are counted from the part footers."""
+    info = read_run_info(store)
+    rows, failed_rows = info.get("rows"), info.get("failed_rows")
+    if not (isinstance(rows, int) and isinstance(failed_rows, int)):
+        done = verified_parts(store, info.get("fingerprint"), job.get("output.rows_per_part"))
+        rows, failed_rows = sum(f.rows for f in done.values()), sum(f.failed_rows for f in done.values())
+    return _exit_for_errors(failed_rows, rows, job.get("errors.max_error_rate"))
 
 
 def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> bool | None:
@@ -248,7 +261,7 @@ class Work:
         if self.share.layout.num_shards > 1:
             self.progress.job = self._job_figures(committed)
         self.progress.part_committed(facts.failed_rows, parts, rows, peers)
-        self.worker.write()  # its figures, fresh for status and for the others' rates
+        self.worker.beat()  # its figures, fresh for status and for the others' rates
 
     def _outstanding(self) -> list[int]:
         committed = committed_parts(self.store.names())
@@ -294,8 +307,10 @@ class Work:
         if set(range(total)) <= set(done) and self._finish_claimed():
             try:
                 self._write_success(done, total)
-            finally:
-                self.worker.claims.release(FINISH, done=True)
+            except BaseException:
+                self.worker.claims.release(FINISH, done=False)  # another process may finish the job
+                raise
+            self.worker.claims.release(FINISH, done=True)
             own = list(done.values())
         elif self.share.layout.num_shards > 1 and not self.store.exists(SUCCESS):
             log.info("%s done: %d parts; the job completes when every shard has finished",
@@ -315,10 +330,11 @@ class Work:
         rows = sum(facts.rows for facts in done.values())
         progress = self.progress
         progress.total_parts, progress.total_rows = total, rows  # known for sure now, even for a stream
-        progress.parts_done, progress.rows_done = total, rows
+        progress.parts_done, progress.rows_done, progress.rows_committed = total, rows, rows
         progress.failed_rows = sum(facts.failed_rows for facts in done.values())
-        info = json.loads(self.store.get(RUN_INFO))
+        info = read_run_info(self.store)
         info["finished"] = _now()
+        info["rows"], info["failed_rows"] = rows, progress.failed_rows  # what a rerun's exit code is judged by
         info["processes"] = _process_summaries(worker_records(self.store))
         self.store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
         self.store.put(PROGRESS, json.dumps(progress.snapshot(complete=True), indent=2).encode())
@@ -341,18 +357,23 @@ def token_budget(setting, device) -> int:
 def _until_stopped(loader, stop: StopFlag):
     """The loader's items until a stop is requested; workers killed by the same Ctrl-C end it quietly too."""
     iterator = iter(loader)
-    while True:
-        if stop.requested:
-            raise Interrupted
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError:
+    try:
+        while True:
             if stop.requested:
-                raise Interrupted from None
-            raise
-        yield item
+                raise Interrupted
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError:
+                if stop.requested:
+                    raise Interrupted from None
+                raise
+            yield item
+    finally:
+        # the DataLoader iterator shuts its workers down when it goes; the exception's traceback would keep it (and
+        # workers still claiming parts ahead) alive while the stopped run gives its claims back
+        del iterator
 
 
 def _compute_slice(part, runner: PartRunner, job: Job, progress: Progress) -> pa.Table:
@@ -413,16 +434,32 @@ def _exit_for_errors(failed_rows: int, rows: int, max_error_rate: float) -> int:
     return EXIT_OK
 
 
-def _already_finished(store: LocalStore, run_identity: dict) -> bool:
-    """True when OUTPUT holds this job's finished run; exit 2 when it holds another job's run."""
+def read_run_info(store: LocalStore) -> dict:
+    """OUTPUT's _batchrun.json ({} when there is none); exit 2 when it is not a run's record (edited, or another
+    program's file): a retry cannot help, and batchrun must not guess what it holds."""
     raw = store.get(RUN_INFO)
     if raw is None:
+        return {}
+    try:
+        info = json.loads(raw)
+    except ValueError as error:
+        raise UsageError(f"{store}/{RUN_INFO} is not valid JSON ({error}); it was edited or written by something "
+                         "else: use --fresh to discard OUTPUT, or another output.path") from None
+    if not isinstance(info, dict) or not isinstance(info.get("identity"), dict):
+        raise UsageError(f"{store}/{RUN_INFO} does not record a batchrun run (no \"identity\" object); use --fresh "
+                         "to discard OUTPUT, or another output.path")
+    return info
+
+
+def _already_finished(store: LocalStore, run_identity: dict) -> bool:
+    """True when OUTPUT holds this job's finished run; exit 2 when it holds another job's run."""
+    previous = read_run_info(store)
+    if not previous:
         if committed_parts(store.names()):
             raise UsageError(f"{store} holds parts but no {RUN_INFO}; it is not a batchrun run of this job "
                              "(use --fresh to discard it, or another output.path)")
         return False
-    previous = json.loads(raw)
-    changed = differences(previous.get("identity", {}), run_identity)
+    changed = differences(previous["identity"], run_identity)
     if changed:
         raise UsageError(
             f"{store} holds a run of a different job (fingerprint {previous.get('fingerprint')}); what differs:\n"
@@ -433,20 +470,27 @@ def _already_finished(store: LocalStore, run_identity: dict) -> bool:
 
 
 def _discard(store: LocalStore) -> None:
-    """--fresh: remove the run's own files, refused while another process is writing OUTPUT."""
+    """--fresh: remove the run's own files, refused while another process is writing OUTPUT.
+
+    In an order that leaves a run a plain rerun can resume wherever the discard is killed: _SUCCESS first (a
+    finished run that has lost parts would otherwise look finished), _batchrun.json last (parts without it would
+    look like another program's files)."""
     live = [record for record in worker_records(store) if record["live"]]
     if live:
         raise OutputBusy(f"--fresh would discard {store} while {len(live)} live process(es) write it, e.g. pid "
                          f"{live[0].get('pid')} on {live[0].get('host')}; retry when they have finished")
-    for name in store.names():
-        if (committed_parts([name]) or name in (RUN_INFO, SUCCESS, PROGRESS) or CLAIM_PATTERN.fullmatch(name)
-                or WORKER_PATTERN.fullmatch(name)):
+    names = store.names()
+    for name in (SUCCESS, PROGRESS):
+        store.remove(name)
+    for name in names:
+        if committed_parts([name]) or CLAIM_PATTERN.fullmatch(name) or WORKER_PATTERN.fullmatch(name):
             store.remove(name)
+    store.remove(RUN_INFO)
 
 
 def _record_run_info(store: LocalStore, job: Job, run_identity: dict, pipeline) -> None:
     """_batchrun.json gets the manifest, versions and resolved device from the first process to load the model."""
-    info = json.loads(store.get(RUN_INFO) or b"{}")
+    info = read_run_info(store)
     if info.get("manifest") is not None:
         return
     store.put(RUN_INFO, json.dumps({**_run_info(job, run_identity, pipeline), "started": info.get("started", _now())},

@@ -24,6 +24,8 @@ import torch
 import jobs
 from jobs import WORDS, output, rows, run
 from pipeline_core.cli import run_cli
+from pipeline_core.output.claims import held_claims
+from pipeline_core.output.store import LocalStore
 from pipeline_core.tasks.classification import TextClassificationTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +153,7 @@ def test_sigterm_commits_and_exits_75_within_10_seconds_then_resumes(tmp_path, r
     progress = json.loads((job.parent / "out" / "_progress.json").read_text())
     assert progress["complete"] is False and progress["parts_done"] >= 1
     assert not (job.parent / "out" / "_SUCCESS").exists()
-    assert not list((job.parent / "out").glob(".claim-*"))  # its claims are given back
+    assert not held_claims(LocalStore(job.parent / "out"))  # its claims are given back
     assert [json.loads(path.read_text())["state"] for path in (job.parent / "out").glob(".worker-*")] == ["stopped"]
     process = start(job)
     assert process.wait(timeout=300) == 0
