@@ -1,7 +1,7 @@
 """SIGTERM and SIGINT ask the run to stop: no new batches, committed parts stay, exit 75.
 
 Schedulers (Airflow, Kubernetes, Slurm) send SIGTERM and wait a grace period before SIGKILL; a second signal
-stops at once.
+stops at once. Stdlib only: the command imports this before torch.
 """
 
 from __future__ import annotations
@@ -9,10 +9,26 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-
-from pipeline_core.execute import StopFlag
+import time
+from dataclasses import dataclass
 
 log = logging.getLogger("batchrun")
+
+
+@dataclass
+class StopFlag:
+    signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early for a stop request; True when a stop was requested."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        return self.requested
 
 
 class StopOnSignals:
