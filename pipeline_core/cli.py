@@ -191,11 +191,16 @@ def evaluate(output):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and turn every outcome into the contract's exit code."""
-    sys.exit(run_cli(argv))
+    """The `batchrun` command, for callers that import it from here (benchmarks/scale_out.py): pipeline_core.entry,
+    whose signal handlers are installed before click and torch are imported."""
+    from pipeline_core.entry import main as entry_main
+
+    entry_main(argv)
 
 
 def run_cli(argv: list[str] | None = None) -> int:
+    """The command's exit code for every outcome; the stop signals are handled by the caller (entry.main) or by
+    the run itself (runner.run_job)."""
     debug = os.environ.get("BATCHRUN_DEBUG", "") not in ("", "0")
     try:
         cli.main(args=argv, prog_name="batchrun", standalone_mode=False)

@@ -8,34 +8,18 @@ the run. A stop request (SIGTERM / SIGINT) ends the part between batches, or mid
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from pipeline_core.data.batching import pack_batches
+from pipeline_core.signals import StopFlag
 
 log = logging.getLogger("batchrun")
 
 
 class Interrupted(Exception):
     """A stop was requested; the part being run is incomplete and must not be committed."""
-
-
-@dataclass
-class StopFlag:
-    signal_name: str | None = None
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to `seconds`, waking early for a stop request; True when a stop was requested."""
-        deadline = time.monotonic() + seconds
-        while not self.requested and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
-        return self.requested
 
 
 @dataclass

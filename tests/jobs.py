@@ -1,4 +1,5 @@
-"""Small jobs for the end-to-end tests: rows of common words, a job file over them, and running it in process.
+"""Small jobs for the end-to-end tests: rows of common words, a job file over them, and running it in process or as
+the command.
 
 Every word is one token of the tiny models' WordPiece vocabulary (tests/tiny_models.py), so a row of n words is
 n + 2 tokens with [CLS] and [SEP].
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline_core.cli import run_cli
 
+ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over the lazy dog while people walk through london".split()
 
 
@@ -43,6 +47,14 @@ def write_job(directory: Path, model: Path, data: list[dict], task: str = "text-
 
 def run(job: Path, *args: str) -> int:
     return run_cli(["run", str(job), "--no-progress", *args])
+
+
+def start(job: Path, *args: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """`python -m pipeline_core run JOB.yaml`, the leader of its own process group (its DataLoader workers join it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+    )
 
 
 def output(job: Path) -> pd.DataFrame:

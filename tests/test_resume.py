@@ -22,25 +22,16 @@ import pytest
 import torch
 
 import jobs
-from jobs import WORDS, output, rows, run
+from jobs import WORDS, output, rows, run, start
 from pipeline_core.cli import run_cli
 from pipeline_core.output.claims import held_claims
 from pipeline_core.output.store import LocalStore
 from pipeline_core.tasks.classification import TextClassificationTask
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def write_job(directory: Path, model: Path, data: list[dict], **settings) -> Path:
     """The shared job with one preprocessing worker: the kill tests kill the workers too."""
     return jobs.write_job(directory, model, data, workers=1, **settings)
-
-
-def start(job: Path, *args: str, stderr=subprocess.PIPE) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
-    )
 
 
 def committed(out: Path) -> dict[str, tuple[int, int]]:
