@@ -53,6 +53,7 @@ from pipeline_core.output.parts import (
     read_part_facts,
 )
 from pipeline_core.output.progress import Progress
+from pipeline_core.output.run_info import parse_run_info
 from pipeline_core.output.store import LocalStore
 from pipeline_core.signals import StopOnSignals
 from pipeline_core.tasks import build_task
@@ -421,7 +422,7 @@ def _already_finished(store: LocalStore, run_identity: dict) -> bool:
             raise UsageError(f"{store} holds parts but no {RUN_INFO}; it is not a batchrun run of this job "
                              "(use --fresh to discard it, or another output.path)")
         return False
-    previous = json.loads(raw)
+    previous = parse_run_info(raw, store)  # not JSON, or not a run's: exit 2 naming the file
     changed = differences(previous.get("identity", {}), run_identity)
     if changed:
         raise UsageError(
