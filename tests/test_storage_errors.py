@@ -13,6 +13,9 @@ import errno
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -437,3 +440,75 @@ def test_a_run_whose_output_path_is_a_file_exits_2(tmp_path, tiny_models, capsys
     err = capsys.readouterr().err
     assert plain(err) and f"error: output.path {file} is a file, not a directory" in err
     assert file.read_bytes() == b"somebody's file"
+
+
+# --- runs on real filesystems that fail, in a namespace of their own ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_mounts(tmp_path_factory) -> None:
+    """Skips where this user may not mount a tmpfs in a new user and mount namespace (containers often forbid it)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare command to mount a tmpfs with")
+    point = tmp_path_factory.mktemp("probe")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            'mount -t tmpfs -o size=64k tmpfs "$1" && touch "$1/x"', "sh", str(point)],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare or mount is not permitted here: {probe.stderr.strip()}")
+
+
+def in_namespace(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script` run by sh in a user and mount namespace of its own, where it may mount; batchrun as `$BATCHRUN`."""
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": python_path, "BATCHRUN": f"{sys.executable} -m pipeline_core"}
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=environment, timeout=300)
+
+
+FILLS_UP = """
+set -u
+mount -t tmpfs -o size=1m tmpfs "$1" || exit 90
+$BATCHRUN run "$2" --no-progress 2> "$3/failed.log"; echo $? > "$3/failed.rc"
+cp -a "$1/out" "$3/after-failure"
+mount -o remount,size=64m "$1"
+$BATCHRUN run "$2" --no-progress 2> "$3/rerun.log"; echo $? > "$3/rerun.rc"
+cp -a "$1/out" "$3/finished"
+"""
+
+
+def test_a_disk_that_fills_mid_run_exits_1_plainly_and_a_rerun_after_freeing_space_finishes(own_mounts, tmp_path,
+                                                                                             tiny_models, reference):
+    """A 1 MiB tmpfs holds two parts of about 400 KB; the third does not fit until the tmpfs grows."""
+    mount, logs = tmp_path / "mnt", tmp_path / "logs"
+    mount.mkdir()
+    logs.mkdir()
+    job = write_big_job(tmp_path / "job", tiny_models.text_classifier, mount / "out")
+    result = in_namespace(FILLS_UP, str(mount), str(job), str(logs))
+    assert result.returncode == 0, result.stderr
+    failed = (logs / "failed.log").read_text()
+    assert (logs / "failed.rc").read_text().strip() == "1", failed
+    assert plain(failed) and "No space left on device (errno 28); committed parts are kept: free space" in failed
+    assert f"\nerror: cannot write part-000002.parquet in {mount / 'out'}: No space left on device" in failed
+    assert committed(logs / "after-failure") == {part_name(0): ROWS_PER_PART, part_name(1): ROWS_PER_PART}
+    assert not [name for name in listing(logs / "after-failure") if ".tmp-" in name]
+    assert (logs / "rerun.rc").read_text().strip() == "0", (logs / "rerun.log").read_text()
+    assert "2 parts already committed" in (logs / "rerun.log").read_text()
+    assert pd.read_parquet(logs / "finished").equals(reference)
+
+
+READ_ONLY = """
+mount -t tmpfs -o ro tmpfs "$1" || exit 90
+exec $BATCHRUN run "$2" --no-progress
+"""
+
+
+def test_a_read_only_output_exits_1_naming_the_read_only_file_system(own_mounts, tmp_path, tiny_models):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    job = write_big_job(tmp_path / "job", tiny_models.text_classifier, mount, count=4)
+    result = in_namespace(READ_ONLY, str(mount), str(job))
+    assert result.returncode == 1, result.stderr
+    assert plain(result.stderr)
+    assert result.stderr.endswith(f"error: cannot write _batchrun.json in {mount}: Read-only file system (errno 30); "
+                                  f"committed parts are kept: make it writable, {RERUN}\n")
