@@ -198,6 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     entry_main(argv)
 
 
+def describe_os_error(error: OSError) -> str:
+    """"cannot use /data/x: No space left on device (errno 28)": the file and the system's reason, one line."""
+    files = " and ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    reason = f"{error.strerror} (errno {error.errno})" if error.errno and error.strerror else str(error)
+    return f"cannot use {files}: {reason}" if files else f"{reason} ({type(error).__name__})"
+
+
 def run_cli(argv: list[str] | None = None) -> int:
     """The command's exit code for every outcome; the stop signals are handled by the caller (entry.main) or by
     the run itself (runner.run_job)."""
@@ -219,6 +226,11 @@ def run_cli(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("interrupted", err=True)
         return EXIT_INTERRUPTED
+    except OSError as error:  # I/O that no layer put into words (a full disk, a cache, a device): a run-time failure
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {describe_os_error(error)}", err=True)
+        return EXIT_FAILURE
     except Exception as error:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if debug:
             traceback.print_exc()

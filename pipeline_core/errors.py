@@ -42,5 +42,10 @@ class ManifestError(UsageError):
         return "\n".join(lines)
 
 
+class StorageError(BatchrunError):
+    """OUTPUT could not be read or written (a full disk, a read-only filesystem, no permission). Exit 1: committed
+    parts stay valid, and a rerun once the cause is fixed resumes."""
+
+
 class NotImplementedYet(UsageError):
     """A command of the contract whose issue has not landed: it must not pretend success."""

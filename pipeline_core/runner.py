@@ -25,6 +25,7 @@ from pipeline_core.data.loader import (
     PreparedParts,
     SourceFailure,
     part_loader,
+    workers_started,
 )
 from pipeline_core.data.source import open_split
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
@@ -53,6 +54,7 @@ from pipeline_core.output.parts import (
     read_part_facts,
 )
 from pipeline_core.output.progress import Progress
+from pipeline_core.output.run_info import not_a_run, parse_run_info
 from pipeline_core.output.store import LocalStore
 from pipeline_core.signals import StopOnSignals
 from pipeline_core.tasks import build_task
@@ -356,7 +358,8 @@ def token_budget(setting, device) -> int:
 
 def _until_stopped(loader, stop: StopFlag):
     """The loader's items until a stop is requested; workers killed by the same Ctrl-C end it quietly too."""
-    iterator = iter(loader)
+    with workers_started():
+        iterator = iter(loader)
     try:
         while True:
             if stop.requested:
@@ -440,14 +443,9 @@ def read_run_info(store: LocalStore) -> dict:
     raw = store.get(RUN_INFO)
     if raw is None:
         return {}
-    try:
-        info = json.loads(raw)
-    except ValueError as error:
-        raise UsageError(f"{store}/{RUN_INFO} is not valid JSON ({error}); it was edited or written by something "
-                         "else: use --fresh to discard OUTPUT, or another output.path") from None
-    if not isinstance(info, dict) or not isinstance(info.get("identity"), dict):
-        raise UsageError(f"{store}/{RUN_INFO} does not record a batchrun run (no \"identity\" object); use --fresh "
-                         "to discard OUTPUT, or another output.path")
+    info = parse_run_info(raw, store)
+    if "identity" not in info:
+        raise not_a_run(store, 'has no "identity" object')
     return info
 
 

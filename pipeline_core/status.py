@@ -2,35 +2,41 @@
 
 Parts and rows come from the part files' footers; rates and the ETA from `_progress.json`; the processes at work,
 their claims and rates from their worker records; which shards are finished from the parts of each shard's block.
+
+`_batchrun.json` says whose run this is: one that is not JSON, or lacks what status needs, is a usage error naming
+the file. Everything else is advisory: an unreadable `_progress.json`, or a field of a record of another type, is
+shown as unknown rather than failing status.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from pipeline_core.errors import UsageError
 from pipeline_core.layout import Layout, Share
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.claims import held_claims, worker_records
 from pipeline_core.output.parts import committed_parts, read_part_facts
+from pipeline_core.output.run_info import not_a_run, parse_run_info
 from pipeline_core.output.store import LocalStore
 
 
 def run_status(output: str) -> dict:
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UsageError(f"{output} is a file, not a run directory; give status a job's output.path")
     store = LocalStore(output)
-    raw = store.get(RUN_INFO)
-    if raw is None:
-        raise UsageError(f"{output} holds no batchrun run (no {RUN_INFO}); check the path")
-    info = json.loads(raw)
-    progress = json.loads(store.get(PROGRESS) or b"{}")
+    info = read_run_info(store, output)
+    progress = read_progress(store)
     rows_per_part = info["identity"]["output.rows_per_part"]
     facts = [read_part_facts(store, index, info["fingerprint"], rows_per_part)
              for index in sorted(committed_parts(store.names()))]
     good = [fact for fact in facts if fact is not None]
-    records = worker_records(store)
+    records = [_fitting(record, RECORD_FIELDS) | {"live": record["live"]} for record in worker_records(store)]
     held = held_claims(store)
-    processes = [_process(record, held.get(record.get("worker"), [])) for record in records if record["live"]]
+    processes = [_process(record, held.get(record["worker"], []) if record["worker"] else [])
+                 for record in records if record["live"]]
     complete = store.exists(SUCCESS)
     return {
         "output": output,
@@ -54,6 +60,48 @@ def run_status(output: str) -> dict:
     }
 
 
+def read_run_info(store: LocalStore, output: str) -> dict:
+    """`_batchrun.json`, with what status needs of it: a UsageError naming the file and the problem otherwise."""
+    raw = store.get(RUN_INFO)
+    if raw is None:
+        raise UsageError(f"{output} holds no batchrun run (no {RUN_INFO}); check the path")
+    info = parse_run_info(raw, store)
+    if not isinstance(info.get("fingerprint"), str):
+        raise not_a_run(store, 'has no "fingerprint" string')
+    if "identity" not in info:
+        raise not_a_run(store, 'has no "identity" object')
+    rows_per_part = info["identity"].get("output.rows_per_part")
+    if not isinstance(rows_per_part, int) or isinstance(rows_per_part, bool) or rows_per_part < 1:
+        raise not_a_run(store, 'has no positive "output.rows_per_part" in its "identity"')
+    return info
+
+
+# What status reads of `_progress.json` and of worker records, and the type each must have to be shown.
+NUMBER = (int, float)
+PROGRESS_FIELDS = {"parts_total": int, "rows_total": int, "rows_per_second": NUMBER, "eta_seconds": NUMBER}
+RECORD_FIELDS = {"worker": str, "host": str, "pid": int, "rank": int, "world_size": int, "shard_index": int,
+                 "num_shards": int, "device": str, "rows_per_second": NUMBER, "parts_done": int,
+                 "heartbeat": NUMBER, "started": NUMBER, "round_robin": bool}
+
+
+def read_progress(store: LocalStore) -> dict:
+    """`_progress.json`'s figures of the right type. It is advisory (rewritten after each part, by whichever
+    process committed last): torn or edited, status goes on with what the part footers say."""
+    try:
+        progress = json.loads(store.get(PROGRESS) or b"{}")
+    except ValueError:
+        return {}
+    return _fitting(progress, PROGRESS_FIELDS) if isinstance(progress, dict) else {}
+
+
+def _fitting(values: dict, fields: dict) -> dict:
+    """Each of `fields` from `values` where it has the right type, else None (True is no number here)."""
+    def fits(value, kind) -> bool:
+        return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+    return {key: values.get(key) if fits(values.get(key), kind) else None for key, kind in fields.items()}
+
+
 def _process(record: dict, claims: list) -> dict:
     keys = ("host", "pid", "rank", "world_size", "shard_index", "num_shards", "device", "rows_per_second",
             "parts_done", "heartbeat")
@@ -65,7 +113,7 @@ def _shards(records: list[dict], parts_total: int | None, done: set[int]) -> lis
     sharded = [record for record in records if (record.get("num_shards") or 1) > 1]
     if not sharded or parts_total is None:
         return None
-    latest = max(sharded, key=lambda record: record.get("started", 0))
+    latest = max(sharded, key=lambda record: record["started"] or 0)
     count = latest["num_shards"]
     shards = []
     for index in range(count):
@@ -107,9 +155,11 @@ def render_status(status: dict) -> str:
         eta = status["eta_seconds"]
         lines.append(f"  speed   {status['rows_per_second']:,.1f} rows/s" + (f", ETA {eta:,.0f}s" if eta else ""))
     for process in status["processes"]:
+        heartbeat = process["heartbeat"]
         lines.append(f"  process {_who(process)}: pid {process['pid']} on {process['host']}, "
                      f"{process['rows_per_second'] or 0:,.1f} rows/s, {process['parts_done'] or 0} parts done, "
-                     f"heartbeat {time.time() - process['heartbeat']:.0f}s ago, claims {_claims(process['claims'])}")
+                     f"heartbeat {f'{time.time() - heartbeat:.0f}s ago' if heartbeat is not None else 'unknown'}, "
+                     f"claims {_claims(process['claims'])}")
     for shard in status["shards"] or []:
         state = "finished" if shard["finished"] else "not finished"
         lines.append(f"  shard   {shard['shard']}: {shard['parts_done']}/{shard['parts']} parts, {state}")

@@ -117,8 +117,8 @@ def test_two_processes_claiming_at_the_same_instant_never_both_hold_the_part(tmp
 
     directories = trial_directories(tmp_path, setup)
     outcomes = race(directories)
-    assert [a + b for a, b in zip(outcomes["A"], outcomes["B"])] == [1] * TRIALS  # one winner, every time
-    for directory, a_won in zip(directories, outcomes["A"]):
+    assert [a + b for a, b in zip(outcomes["A"], outcomes["B"], strict=True)] == [1] * TRIALS  # one winner, every time
+    for directory, a_won in zip(directories, outcomes["A"], strict=True):
         assert held_claims(LocalStore(directory)) == {"A" if a_won else "B": [7]}
 
 
@@ -321,7 +321,8 @@ def test_batchrun_restarted_as_pid_1_takes_its_earlier_claims_over_at_once(tmp_p
     data = rows(6000)
     reference = write_job(tmp_path / "reference", tiny_models.text_classifier, data, rows_per_part=100)
     assert run(reference) == 0
-    job = write_job(tmp_path / "run", tiny_models.text_classifier, data, rows_per_part=100)
+    # two workers claim parts ahead of the one computed, so the kill always leaves claims of the dead run
+    job = write_job(tmp_path / "run", tiny_models.text_classifier, data, rows_per_part=100, workers=2)
     out = tmp_path / "run" / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = in_a_fresh_pid_namespace([sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress"])
@@ -408,9 +409,9 @@ def test_odd_records_and_claims_neither_block_nor_break_a_run_or_status(tmp_path
 
 
 @pytest.mark.parametrize("text, says", [
-    ("{not json", "is not valid JSON"),
-    ("null", 'does not record a batchrun run (no "identity" object)'),
-    (json.dumps({"fingerprint": "abc"}), 'does not record a batchrun run (no "identity" object)'),
+    ("{not json", "is not valid JSON (line 1 column 2)"),
+    ("null", "holds null, not a JSON object"),
+    (json.dumps({"fingerprint": "abc"}), 'has no "identity" object'),
 ])
 def test_a_run_info_that_is_not_a_runs_record_is_a_usage_error_naming_the_file(tmp_path, tiny_models, capsys, text,
                                                                                 says):

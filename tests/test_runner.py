@@ -334,8 +334,8 @@ def test_run_of_another_job_is_refused_naming_each_difference(tmp_path):
 def test_run_info_without_an_identity_is_not_a_runs_record(tmp_path):
     store = LocalStore(tmp_path)
     write_run_info(store, None)
-    with pytest.raises(UsageError, match=r"_batchrun.json does not record a batchrun run \(no \"identity\" object\); "
-                                         "use --fresh to discard OUTPUT, or another output.path"):
+    with pytest.raises(UsageError, match=r"_batchrun.json has no \"identity\" object: it is not a batchrun run "
+                                         r"directory, or it was edited; check the path \(rerun the job with --fresh"):
         _already_finished(store, run_identity(limit=5))
 
 

@@ -26,6 +26,8 @@ import pytest
 import jobs
 from jobs import output, rows
 from pipeline_core.cli import run_cli
+from pipeline_core.output.claims import held_claims
+from pipeline_core.output.store import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -234,7 +236,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_committing_then_a_rerun_comp
     assert "internal error" not in log and "DataLoader worker" not in log, log
     assert process.returncode != 0  # torchrun's own verdict on a group it was told to stop
     assert not (job.parent / "out" / "_SUCCESS").exists()
-    assert not list((job.parent / "out").glob(".claim-*"))  # the stopped ranks gave their claims back
+    assert not held_claims(LocalStore(job.parent / "out"))  # the stopped ranks gave their claims back
     rerun = start(batchrun(job), tmp_path / "rerun")
     assert finish(rerun, tmp_path / "rerun") and rerun.returncode == 0
     pd.testing.assert_frame_equal(output(job), reference)

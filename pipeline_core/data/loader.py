@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -185,6 +186,23 @@ def _quiet_worker(_worker_id: int) -> None:
     # 75. The model process shuts its workers down itself; they also exit when it dies.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since the fork (workers_started): now ignored
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextmanager
+def workers_started():
+    """Around starting the workers (iter(loader) forks them): SIGTERM and SIGINT are held, and a forked worker
+    inherits them held, until its _quiet_worker ignores them. Between the fork and _quiet_worker torch installs a
+    SIGTERM handler of its own that ends the worker, and a launcher's SIGTERM to the process group landing there
+    failed the run with "DataLoader worker killed by signal". A signal held here reaches the model process after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def part_loader(parts: PreparedParts, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
