@@ -11,6 +11,7 @@ import importlib.metadata
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -150,3 +151,15 @@ def tiny_embedder(tiny_models):
 @pytest.fixture(scope="session")
 def tiny_image_classifier(tiny_models):
     return tiny_models.image_classifier
+
+
+@pytest.fixture
+def own_handlers():
+    """{signum: signals received} while handlers of the test's own are installed for SIGTERM and SIGINT, so a signal
+    that batchrun failed to handle is recorded here instead of ending pytest."""
+    received = {signal.SIGTERM: [], signal.SIGINT: []}
+    previous = {signum: signal.signal(signum, lambda number, _frame: received[number].append(number))
+                for signum in received}
+    yield received
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

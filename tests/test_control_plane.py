@@ -208,6 +208,15 @@ def test_a_rerun_of_a_finished_run_exits_with_the_code_it_earned(tmp_path, tiny_
 # --- --fresh, killed at each step -----------------------------------------------------------------------------------
 
 
+def finished_and_reference(tmp_path: Path, tiny_models) -> tuple[Path, Path]:
+    """Two finished runs of one job in two directories: the reference, and the one a test discards."""
+    jobs = []
+    for name in ("reference", "run"):
+        jobs.append(write_job(tmp_path / name, tiny_models.text_classifier, rows(10)))
+        assert run(jobs[-1]) == 0
+    return jobs[0], jobs[1]
+
+
 class Killed(BaseException):
     """kill -9 at this point: nothing after it runs (no handler catches a BaseException that is not ours)."""
 
@@ -215,11 +224,7 @@ class Killed(BaseException):
 def test_fresh_killed_at_each_step_leaves_a_run_that_a_plain_rerun_completes(tmp_path, tiny_models, monkeypatch):
     """Caught before: --fresh removed _batchrun.json first and the parts after it; killed between the two, it left
     parts without _batchrun.json, which every plain rerun refused with exit 2."""
-    data = rows(10)
-    reference = write_job(tmp_path / "reference", tiny_models.text_classifier, data)
-    assert run(reference) == 0
-    job = write_job(tmp_path / "run", tiny_models.text_classifier, data)
-    assert run(job) == 0
+    reference, job = finished_and_reference(tmp_path, tiny_models)
     remove = LocalStore.remove
     removed: list[str] = []
 
@@ -248,26 +253,11 @@ def test_fresh_killed_at_each_step_leaves_a_run_that_a_plain_rerun_completes(tmp
         pd.testing.assert_frame_equal(output(job), output(reference))
 
 
-@pytest.fixture
-def own_handlers():
-    """Handlers of the test's own for SIGTERM and SIGINT, so a signal nobody else handles cannot end pytest."""
-    received = {signal.SIGTERM: [], signal.SIGINT: []}
-    previous = {signum: signal.signal(signum, lambda number, _frame: received[number].append(number))
-                for signum in received}
-    yield received
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-
-
 def test_a_signal_during_the_discard_of_fresh_ends_in_75_and_a_plain_rerun_completes(tmp_path, tiny_models,
                                                                                       monkeypatch, caplog,
                                                                                       own_handlers):
     """Caught before: a SIGTERM during --fresh's discard was noted, and the run went on to load the model."""
-    data = rows(10)
-    reference = write_job(tmp_path / "reference", tiny_models.text_classifier, data)
-    assert run(reference) == 0
-    job = write_job(tmp_path / "run", tiny_models.text_classifier, data)
-    assert run(job) == 0
+    reference, job = finished_and_reference(tmp_path, tiny_models)
     remove = LocalStore.remove
     loaded = []
     initialize = runner_module.initialize

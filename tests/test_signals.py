@@ -32,17 +32,6 @@ from pipeline_core.errors import EXIT_INTERRUPTED
 from pipeline_core.signals import STOP_SIGNALS, ProcessGuard, StopOnSignals
 
 
-@pytest.fixture
-def own_handlers():
-    """{signum: signals received} while handlers of the test's own are installed for SIGTERM and SIGINT."""
-    received = {signal.SIGTERM: [], signal.SIGINT: []}
-    previous = {signum: signal.signal(signum, lambda number, _frame: received[number].append(number))
-                for signum in received}
-    yield received
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-
-
 def send(signum: int) -> None:
     os.kill(os.getpid(), signum)  # os.kill runs the handler of a signal sent to this process before it returns
 
