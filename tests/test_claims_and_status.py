@@ -576,7 +576,19 @@ def test_release_of_an_uncommitted_part_gives_back_only_this_workers_top_generat
     # given back by a release generation on top, never by removing a claim (which could be under a taker's)
     assert claims_on_disk(tmp_path) == {".claim-000007.0": OTHER, ".claim-000007.1": ME, ".claim-000007.2": "released",
                                         ".claim-000008.0": ME, ".claim-000008.1": OTHER}
+    assert json.loads((tmp_path / claim_name(7, 2)).read_text())["by"] == ME  # who gave it back, for people
     assert Claims(LocalStore(tmp_path), THIRD).available(7) and not held_claims(LocalStore(tmp_path)).get(ME)
+
+
+def test_a_claim_over_a_release_or_of_a_new_part_is_no_takeover(tmp_path, caplog):
+    write_claim(tmp_path, 7, 0, ME)
+    claims = Claims(LocalStore(tmp_path), ME)
+    caplog.set_level(logging.INFO, logger="batchrun")
+    claims.release(7, done=False)
+    assert Claims(LocalStore(tmp_path), OTHER).claim(7) and Claims(LocalStore(tmp_path), OTHER).claim(8)
+    assert claims_on_disk(tmp_path) == {".claim-000007.0": ME, ".claim-000007.1": "released",
+                                        ".claim-000007.2": OTHER, ".claim-000008.0": OTHER}
+    assert "took over" not in caplog.text  # only a claim taken from a holder that is gone is logged
 
 
 def test_release_all_gives_back_every_claim_of_this_worker_and_only_those(tmp_path):

@@ -186,9 +186,9 @@ class Worker:
         self.record["heartbeat"] = time.time()
         self.store.put(worker_name(self.id), json.dumps(self.record).encode())
 
-    def beat(self, state: str | None = None) -> bool:
+    def beat(self, state: str | None = None) -> None:
         """Rewrite the record, riding out a failed write (a transient EIO, a full disk for a moment): the record
-        only tells others this process is alive, and the next beat may succeed. True when written."""
+        only tells others this process is alive, and the next beat may succeed."""
         try:
             self.write(state)
         except Exception as error:  # noqa: BLE001 - whatever the store raised, the heartbeat must go on
@@ -196,11 +196,10 @@ class Worker:
                 log.warning("could not rewrite this process's record in %s (%s); retrying every %.0fs",
                             self.store, error, RETRY_EVERY)
             self._failing = True
-            return False
+            return
         if self._failing:
             log.info("this process's record in %s is written again", self.store)
         self._failing = False
-        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(RETRY_EVERY if self._failing else HEARTBEAT_EVERY):
