@@ -63,7 +63,7 @@ def _contend(directories: list[Path], worker: str, barrier, results, release: bo
     outcomes = []
     for directory in directories:
         claims = Claims(LocalStore(directory), worker)
-        barrier.wait()
+        barrier.wait(timeout=60)  # a contender that crashed must not leave the other waiting for ever
         if release:
             claims.release(7, done=False)
             outcomes.append(False)
@@ -76,14 +76,17 @@ def race(directories: list[Path], release_by: str | None = None) -> dict[str, li
     """{contender: whether it got the claim, per trial}: A and B, forked, meet at a barrier before every trial."""
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(2), context.Queue()
-    contenders = [context.Process(target=_contend, args=(directories, worker, barrier, results, worker == release_by))
-                  for worker in ("A", "B")]
+    contenders = [context.Process(target=_contend, args=(directories, worker, barrier, results, worker == release_by),
+                                  daemon=True) for worker in ("A", "B")]
     for contender in contenders:
         contender.start()
-    outcomes = dict(results.get(timeout=300) for _ in contenders)
-    for contender in contenders:
-        contender.join(timeout=30)
-        assert contender.exitcode == 0
+    try:
+        outcomes = dict(results.get(timeout=120) for _ in contenders)
+    finally:
+        for contender in contenders:
+            contender.join(timeout=30)
+            contender.kill()  # a no-op when it has ended; else the test fails without waiting for it
+    assert [contender.exitcode for contender in contenders] == [0, 0]
     return outcomes
 
 
