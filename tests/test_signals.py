@@ -337,3 +337,36 @@ def test_ctrl_c_to_the_process_group_warns_once_and_exits_75(command):
     code, err = run.finish()
     assert code == EXIT_INTERRUPTED and "Traceback" not in err, err
     assert sum("SIGINT received" in line for line in err.splitlines()) == 1, err
+
+
+def _worker_starting(ready) -> None:
+    """A DataLoader worker between its fork and its worker_init_fn (where torch's own SIGTERM handler would end it),
+    then the worker_init_fn batchrun gives it."""
+    from pipeline_core.data.loader import _quiet_worker
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as deadly as torch's handler there
+    ready.set()
+    time.sleep(1.0)  # the test's SIGTERM comes now
+    _quiet_worker(0)
+    time.sleep(0.2)  # a signal that got through would have ended the process by now
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["started-by-workers_started", "started-bare"])
+def test_a_sigterm_to_a_worker_before_its_init_is_held_then_ignored(held):
+    """Caught before (1 in 5 runs of the torchrun SIGTERM test): torchrun's SIGTERM reached a DataLoader worker
+    between its fork and _quiet_worker and killed it, failing the run with "DataLoader worker killed by signal"."""
+    import contextlib
+    import multiprocessing
+
+    from pipeline_core.data.loader import workers_started
+
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    with workers_started() if held else contextlib.nullcontext():
+        worker = context.Process(target=_worker_starting, args=(ready,), daemon=True)
+        worker.start()
+    assert ready.wait(30)
+    os.kill(worker.pid, signal.SIGTERM)  # a process of this test's own, before its _quiet_worker
+    worker.join(30)
+    assert worker.exitcode == (0 if held else -signal.SIGTERM)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(STOP_SIGNALS) == set()  # nothing left held here
