@@ -191,7 +191,7 @@ def test_a_failed_heartbeat_write_does_not_end_the_heartbeat_and_is_retried_soon
 # --- a finished run's exit code -------------------------------------------------------------------------------------
 
 
-def test_a_rerun_of_a_finished_run_exits_with_the_code_it_earned(tmp_path, tiny_models, caplog):
+def test_a_rerun_of_a_finished_run_exits_with_the_code_it_earned(tmp_path, tiny_models, caplog, monkeypatch):
     """Caught before: the rerun of a run that exited 3 said "nothing to do" and exited 0, so a scheduler's retry
     turned a failed task green."""
     data = rows(8)
@@ -201,14 +201,21 @@ def test_a_rerun_of_a_finished_run_exits_with_the_code_it_earned(tmp_path, tiny_
     assert run(job, *strict) == 3
     info = json.loads((tmp_path / "out" / "_batchrun.json").read_text())
     assert (info["rows"], info["failed_rows"]) == (8, 2)
+    footers_read = []
+    read_part_facts = runner_module.read_part_facts
+    monkeypatch.setattr(runner_module, "read_part_facts", lambda *args: footers_read.append(args) or
+                        read_part_facts(*args))
     caplog.set_level(logging.INFO, logger="batchrun")
     assert run(job, *strict) == 3
     assert "2 of 8 rows failed (25.00%), above errors.max_error_rate=0.1" in caplog.text
     assert run(job) == 0  # the job's own max_error_rate (1.0) accepts the same rows
-    del info["rows"], info["failed_rows"]  # finished by a version that did not record them: counted from the parts
-    (tmp_path / "out" / "_batchrun.json").write_text(json.dumps(info))
-    assert run(job, *strict) == 3
-    assert run(job) == 0
+    assert footers_read == []  # judged by the recorded totals: no part footer read, however many parts
+    for missing in ("failed_rows", "rows"):  # finished by a version that did not record them: counted from the parts
+        del info[missing]
+        (tmp_path / "out" / "_batchrun.json").write_text(json.dumps(info))
+        assert run(job, *strict) == 3
+        assert run(job) == 0
+        assert len(footers_read) == 2 * 2 * (2 if missing == "rows" else 1)  # two parts, read by each rerun
 
 
 # --- --fresh, killed at each step -----------------------------------------------------------------------------------
