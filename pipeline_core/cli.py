@@ -200,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def describe_os_error(error: OSError) -> str:
     """"cannot use /data/x: No space left on device (errno 28)": the file and the system's reason, one line."""
+    from pipeline_core.output.store import os_reason
+
     files = " and ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-    reason = f"{error.strerror} (errno {error.errno})" if error.errno and error.strerror else str(error)
+    reason = os_reason(error)
     return f"cannot use {files}: {reason}" if files else f"{reason} ({type(error).__name__})"
 
 

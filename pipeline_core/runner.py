@@ -54,7 +54,7 @@ from pipeline_core.output.parts import (
     read_part_facts,
 )
 from pipeline_core.output.progress import Progress
-from pipeline_core.output.run_info import not_a_run, parse_run_info
+from pipeline_core.output.run_info import read_run_info
 from pipeline_core.output.store import LocalStore
 from pipeline_core.signals import StopOnSignals
 from pipeline_core.tasks import build_task
@@ -435,18 +435,6 @@ def _exit_for_errors(failed_rows: int, rows: int, max_error_rate: float) -> int:
     if failed_rows:
         log.info("%d of %d rows failed; see the error column", failed_rows, rows)
     return EXIT_OK
-
-
-def read_run_info(store: LocalStore) -> dict:
-    """OUTPUT's _batchrun.json ({} when there is none); exit 2 when it is not a run's record (edited, or another
-    program's file): a retry cannot help, and batchrun must not guess what it holds."""
-    raw = store.get(RUN_INFO)
-    if raw is None:
-        return {}
-    info = parse_run_info(raw, store)
-    if "identity" not in info:
-        raise not_a_run(store, 'has no "identity" object')
-    return info
 
 
 def _already_finished(store: LocalStore, run_identity: dict) -> bool:

@@ -19,7 +19,7 @@ from pipeline_core.layout import Layout, Share
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.claims import held_claims, worker_records
 from pipeline_core.output.parts import committed_parts, read_part_facts
-from pipeline_core.output.run_info import not_a_run, parse_run_info
+from pipeline_core.output.run_info import not_a_run, read_run_info
 from pipeline_core.output.store import LocalStore
 
 
@@ -27,7 +27,7 @@ def run_status(output: str) -> dict:
     if Path(output).exists() and not Path(output).is_dir():
         raise UsageError(f"{output} is a file, not a run directory; give status a job's output.path")
     store = LocalStore(output)
-    info = read_run_info(store, output)
+    info = status_run_info(store, output)
     progress = read_progress(store)
     rows_per_part = info["identity"]["output.rows_per_part"]
     facts = [read_part_facts(store, index, info["fingerprint"], rows_per_part)
@@ -60,16 +60,13 @@ def run_status(output: str) -> dict:
     }
 
 
-def read_run_info(store: LocalStore, output: str) -> dict:
+def status_run_info(store: LocalStore, output: str) -> dict:
     """`_batchrun.json`, with what status needs of it: a UsageError naming the file and the problem otherwise."""
-    raw = store.get(RUN_INFO)
-    if raw is None:
+    info = read_run_info(store)
+    if not info:
         raise UsageError(f"{output} holds no batchrun run (no {RUN_INFO}); check the path")
-    info = parse_run_info(raw, store)
     if not isinstance(info.get("fingerprint"), str):
         raise not_a_run(store, 'has no "fingerprint" string')
-    if "identity" not in info:
-        raise not_a_run(store, 'has no "identity" object')
     rows_per_part = info["identity"].get("output.rows_per_part")
     if not isinstance(rows_per_part, int) or isinstance(rows_per_part, bool) or rows_per_part < 1:
         raise not_a_run(store, 'has no positive "output.rows_per_part" in its "identity"')

@@ -21,6 +21,7 @@ from pipeline_core.data.parquet import ReadStats
 from pipeline_core.data.source import Split
 from pipeline_core.layout import Share
 from pipeline_core.output.parts import part_name
+from pipeline_core.signals import STOP_SIGNALS
 from pipeline_core.tasks.text import Encoded
 
 # A part is prepared and handed over in slices of this many rows, each length-sorted into batches on its own: a part
@@ -188,8 +189,6 @@ def _quiet_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since the fork (workers_started): now ignored
 
-
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 @contextmanager

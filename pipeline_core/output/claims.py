@@ -110,10 +110,8 @@ def is_leftover(store, name: str) -> bool:
 
 def read_json(store, name: str) -> dict | None:
     raw = store.get(name)
-    return None if raw is None else _parse(raw)
-
-
-def _parse(raw: bytes) -> dict | None:
+    if raw is None:
+        return None
     try:
         value = json.loads(raw)
     except ValueError:

@@ -13,6 +13,18 @@ ADVICE = "it is not a batchrun run directory, or it was edited; check the path (
          "it over)"
 
 
+def read_run_info(store) -> dict:
+    """OUTPUT's _batchrun.json ({} when there is none), with the identity every reader needs; a usage error naming
+    the file when it is not a run's record."""
+    raw = store.get(RUN_INFO)
+    if raw is None:
+        return {}
+    info = parse_run_info(raw, store)
+    if "identity" not in info:
+        raise not_a_run(store, 'has no "identity" object')
+    return info
+
+
 def parse_run_info(raw: bytes, store) -> dict:
     """The run info of `store` from its bytes: a JSON object, whose identity, where it has one, is an object too."""
     try:

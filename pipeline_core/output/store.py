@@ -146,7 +146,7 @@ class LocalStore:
             inside = "" if in_the_way == self.root else f" is inside {in_the_way}, which"
             return UsageError(f"output.path {self.root}{inside} is a file, not a directory; "
                               "point output.path at a directory (batchrun creates it)")
-        message = f"cannot {doing}: {_reason(error)}"
+        message = f"cannot {doing}: {os_reason(error)}"
         if writing:
             advice = WRITE_ADVICE.get(error.errno, "fix that")
             message += f"; committed parts are kept: {advice}, then rerun the same command to resume"
@@ -160,7 +160,8 @@ class LocalStore:
         return None
 
 
-def _reason(error: OSError) -> str:
+def os_reason(error: OSError) -> str:
+    """The system's words and number: "No space left on device (errno 28)"."""
     return f"{error.strerror} (errno {error.errno})" if error.errno and error.strerror else str(error)
 
 
