@@ -17,6 +17,7 @@ import click
 from pipeline_core import __version__
 from pipeline_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BatchrunError, NotImplementedYet, UsageError
 from pipeline_core.manifest import Job, load_job
+from pipeline_core.output.store import os_reason
 
 SET_HELP = "Override one manifest key by its dotted path; VALUE is YAML (batching.max_tokens=8192). Repeatable."
 
@@ -200,11 +201,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def describe_os_error(error: OSError) -> str:
     """"cannot use /data/x: No space left on device (errno 28)": the file and the system's reason, one line."""
-    from pipeline_core.output.store import os_reason
-
     files = " and ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-    reason = os_reason(error)
-    return f"cannot use {files}: {reason}" if files else f"{reason} ({type(error).__name__})"
+    return f"cannot use {files}: {os_reason(error)}" if files else f"{os_reason(error)} ({type(error).__name__})"
 
 
 def run_cli(argv: list[str] | None = None) -> int:

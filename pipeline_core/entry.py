@@ -20,10 +20,10 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline_core.cli import run_cli  # deferred: imports click, and the run imports torch
 
         code = run_cli(argv)
-        guard.finish()
     except KeyboardInterrupt:  # the second signal, outside run_cli's own handling (during the imports)
-        guard.finish()
         print("interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
+    finally:
+        guard.finish()
     # a run that finished its last batch as the first signal came still says 75: a rerun finds it done
     sys.exit(EXIT_INTERRUPTED if guard.flag.requested else code)
