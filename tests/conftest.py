@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from output_files import exited_pid
 from tiny_models import TinyModels, build_all, built_in
 
 # Forced, not defaulted: huggingface_hub reads these once, at its import, and a "0" in the shell must not win.
@@ -163,3 +164,8 @@ def own_handlers():
     yield received
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    return exited_pid()

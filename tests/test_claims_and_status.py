@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from output_files import write_claim, write_record
 
 from jobs import rows, run, write_job
 from pipeline_core import status as status_module
@@ -51,26 +52,6 @@ HOST = socket.gethostname()
 ME, OTHER, THIRD = "node-1-111111", "node-2-222222", "node-3-333333"
 
 
-def write_record(directory: Path, worker: str, pid: int | None = 4242, host: str = "another-node",
-                 heartbeat_age: float = 3.0, state: str = "running", **labels) -> dict:
-    """A worker record as claims.Worker writes it; `pid` None leaves the pid out."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    record = {"worker": worker, "host": host, "pid": pid, "rank": 0, "world_size": 1, "local_rank": None,
-              "shard_index": 0, "num_shards": 1, "device": "cpu", "state": state, "started": now - 600,
-              "heartbeat": now - heartbeat_age, "rows_per_second": 12.5, "parts_done": 3, "rows_done": 12,
-              **labels}
-    if pid is None:
-        del record["pid"]
-    (directory / worker_name(worker)).write_text(json.dumps(record))
-    return record
-
-
-def write_claim(directory: Path, key: int | str, generation: int, worker: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / claim_name(key, generation)).write_text(json.dumps({"worker": worker, "claimed": time.time()}))
-
-
 def claims_on_disk(directory: Path) -> dict[str, str | None]:
     """{claim file: the worker it names ("released" for a release, None when torn)}."""
     claims = {}
@@ -96,13 +77,6 @@ def live_process():
     process.kill()
     process.wait()
     process.stdout.close()
-
-
-@pytest.fixture
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
 
 
 class Clock:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from output_files import write_claim, write_record
 
 from jobs import output, rows, run, write_job
 from pipeline_core import runner as runner_module
@@ -33,25 +34,6 @@ from pipeline_core.output.store import LocalStore
 ROOT = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
 TRIALS = 200  # races per scenario; the single lock these claims replaced let two runs in 7 times in 100
-
-
-def write_record(directory: Path, worker: str, heartbeat_age: float = 1.0, host: str = "another-node",
-                 pid: int = 4242) -> None:
-    now = time.time()
-    record = {"worker": worker, "host": host, "pid": pid, "state": "running", "started": now - 60,
-              "heartbeat": now - heartbeat_age}
-    (directory / worker_name(worker)).write_text(json.dumps(record))
-
-
-def write_claim(directory: Path, key: int, generation: int, worker: str) -> None:
-    (directory / claim_name(key, generation)).write_text(json.dumps({"worker": worker, "claimed": time.time()}))
-
-
-@pytest.fixture
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
 
 
 # --- two processes at the same instant ----------------------------------------------------------------------------

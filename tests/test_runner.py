@@ -12,8 +12,6 @@ import platform
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
+from output_files import exited_pid
 
 import jobs
 from pipeline_core import __version__
@@ -413,14 +412,8 @@ def test_fresh_run_over_another_jobs_output_starts_over_and_keeps_other_files(tm
     assert json.loads((copy / "_batchrun.json").read_text())["identity"]["limit"] == 2
 
 
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path):
-    dead, host = dead_pid(), socket.gethostname()
+    dead, host = exited_pid(), socket.gethostname()
     names = [f".part-000001.parquet.tmp-{dead}", f"._batchrun.json.tmp-{dead}-0a1b2c3d",
              f".worker-x.json.tmp-{host}-{dead}-4e5f6a7b", ".batchrun.lock", ".hidden", f"notes.tmp-{dead}",
              "part-000000.parquet", "_SUCCESS"]
