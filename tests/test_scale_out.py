@@ -225,7 +225,9 @@ def rank_pid(out: Path, rank: int, timeout: float = 60) -> int:
 
 
 def test_sigterm_to_torchrun_stops_every_rank_after_committing_then_a_rerun_completes(job, reference, tmp_path):
-    process = start(torchrun(job), tmp_path / "log")
+    # one row per batch: rank 0 alone would otherwise finish the tiny job (in 1 s) before rank 1 has imported torch,
+    # and there would be no second rank to stop (batch sizes do not change values)
+    process = start(torchrun(job) + ["--set", "batching.max_batch_size=1"], tmp_path / "log")
     wait_for_parts(job, 2, process, tmp_path / "log")
     rank_pid(job.parent / "out", 1)  # both ranks are at work
     os.kill(process.pid, signal.SIGTERM)  # the launcher, as a scheduler stops a job
