@@ -128,9 +128,19 @@ def render_plan(job: Job, summary: dict) -> str:
         ("device map", json.dumps(summary["hf_device_map"]) if summary["hf_device_map"] else "-"),
         ("input prefix", repr(summary["input_prefix"]) if summary["input_prefix"] else "-"),
         ("generation", ", ".join(f"{k}={v}" for k, v in sorted(generation.items())) if generation else "-"),
+        *[(name, f"{_shown(setting['value'])}  ({setting['source']})")
+          for name, setting in (summary.get("embedding") or {}).items()],
         ("stages", ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in summary["stages"])),
     ]
     return f"plan for {job.source}\n" + "\n".join(f"  {name:<13} {value}" for name, value in rows)
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "; ".join(value) or "-"
+    return repr(value) if isinstance(value, str) and value.strip() != value else str(value)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -32,6 +32,7 @@ from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
 from pipeline_core.initializer import initialize, plan_summary
+from pipeline_core.initializer.embedding import EmbeddingSettings, resolve_embedding
 from pipeline_core.layout import Layout, Share, check_device_map
 from pipeline_core.manifest import Job
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
@@ -76,7 +77,7 @@ def run_job(job: Job, options: RunOptions) -> int:
     store = LocalStore(job.get("output.path"))
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
-    run_identity = identity(job, options.limit)
+    run_identity, embedding = job_identity(job, options.limit)
     with StopOnSignals() as stop:
         if not stop.requested:  # a signal during start-up (imports, reading the manifest) stops before OUTPUT
             if layout.rank == 0:
@@ -92,7 +93,7 @@ def run_job(job: Job, options: RunOptions) -> int:
         # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
         with Worker(store, layout.labels()) as worker:
             try:
-                code = _run(job, options, store, run_identity, stop, worker)
+                code = _run(job, options, store, run_identity, stop, worker, embedding)
             except BaseException:
                 worker.claims.release_all()
                 worker.beat(state="stopped")
@@ -102,6 +103,13 @@ def run_job(job: Job, options: RunOptions) -> int:
         if store.exists(SUCCESS):
             worker.retire()
         return code
+
+
+def job_identity(job: Job, limit: int | None) -> tuple[dict, EmbeddingSettings | None]:
+    """The run's identity, and feature-extraction's settings: they may come from the checkpoint, so they are
+    resolved (from its JSON files, before any weights load) and recorded as what they resolved to."""
+    embedding = resolve_embedding(job) if job.get("task") == "feature-extraction" else None
+    return identity(job, limit, embedding.identity() if embedding else None), embedding
 
 
 def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: Layout) -> bool:
@@ -147,10 +155,10 @@ def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> bo
 
 
 def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, stop: StopFlag,
-         worker: Worker) -> int:
+         worker: Worker, embedding: EmbeddingSettings | None = None) -> int:
     started = time.monotonic()
     layout = options.layout
-    pipeline = initialize(job)
+    pipeline = initialize(job, embedding)
     loaded = time.monotonic()
     task = build_task(job, pipeline, should_stop=lambda: stop.requested)
     split = open_split(job, options.limit)

@@ -47,7 +47,7 @@ CASES = [
     ("bad-dtype", GOOD.replace("  name: some/model\n", "  name: m\n  dtype: fp16\n"), [], ["model.dtype must be one of auto, float32"]),
     ("bad-device", GOOD.replace("  name: some/model\n", "  name: m\n  device: gpu\n"), [], ["model.device must be", "'gpu'"]),
     ("device-below-minus-one", GOOD.replace("  name: some/model\n", "  name: m\n  device: -2\n"), [], ["model.device", "-2"]),
-    ("bad-pooling", GOOD.replace("  name: some/model\n", "  name: m\n  pooling: max\n"), [], ["model.pooling must be one of mean, cls, none"]),
+    ("bad-pooling", GOOD.replace("  name: some/model\n", "  name: m\n  pooling: median\n"), [], ["model.pooling must be null or one of mean, cls, max, mean_sqrt_len_tokens, weightedmean, lasttoken, none"]),
     ("bad-on-error", GOOD + "errors: {on_error: skip}\n", [], ["errors.on_error must be one of record, fail"]),
     ("bad-compression", GOOD + "output: {compression: zip}\n", [], ["output.compression must be one of"]),
     ("keep-columns-not-list", GOOD.replace("  path: json\n", "  path: json\n  keep_columns: id\n"), [],

@@ -30,7 +30,7 @@ def test_defaults_fill_every_key_in_table_order(tmp_path):
         "task": "text-classification",
         "model": {"name": "m", "revision": None, "dtype": "auto", "device": "auto", "device_map": None,
                   "trust_remote_code": False, "generation": {}, "prompt": None, "chat_template": False,
-                  "pooling": "mean", "normalize": False},
+                  "pooling": None, "normalize": None, "prompt_name": None, "sentence_transformers": True},
         "dataset": {"path": "csv", "name": None, "data_files": "rows.csv", "split": "train", "revision": None,
                     "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": []},
         "batching": {"max_batch_size": 64, "max_tokens": "auto", "max_length": None, "num_workers": 2},

@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import output, rows, run, write_job
+from pipeline_core import runner
 from pipeline_core.manifest import load_job
 from pipeline_core.manifest.spec import KEYS
 from pipeline_core.output import store as store_module
-from pipeline_core.output.identity import differences, fingerprint, identity
+from pipeline_core.output.identity import differences, fingerprint
 from pipeline_core.output.parts import (
     PartFacts,
     commit_part,
@@ -214,8 +215,6 @@ IDENTITY_CHANGES = {
     "model.prompt": "model.prompt=Q {text}",
     "model.chat_template": "model.chat_template=true",
     "model.generation": "model.generation.max_new_tokens=7",
-    "model.pooling": "model.pooling=cls",
-    "model.normalize": "model.normalize=true",
     "batching.max_length": "batching.max_length=16",
     "dataset.path": "dataset.path=csv",
     "dataset.name": "dataset.name=another-configuration",
@@ -227,6 +226,14 @@ IDENTITY_CHANGES = {
     "dataset.keep_columns": "dataset.keep_columns=[id, author]",
     "output.rows_per_part": "output.rows_per_part=7",
 }
+# Keys only feature-extraction reads, changed from a feature-extraction job (EMBEDDING_JOB) of a model without
+# sentence-transformers modules; test_embedding.py changes them, and the two below, on a checkpoint with modules.
+EMBEDDING_CHANGES = {
+    "model.pooling": "model.pooling=cls",
+    "model.normalize": "model.normalize=true",
+}
+# They enter the identity as the embedding settings they resolve to, which only a checkpoint with modules changes.
+RESOLVED_BY_THE_CHECKPOINT = {"model.prompt_name", "model.sentence_transformers"}
 # What the README (batch sizes, worker counts, the device) and identity.py (devices) say may change between attempts.
 FREE_CHANGES = {
     "batching.max_batch_size": "batching.max_batch_size=3",
@@ -245,14 +252,18 @@ BASE_JOB = (
 )
 
 
-def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None) -> dict:
+EMBEDDING_JOB = "task: feature-extraction\nmodel: {name: tiny-model}\ndataset: {path: json, data_files: rows.jsonl}\n"
+
+
+def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None, base: str = BASE_JOB) -> dict:
     path = tmp_path / "job.yaml"
-    path.write_text(BASE_JOB)
-    return identity(load_job(path, list(overrides)), limit)
+    path.write_text(base)
+    return runner.job_identity(load_job(path, list(overrides)), limit)[0]
 
 
 def test_every_manifest_key_is_either_in_the_identity_free_or_listed_outside_it():
-    listed = set(IDENTITY_CHANGES) | set(FREE_CHANGES) | OUTSIDE_THE_IDENTITY
+    listed = set(IDENTITY_CHANGES) | set(EMBEDDING_CHANGES) | RESOLVED_BY_THE_CHECKPOINT | set(FREE_CHANGES) \
+        | OUTSIDE_THE_IDENTITY
     assert {key.path for key in KEYS} == listed
 
 
@@ -262,6 +273,23 @@ def test_changing_one_identity_key_changes_the_fingerprint_and_names_that_key(tm
     changed = job_identity(tmp_path, IDENTITY_CHANGES[key])
     assert fingerprint(changed) != fingerprint(base)
     assert [line.split(": ")[0] for line in differences(base, changed)] == [key]
+
+
+@pytest.mark.parametrize("key", sorted(EMBEDDING_CHANGES))
+def test_changing_an_embedding_key_changes_a_feature_extraction_fingerprint(tmp_path, key):
+    base = job_identity(tmp_path, base=EMBEDDING_JOB)
+    changed = job_identity(tmp_path, EMBEDDING_CHANGES[key], base=EMBEDDING_JOB)
+    assert fingerprint(changed) != fingerprint(base)
+    assert [line.split(": ")[0] for line in differences(base, changed)] == [key]
+
+
+def test_embedding_keys_keep_the_identity_older_runs_recorded(tmp_path):
+    # Before the defaults became "from the checkpoint", every run recorded pooling mean and normalize false: a run
+    # of another task, or of a model without modules, resumes with what it recorded.
+    for base in (BASE_JOB, EMBEDDING_JOB):
+        values = job_identity(tmp_path, base=base)
+        assert (values["model.pooling"], values["model.normalize"]) == ("mean", False)
+        assert "embedding" not in values
 
 
 @pytest.mark.parametrize("old, new", [(None, 10), (10, 11), (10, None)])

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from pipeline_core.initializer.compat import check_compatibility
-from pipeline_core.initializer.components import Components, load_components
+from pipeline_core.initializer.components import Components, load_components, model_input_limit
 from pipeline_core.initializer.device import (
     available_accelerators,
     check_device_request,
     distributed_local_rank,
     resolve_device,
 )
+from pipeline_core.initializer.embedding import EmbeddingSettings, load_dense, lowercase_inputs, resolve_embedding
 from pipeline_core.initializer.generation import (
     GENERATIVE_TASKS,
     align_special_tokens,
@@ -45,6 +46,8 @@ class InferencePipeline:
     generation_config: Any = None  # GenerationConfig for generative tasks
     input_prefix: str | None = None
     stages: list[tuple[str, float]] = field(default_factory=list)
+    embedding: EmbeddingSettings | None = None  # feature-extraction: pooling, Dense layers, normalisation
+    dense: list = field(default_factory=list)  # the checkpoint's Dense layers, placed on `device`
 
     @property
     def model(self):
@@ -64,8 +67,11 @@ def stage(name: str, stages: list):
     log.info("stage %-20s %.2fs", name, seconds)
 
 
-def initialize(job: Job) -> InferencePipeline:
+def initialize(job: Job, embedding: EmbeddingSettings | None = None) -> InferencePipeline:
+    """`embedding`: the feature-extraction settings when the caller resolved them already (for the fingerprint)."""
     task, stages = job.get("task"), []
+    if task == "feature-extraction" and embedding is None:
+        embedding = resolve_embedding(job)  # before the weights: an unsupported module is refused at once
     accelerators = available_accelerators()
     check_device_request(job.get("model.device"), job.get("model.device_map"), accelerators)
     with stage("components", stages):
@@ -86,12 +92,16 @@ def initialize(job: Job) -> InferencePipeline:
     with stage("placement", stages):
         if not placed_by_accelerate:
             place_model(model, device)
+        dense = [layer.to(device) for layer in load_dense(job.get("model.name"), job.get("model.revision"),
+                                                          embedding.dense)] if embedding else []
     with stage("generation_config", stages):
         generation_config, prefix = None, None
         if task in GENERATIVE_TASKS:
             generation_config, prefix = isolate_generation_config(model, task, job.get("model.generation"))
     with stage("processor_inference", stages):
         infer_processor_parts(components)
+        if embedding is not None and embedding.lowercase and components.tokenizer is not None:
+            lowercase_inputs(components.tokenizer)
         if generation_config is not None and components.tokenizer is not None:
             is_causal = not getattr(model.config, "is_encoder_decoder", False)
             align_special_tokens(generation_config, components.tokenizer, is_causal)
@@ -99,7 +109,7 @@ def initialize(job: Job) -> InferencePipeline:
         set_inference_state(model)
     with stage("compatibility", stages):
         check_compatibility(task, components, generation_config)
-    return InferencePipeline(task, components, device, generation_config, prefix, stages)
+    return InferencePipeline(task, components, device, generation_config, prefix, stages, embedding, dense)
 
 
 def set_inference_state(model) -> None:
@@ -121,8 +131,32 @@ def plan_summary(pipeline: InferencePipeline) -> dict:
         "hf_device_map": getattr(parts.model, "hf_device_map", None),
         "generation_config": generation_settings(pipeline.generation_config),
         "input_prefix": pipeline.input_prefix,
+        "embedding": embedding_summary(pipeline),
         "stages": [{"name": name, "seconds": round(seconds, 4)} for name, seconds in pipeline.stages],
     }
+
+
+def embedding_summary(pipeline: InferencePipeline) -> dict | None:
+    """feature-extraction: each resolved setting with where it came from (the job, the checkpoint or a default)."""
+    settings = pipeline.embedding
+    if settings is None:
+        return None
+    max_length = settings.max_length
+    if max_length is None:
+        max_length = model_input_limit(pipeline.tokenizer, pipeline.model.config)
+    values = {
+        "pooling": "none" if settings.pooling is None else "+".join(settings.pooling),
+        "normalize": settings.normalize,
+        "max_length": max_length,
+        "prompt": settings.prompt or None,
+        "dense": [f"{layer.path}: {layer.in_features}->{layer.out_features} {layer.activation.rsplit('.', 1)[-1]}"
+                  for layer in settings.dense],
+    }
+    if settings.prompt:
+        values["include_prompt"] = settings.include_prompt
+    sources = settings.sources
+    return {name: {"value": value, "source": sources.get(name, sources.get("modules", "default"))}
+            for name, value in values.items()}
 
 
 def _processor_class(parts: Components) -> str | None:

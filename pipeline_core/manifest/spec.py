@@ -31,6 +31,8 @@ TASK_COLUMNS = {
     "image-classification": ("label", "score"),
 }
 RESERVED_COLUMNS = ("row_id", "error")
+# sentence-transformers' pooling modes (initializer/embedding.py reads them from checkpoints)
+POOLING = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 
 
 def show(value: Any) -> str:
@@ -246,8 +248,16 @@ KEYS: tuple[Key, ...] = (
     Key("model.prompt", OPTIONAL_TEXT, None,
         "Template over row columns for causal models, e.g. 'Summarize:\\n{text}'."),
     Key("model.chat_template", Flag(), False, "Wrap the prompt as a user turn with the tokenizer's chat template."),
-    Key("model.pooling", Choice("mean", "cls", "none"), "mean", "feature-extraction: how token vectors become one."),
-    Key("model.normalize", Flag(), False, "feature-extraction: L2-normalise each embedding."),
+    Key("model.pooling", AnyOf(Null(), Choice(*POOLING, "none")), None,
+        "feature-extraction: how token vectors become one; null = the checkpoint's (sentence-transformers), "
+        "else mean; none keeps every token's vector."),
+    Key("model.normalize", AnyOf(Null(), Flag()), None,
+        "feature-extraction: L2-normalise each embedding; null = as the checkpoint does (a Normalize module), "
+        "else false."),
+    Key("model.prompt_name", OPTIONAL_TEXT, None,
+        "feature-extraction: the checkpoint's prompt to prepend (e.g. query); null = its default prompt, if any."),
+    Key("model.sentence_transformers", Flag(), True,
+        "feature-extraction: follow the checkpoint's sentence-transformers modules (modules.json) where it has them."),
     # dataset
     Key("dataset.path", Text(), REQUIRED,
         "Anything datasets.load_dataset accepts: a builder (parquet, json, csv), a hub id, a local dir."),

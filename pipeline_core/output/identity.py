@@ -34,8 +34,11 @@ IDENTITY_KEYS = (
 )
 
 
-def identity(job: Job, limit: int | None) -> dict:
+def identity(job: Job, limit: int | None, embedding: dict | None = None) -> dict:
+    """`embedding`: feature-extraction's resolved settings (EmbeddingSettings.identity()), since a checkpoint can set
+    them. Other tasks never read model.pooling / model.normalize: they keep the values older runs recorded."""
     values = {key: job.get(key) for key in IDENTITY_KEYS}
+    values.update(embedding or {"model.pooling": "mean", "model.normalize": False})
     values["limit"] = limit
     return values
 

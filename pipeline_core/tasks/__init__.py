@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pipeline_core.errors import NotImplementedYet
 from pipeline_core.initializer import InferencePipeline
+from pipeline_core.initializer.components import model_input_limit
 from pipeline_core.initializer.generation import GENERATIVE_TASKS as GENERATIVE
 from pipeline_core.manifest import Job
 from pipeline_core.tasks.classification import TextClassificationTask
-from pipeline_core.tasks.feature_extraction import FeatureExtractionTask
+from pipeline_core.tasks.feature_extraction import FeatureExtractionTask, prompt_length
 from pipeline_core.tasks.generation import GenerationTask
-from pipeline_core.tasks.text import TextEncoder, model_input_limit
+from pipeline_core.tasks.text import TextEncoder
 from pipeline_core.tasks.token_classification import TokenClassificationTask
 
 
@@ -21,11 +22,13 @@ def build_task(job: Job, pipeline: InferencePipeline, should_stop=lambda: False)
     model = pipeline.model
     # CUDA kernels prefer shapes in multiples of 8; elsewhere padding is pure waste
     pad_multiple = 8 if pipeline.device.type == "cuda" else 1
+    embedding = pipeline.embedding
     encoder = TextEncoder(
         pipeline.tokenizer,
         job.get("dataset.input_column"),
-        max_length=job.get("batching.max_length") or input_limit(pipeline),
-        prefix=pipeline.input_prefix,
+        # feature-extraction: the job's batching.max_length, else the checkpoint's trained length
+        max_length=(embedding.max_length if embedding else job.get("batching.max_length")) or input_limit(pipeline),
+        prefix=embedding.prompt if embedding else pipeline.input_prefix,
         prompt=job.get("model.prompt"),
         chat_template=job.get("model.chat_template"),
         offsets=task == "token-classification",
@@ -41,7 +44,8 @@ def build_task(job: Job, pipeline: InferencePipeline, should_stop=lambda: False)
     if task == "token-classification":
         return TokenClassificationTask(encoder, model.config)
     if task == "feature-extraction":
-        return FeatureExtractionTask(encoder, job.get("model.pooling"), job.get("model.normalize"))
+        excluded = prompt_length(pipeline.tokenizer, embedding.prompt)
+        return FeatureExtractionTask(encoder, embedding, pipeline.dense, excluded)
     raise NotImplementedYet(f"task {task!r} is planned but `batchrun run` cannot run it yet")
 
 

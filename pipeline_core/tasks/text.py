@@ -14,18 +14,6 @@ import torch
 
 from pipeline_core.data.batching import padded_length
 
-# Tokenizers without a real limit report model_max_length as a huge sentinel (int(1e30)).
-_NO_LIMIT = 1_000_000
-
-
-def model_input_limit(tokenizer, model_config) -> int | None:
-    """The longest input the model accepts: the tokenizer's limit, else the position embeddings'."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit < _NO_LIMIT:
-        return int(limit)
-    positions = getattr(model_config, "max_position_embeddings", None)
-    return int(positions) if positions else None
-
 
 @dataclass
 class Encoded:
