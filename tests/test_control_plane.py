@@ -263,7 +263,7 @@ def test_a_signal_during_the_discard_of_fresh_ends_in_75_and_a_plain_rerun_compl
         remove(store, name)
 
     monkeypatch.setattr(LocalStore, "remove", signalled)
-    monkeypatch.setattr(runner_module, "initialize", lambda job: loaded.append(job) or initialize(job))
+    monkeypatch.setattr(runner_module, "initialize", lambda job, *more: loaded.append(job) or initialize(job, *more))
     caplog.set_level(logging.INFO, logger="batchrun")
     assert run(job, "--fresh") == 75
     assert loaded == [] and "stopped by SIGTERM before starting" in caplog.text

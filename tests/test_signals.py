@@ -95,8 +95,8 @@ def test_a_second_signal_during_a_run_exits_75_at_once(tmp_path, tiny_models, mo
     )
     initialize = pipeline_core.runner.initialize
 
-    def initialize_then_two_signals(job):
-        pipeline = initialize(job)
+    def initialize_then_two_signals(job, *more):
+        pipeline = initialize(job, *more)
         send(signal.SIGTERM)  # asks to stop: the run would end before its first part, exit 75
         send(signal.SIGTERM)  # stops at once, from inside the run
         return pipeline  # reached only if the second signal was ignored: the run then ends as after one
