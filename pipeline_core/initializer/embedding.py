@@ -114,7 +114,6 @@ class Checkpoint:
 
     modules: list[dict]
     files: dict[str, dict]  # file name (relative to the checkpoint) -> its JSON
-    folder: str | None  # the local folder holding the files (Dense weights are read from it)
 
 
 def read_checkpoint(name: str, revision: str | None) -> Checkpoint | None:
@@ -139,7 +138,7 @@ def read_checkpoint(name: str, revision: str | None) -> Checkpoint | None:
                 raise UsageError(f"model.name={name!r}: modules.json names {module['type']} in "
                                  f"{module.get('path')!r}, but {filename} is missing")
             files[filename] = _read_json(path, filename)
-    return Checkpoint(modules, files, os.path.dirname(modules_path))
+    return Checkpoint(modules, files)
 
 
 def checkpoint_file(name: str, revision: str | None, filename: str) -> str | None:
@@ -173,45 +172,54 @@ def _kind(module: dict) -> str | None:
 
 def _from_checkpoint(job: Job, checkpoint: Checkpoint) -> EmbeddingSettings:
     name = job.get("model.name")
-    transformer = next((checkpoint.files[f] for f in TRANSFORMER_CONFIGS if f in checkpoint.files), {})
+    transformer_file = next((f for f in TRANSFORMER_CONFIGS if f in checkpoint.files), None)
+    transformer = checkpoint.files.get(transformer_file, {})
     _check_modules(name, checkpoint.modules, transformer)
-    found = {"modules": "checkpoint modules.json", "prompt": "the checkpoint has no default prompt"}
-    pooling, include_prompt, dense, normalize, dimension = None, True, [], False, None
-    for module in checkpoint.modules[1:]:
-        kind, folder = _kind(module), module.get("path") or ""
-        config = checkpoint.files.get(f"{folder}/config.json".lstrip("/"), {})
-        if kind == "Pooling":
-            pooling, include_prompt = checkpoint_pooling(name, folder, config), config.get("include_prompt", True)
-            dimension = config.get("embedding_dimension", config.get("word_embedding_dimension"))
-            found["pooling"] = f"checkpoint {folder}/config.json"
-        elif kind == "Dense":
-            dense.append(dense_layer(name, folder, config))
-        elif kind == "Normalize":
-            normalize = True
-            found["normalize"] = f"checkpoint modules.json ({module['type'].rsplit('.', 1)[-1]})"
+    found = {"modules": "checkpoint modules.json"}
+    modules = _after_transformer(name, checkpoint, found)
     prompt = _prompt(job, checkpoint.files.get("config_sentence_transformers.json") or {}, found)
-    max_length = transformer.get("max_seq_length")
-    if max_length is not None:
-        found["max_length"] = "checkpoint " + next(f for f in TRANSFORMER_CONFIGS if f in checkpoint.files)
-    # keys set in the job win over the checkpoint
-    settings = {"pooling": pooling or ("mean",), "normalize": normalize, "max_length": max_length}
+    settings = {"pooling": modules["pooling"], "normalize": modules["normalize"],
+                "max_length": transformer.get("max_seq_length")}
+    if settings["max_length"] is not None:
+        found["max_length"] = f"checkpoint {transformer_file}"
     for setting, key in (("pooling", "model.pooling"), ("normalize", "model.normalize"),
                          ("max_length", "batching.max_length")):
         value = job.get(key)
-        if value is not None:
+        if value is not None:  # keys set in the job win over the checkpoint
             settings[setting] = _job_pooling(value) if setting == "pooling" else value
             found[setting] = f"job {key}"
-        found.setdefault(setting, "default" if setting != "max_length" else "the model's limit")
+    dense = modules["dense"]
     if settings["pooling"] is None:
         dense = []  # sentence-transformers' Dense and Normalize work on the pooled vector, not on token vectors
         if job.get("model.normalize") is None:
             settings["normalize"], found["normalize"] = False, "default (model.pooling: none)"
-    _check_dense_chain(name, settings["pooling"], dense, dimension, found)
+    _check_dense_chain(name, settings["pooling"], dense, modules["dimension"], found)
     return EmbeddingSettings(
-        pooling=settings["pooling"], normalize=bool(settings["normalize"]), max_length=settings["max_length"],
-        prompt=prompt, include_prompt=bool(include_prompt), lowercase=bool(transformer.get("do_lower_case")),
+        pooling=settings["pooling"], normalize=settings["normalize"], max_length=settings["max_length"],
+        prompt=prompt, include_prompt=modules["include_prompt"], lowercase=bool(transformer.get("do_lower_case")),
         dense=tuple(dense), sources=found,
     )
+
+
+def _after_transformer(name: str, checkpoint: Checkpoint, found: dict) -> dict:
+    """What the modules after the transformer do: pooling (mean where there is none), Dense layers, Normalize."""
+    modules = {"pooling": ("mean",), "include_prompt": True, "dimension": None, "dense": [], "normalize": False}
+    found.update(pooling="default: no Pooling module", normalize="checkpoint: no Normalize module",
+                 max_length="the model's limit")
+    for module in checkpoint.modules[1:]:
+        kind, folder = _kind(module), module.get("path") or ""
+        config = checkpoint.files.get(f"{folder}/config.json".lstrip("/"), {})
+        if kind == "Pooling":
+            modules["pooling"] = checkpoint_pooling(name, folder, config)
+            modules["include_prompt"] = bool(config.get("include_prompt", True))
+            modules["dimension"] = config.get("embedding_dimension", config.get("word_embedding_dimension"))
+            found["pooling"] = f"checkpoint {folder}/config.json"
+        elif kind == "Dense":
+            modules["dense"].append(dense_layer(name, folder, config))
+        elif kind == "Normalize":
+            modules["normalize"] = True
+            found["normalize"] = "checkpoint modules.json (Normalize)"
+    return modules
 
 
 def _check_modules(name: str, modules: list[dict], transformer: dict) -> None:
@@ -303,6 +311,7 @@ def _prompt(job: Job, config: dict, found: dict) -> str:
     if default is not None and prompts.get(default):
         found["prompt"] = f"checkpoint default_prompt_name={default!r}"
         return prompts[default]
+    found["prompt"] = "the checkpoint has no default prompt"
     return ""
 
 
