@@ -8,6 +8,7 @@ Also: keys set in the job win, `plan` says where each setting came from, and wha
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -368,3 +369,25 @@ def test_a_copy_of_a_checkpoint_without_modules_json_is_plain(tmp_path, tiny_mod
     with pytest.raises(UsageError, match="needs a sentence-transformers checkpoint"):
         identity_of(tmp_path, model, "model.prompt_name=query")
     assert "embedding" not in identity_of(tmp_path, model)
+
+
+def hub_cache(tmp_path: Path, checkpoint: Path, repo: str) -> Path:
+    """A Hugging Face hub cache holding `checkpoint` as `repo` at main, the layout huggingface_hub downloads into."""
+    cache = tmp_path / "hub"
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(checkpoint, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    return cache
+
+
+def test_a_hub_checkpoint_is_read_through_the_hub_cache(tmp_path, tiny_models, monkeypatch):
+    import huggingface_hub.constants
+
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, prompts={"query": "q: "},
+                            default_prompt_name="query")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path, model, "tiny-org/st")))
+    data = rows(8, seed=8)
+    got = embed(tmp_path / "run", Path("tiny-org/st"), data)  # a hub id, offline: files from the cache
+    assert got.shape == (8, 16)
+    assert_same_vectors(got, reference(model, texts_of(data)))
