@@ -135,7 +135,7 @@ def test_prompts_default_and_named_equal_sentence_transformers(tmp_path, tiny_mo
 def legacy(checkpoint: Path) -> Path:
     """The files of a checkpoint saved by sentence-transformers 2.x: sentence_transformers.models.* module types,
     one flag per pooling mode, word_embedding_dimension, max_seq_length in sentence_bert_config.json, Dense weights
-    in pytorch_model.bin."""
+    in pytorch_model.bin and no activation named."""
     from safetensors.torch import load_file
 
     modules = json.loads((checkpoint / "modules.json").read_text())
@@ -152,8 +152,10 @@ def legacy(checkpoint: Path) -> Path:
     torch.save(load_file(dense / "model.safetensors"), dense / "pytorch_model.bin")
     (dense / "model.safetensors").unlink()
     config = json.loads((dense / "config.json").read_text())
-    (dense / "config.json").write_text(json.dumps({key: config[key] for key in
-                                                   ("in_features", "out_features", "bias", "activation_function")}))
+    # the oldest saves name no activation: sentence-transformers then builds its default, Tanh (what was saved)
+    assert config["activation_function"] == "torch.nn.modules.activation.Tanh"
+    kept = ("in_features", "out_features", "bias")
+    (dense / "config.json").write_text(json.dumps({key: config[key] for key in kept}))
     return checkpoint
 
 

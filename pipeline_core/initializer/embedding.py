@@ -267,7 +267,9 @@ def checkpoint_pooling(name: str, folder: str, config: dict) -> tuple[str, ...]:
 
 def dense_layer(name: str, folder: str, config: dict) -> DenseLayer:
     where = f"model.name={name!r}: the Dense module in {folder!r}"
-    activation = config.get("activation_function") or "torch.nn.modules.linear.Identity"
+    # as sentence-transformers builds it: Tanh when the config names none, no activation when it says null
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    activation = activation or "torch.nn.modules.linear.Identity"
     if activation_class(activation) is None:
         raise UsageError(f"{where} uses the activation {activation!r}; batchrun runs only torch.nn activations; "
                          f"{FIX}")
