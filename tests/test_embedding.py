@@ -242,10 +242,28 @@ def test_plan_shows_each_setting_and_where_it_came_from(tmp_path, tiny_models):
 
 
 def test_plan_of_a_model_without_modules_says_the_defaults(tmp_path, tiny_models):
-    settings = plan_embedding(tmp_path, tiny_models.embedder)
+    settings = plan_embedding(tmp_path / "a", tiny_models.embedder)
     assert settings["pooling"] == {"value": "mean", "source": "default: no sentence-transformers modules"}
     assert settings["normalize"] == {"value": False, "source": "default: no sentence-transformers modules"}
     assert settings["max_length"] == {"value": 512, "source": "the model's limit"}
+    assert settings["prompt"] == {"value": None, "source": "default: no sentence-transformers modules"}
+    keys = plan_embedding(tmp_path / "b", tiny_models.embedder, "model.pooling=weightedmean", "model.normalize=true",
+                          "batching.max_length=9")
+    assert {name: (setting["value"], setting["source"]) for name, setting in keys.items()
+            if name in ("pooling", "normalize", "max_length")} == {
+        "pooling": ("weightedmean", "job model.pooling"), "normalize": (True, "job model.normalize"),
+        "max_length": (9, "job batching.max_length")}
+
+
+def test_plan_with_sentence_transformers_false_says_so(tmp_path, tiny_models, capsys):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, prompts={"query": "q: "})
+    settings = plan_embedding(tmp_path / "a", model, "model.sentence_transformers=false")
+    assert settings["pooling"] == {"value": "mean", "source": "default: model.sentence_transformers is false"}
+    assert settings["dense"] == {"value": [], "source": "default: model.sentence_transformers is false"}
+    job = write_job(tmp_path / "b", model, rows(1), task="feature-extraction",
+                    extra="  sentence_transformers: false\n  prompt_name: query\n")
+    assert run(job) == 2
+    assert "model.sentence_transformers: false ignores them" in capsys.readouterr().err
 
 
 # --- the identity records what the settings resolved to --------------------------------------------------------------
@@ -344,10 +362,12 @@ def test_lowercase_inputs_adds_lowercasing_once(tiny_models):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.embedder)
-    tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)  # cased
+    # cased, and stripping accents: the tokenizer's own normaliser must stay after the added Lowercase
+    tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=True)
     assert tokenizer("The Quick")["input_ids"] != tokenizer("the quick")["input_ids"]
     lowercase_inputs(tokenizer)
     assert tokenizer("The Quick")["input_ids"] == tokenizer("the quick")["input_ids"]
+    assert tokenizer("Thé Quíck")["input_ids"] == tokenizer("the quick")["input_ids"]
     before = tokenizer.backend_tokenizer.normalizer.__getstate__()
     lowercase_inputs(tokenizer)
     assert tokenizer.backend_tokenizer.normalizer.__getstate__() == before

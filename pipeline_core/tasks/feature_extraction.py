@@ -89,4 +89,4 @@ def token_lists(tensor: np.ndarray, lengths: list[int]) -> pa.Array:
     """Per row, the vectors of its real tokens (right padding puts them first) as list<list<float32>>."""
     rows = [fixed_lists(tensor[row, :length]) for row, length in enumerate(lengths)]
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.concat_arrays(rows) if rows else pa.array([], pa.list_(pa.float32())))
+    return pa.ListArray.from_arrays(offsets, pa.concat_arrays(rows))  # a batch has at least one row
