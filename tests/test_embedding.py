@@ -30,7 +30,7 @@ HIDDEN = 32  # the tiny embedder's width
 
 
 def save_checkpoint(directory: Path, embedder: Path, pooling="cls", dense=(16,), normalize=True, max_seq_length=12,
-                    include_prompt=True, prompts=None, default_prompt_name=None) -> Path:
+                    include_prompt=True, prompts=None, default_prompt_name=None, residual=False) -> Path:
     """A sentence-transformers checkpoint of the tiny embedder, saved by sentence-transformers (seeded Dense)."""
     torch.manual_seed(0)
     modes = (pooling,) if isinstance(pooling, str) else pooling
@@ -38,7 +38,7 @@ def save_checkpoint(directory: Path, embedder: Path, pooling="cls", dense=(16,),
                Pooling(HIDDEN, pooling_mode=pooling, include_prompt=include_prompt)]
     width = HIDDEN * len(modes)
     for out in dense:
-        modules.append(Dense(width, out))  # tanh, sentence-transformers' default
+        modules.append(Dense(width, out, use_residual=residual))  # tanh, sentence-transformers' default
         width = out
     if normalize:
         modules.append(Normalize())
@@ -108,6 +108,15 @@ def test_cls_pooling_dense_and_normalize_equal_sentence_transformers(tmp_path, t
     assert got.shape == (30, 16)
     assert_same_vectors(got, reference(model, texts_of(data)))
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("widths", [(HIDDEN, 8), (12,)])  # a residual of the same width, and one projected
+def test_dense_layers_with_residuals_equal_sentence_transformers(tmp_path, tiny_models, widths):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, dense=widths, residual=True)
+    data = rows(12, seed=9)
+    got = embed(tmp_path / "run", model, data)
+    assert got.shape == (12, widths[-1])
+    assert_same_vectors(got, reference(model, texts_of(data)))
 
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken",
@@ -316,6 +325,12 @@ REFUSALS = {
                            "uses the activation 'my_package.Swish'"),
     "unknown-pooling": (lambda c: edit(c / "1_Pooling" / "config.json", pooling_mode="median"),
                         "asks for pooling ['median']"),
+    "null-activation": (lambda c: edit(c / "2_Dense" / "config.json", activation_function=None),
+                        "uses the activation None"),
+    "dense-on-tokens": (lambda c: edit(c / "2_Dense" / "config.json", module_input_name="token_embeddings"),
+                        "reads or writes 'token_embeddings', not the sentence embedding"),
+    "dense-writes-elsewhere": (lambda c: edit(c / "2_Dense" / "config.json", module_output_name="projected"),
+                               "reads or writes 'sentence_embedding', not the sentence embedding"),
 }
 
 
@@ -393,13 +408,14 @@ def test_a_copy_of_a_checkpoint_without_modules_json_is_plain(tmp_path, tiny_mod
     assert "embedding" not in identity_of(tmp_path, model)
 
 
-def hub_cache(tmp_path: Path, checkpoint: Path, repo: str) -> Path:
-    """A Hugging Face hub cache holding `checkpoint` as `repo` at main, the layout huggingface_hub downloads into."""
+def hub_cache(tmp_path: Path, checkpoint: Path, repo: str, branch: str) -> Path:
+    """A Hugging Face hub cache holding `checkpoint` as `repo` at `branch` (only), the layout huggingface_hub
+    downloads into."""
     cache = tmp_path / "hub"
     snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
     shutil.copytree(checkpoint, snapshot)
     (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    (snapshot.parent.parent / "refs" / branch).write_text("0" * 40)
     return cache
 
 
@@ -408,8 +424,10 @@ def test_a_hub_checkpoint_is_read_through_the_hub_cache(tmp_path, tiny_models, m
 
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, prompts={"query": "q: "},
                             default_prompt_name="query")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path, model, "tiny-org/st")))
+    cache = hub_cache(tmp_path, model, "tiny-org/st", branch="v2")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     data = rows(8, seed=8)
-    got = embed(tmp_path / "run", Path("tiny-org/st"), data)  # a hub id, offline: files from the cache
+    # a hub id at a revision, offline: every file (modules' configs, Dense weights) from the cache at that revision
+    got = embed(tmp_path / "run", Path("tiny-org/st"), data, "  revision: v2\n")
     assert got.shape == (8, 16)
     assert_same_vectors(got, reference(model, texts_of(data)))

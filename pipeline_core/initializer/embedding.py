@@ -267,9 +267,7 @@ def checkpoint_pooling(name: str, folder: str, config: dict) -> tuple[str, ...]:
 
 def dense_layer(name: str, folder: str, config: dict) -> DenseLayer:
     where = f"model.name={name!r}: the Dense module in {folder!r}"
-    # as sentence-transformers builds it: Tanh when the config names none, no activation when it says null
-    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
-    activation = activation or "torch.nn.modules.linear.Identity"
+    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # sentence-transformers' default
     if activation_class(activation) is None:
         raise UsageError(f"{where} uses the activation {activation!r}; batchrun runs only torch.nn activations; "
                          f"{FIX}")
@@ -325,8 +323,10 @@ def _source(value, key: str, otherwise: str) -> str:
     return f"job {key}" if value is not None else otherwise
 
 
-def activation_class(path: str) -> type | None:
+def activation_class(path) -> type | None:
     """The torch.nn module class a Dense config names (never code from elsewhere), or None."""
+    if not isinstance(path, str):
+        return None
     module_name, _, class_name = path.rpartition(".")
     if not module_name.startswith("torch.nn"):
         return None
