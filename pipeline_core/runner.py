@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from pipeline_core import __version__
+from pipeline_core.data.files import resolve_data_files
 from pipeline_core.data.loader import (
     BatchLimits,
     EndOfSplit,
@@ -27,7 +28,7 @@ from pipeline_core.data.loader import (
     part_loader,
     workers_started,
 )
-from pipeline_core.data.source import open_split
+from pipeline_core.data.source import broken_file_note, open_split, split_name
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
@@ -78,6 +79,7 @@ def run_job(job: Job, options: RunOptions) -> int:
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
     run_identity, embedding = job_identity(job, options.limit)
+    resolve_data_files(job, split_name(job.get("dataset.split")))  # a pattern that matches nothing: exit 2 now
     with StopOnSignals() as stop:
         if not stop.requested:  # a signal during start-up (imports, reading the manifest) stops before OUTPUT
             if layout.rank == 0:
@@ -230,8 +232,8 @@ class Work:
                         self.share.total_parts = item.parts  # a stream of unknown length has been read through
                     continue
                 if isinstance(item, SourceFailure):
-                    raise BatchrunError(f"dataset {self.job.get('dataset.path')!r}: {item.message}; "
-                                        "committed parts are kept")
+                    raise BatchrunError(f"dataset {self.job.get('dataset.path')!r}: {item.message}"
+                                        f"{broken_file_note(self.job, item.message)}; committed parts are kept")
                 self._take(item)
             outstanding = self._outstanding()
             if not outstanding:
@@ -314,6 +316,9 @@ class Work:
         log.info("%s computed %d parts (%d rows) here%s", self.share.layout.describe(), self.progress.parts_here,
                  self.progress.rows_this_run, f"; read {read.rows} input rows in {read.row_groups} row groups "
                  f"({read.bytes / 1e6:.1f} MB)" if read is not None else "")
+        if total == 0:  # a nightly partition may be empty: that is a finished run, not a failure
+            log.warning("dataset %r split %s has no rows: a run of 0 rows", self.job.get("dataset.path"),
+                        self.job.get("dataset.split"))
         if set(range(total)) <= set(done) and self._finish_claimed():
             try:
                 self._write_success(done, total)

@@ -8,6 +8,7 @@ Parquet data files is read by row group instead (parquet.py), so that any part c
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections.abc import Callable, Iterator
@@ -15,12 +16,16 @@ from dataclasses import dataclass, replace
 
 import datasets
 import pyarrow as pa
+from datasets.exceptions import DatasetGenerationError
 
+from pipeline_core.data.files import broken_file, split_data_files
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
 
 _SLICE = re.compile(r"(?P<name>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d*)\]")
+_SPLIT_NAME = re.compile(r"(?P<name>[\w.-]+)(?:\[[^\]]*\])?")
+log = logging.getLogger("batchrun")
 
 
 @dataclass
@@ -76,17 +81,26 @@ def input_columns(job: Job) -> list[str]:
 
 def open_split(job: Job, limit: int | None = None) -> Split:
     """The job's split, sliced and limited. Streamed Parquet data files are read by row group where that gives
-    exactly what datasets would stream; anything else goes through datasets."""
+    exactly what datasets would stream; anything else goes through datasets. Data files without rows are left out,
+    and a split without any rows is a split of 0 rows (an empty nightly partition), not a failure."""
     streaming = job.get("dataset.streaming")
     split_spec = job.get("dataset.split")
     base_split, start, stop = _streaming_slice(split_spec) if streaming else (split_spec, None, None)
     columns = input_columns(job)
-    parquet = find_parquet(job.get("dataset.path"), job.get("dataset.data_files"), base_split) if streaming else None
+    local = split_data_files(job, split_name(split_spec))  # exit 2 for a pattern that matches nothing
+    data_files = job.get("dataset.data_files")
+    if local is not None and local.empty:
+        if not local.with_rows:
+            return _empty_split(job, columns, f"its {len(local.files)} data file(s) hold no rows")
+        data_files = {split_name(split_spec): local.with_rows}
+    parquet = find_parquet(job.get("dataset.path"), data_files, base_split) if streaming else None
     parquet_rows = parquet.rows() if parquet else None
     if parquet_rows is not None:
         _check_columns(job, parquet_rows.column_names, columns)
         return _parquet_split(parquet_rows.select_columns(columns), columns, start, stop, limit)
-    rows = _load(job, base_split, streaming)
+    rows = _load(job, base_split, streaming, data_files)
+    if rows is None:
+        return _empty_split(job, columns, "datasets found no rows in it")
     _check_columns(job, rows.column_names, columns)
     rows = rows.select_columns(columns)
     if streaming:
@@ -125,25 +139,64 @@ def _streaming_slice(split: str) -> tuple[str, int | None, int | None]:
     return match["name"], int(start) if start else None, int(stop) if stop else None
 
 
-def _load(job: Job, split: str, streaming: bool):
+def _load(job: Job, split: str, streaming: bool, data_files):
+    """The split through datasets; None when it holds no rows at all (its JSON builder then stops at once)."""
     path = job.get("dataset.path")
     try:
         return datasets.load_dataset(
             path,
             name=job.get("dataset.name"),
-            data_files=job.get("dataset.data_files"),
+            data_files=data_files,
             split=split,
             revision=job.get("dataset.revision"),
             streaming=streaming,
         )
+    except StopIteration:  # files batchrun cannot look into first (remote ones): datasets found no table in them
+        return None
     except FileNotFoundError as error:
         raise BatchrunError(f"dataset.data_files / dataset.path: {error}") from error
-    except pa.ArrowException as error:  # a damaged file; ArrowInvalid is also a ValueError, so it comes first
-        raise BatchrunError(f"dataset {path!r}: a data file cannot be read: {error}") from error
+    except (pa.ArrowException, DatasetGenerationError) as error:  # a damaged file (ArrowInvalid is a ValueError)
+        message = f"dataset {path!r}: a data file cannot be read: {_cause(error)}"
+        raise BatchrunError(message + broken_file_note(job, message)) from error
     except ValueError as error:  # unknown split, bad data_files pattern, bad config name
+        if "corresponds to no data" in str(error):  # a converted split of files without rows (a JSON `[]`)
+            return None
         raise UsageError(f"dataset {path!r}: {error}") from error
     except (OSError, ConnectionError) as error:
         raise BatchrunError(f"dataset {path!r} could not be opened: {error}") from error
+
+
+def split_name(spec: str) -> str | None:
+    """The split a spec reads (`train` of `train[10:50]`); None for several splits (`train+test`)."""
+    match = _SPLIT_NAME.fullmatch(spec)
+    return match["name"] if match else None
+
+
+def broken_file_note(job: Job, message: str) -> str:
+    """After reading local data files failed with `message`: ' (in <file>)' naming the first file that fails on its
+    own, with its own error where `message` does not say it; '' when no single file is to blame."""
+    local = split_data_files(job, split_name(job.get("dataset.split")))
+    found = broken_file(job.get("dataset.path"), local.with_rows) if local else None
+    if found is None:
+        return ""
+    file, error = found
+    why = _first_line(str(_cause(error)))
+    return f" (in {file})" if why in message else f" ({file}: {type(error).__name__}: {why})"
+
+
+def _cause(error: BaseException) -> BaseException:
+    """datasets wraps a reader's error in DatasetGenerationError; the reader's own says what is wrong."""
+    return error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _empty_split(job: Job, columns: list[str], why: str) -> Split:
+    log.info("dataset %r split %s: %s", job.get("dataset.path"), job.get("dataset.split"), why)
+    empty = datasets.Dataset.from_dict({column: [] for column in columns})
+    return Split(empty.with_format("arrow"), 0, columns)
 
 
 def _check_columns(job: Job, available: list[str] | None, needed: list[str]) -> None:

@@ -1,0 +1,122 @@
+"""A job's local data files, looked at before datasets reads them: what each pattern matches, which files hold no
+rows, and which file is broken when reading fails.
+
+A nightly partition may be empty, or missing. datasets fails on both without saying so (an internal StopIteration
+for an empty JSON lines file or a glob that matches nothing; a pandas or Arrow error for an empty CSV or Parquet
+file), and its read errors do not name the file. Patterns are resolved with datasets' own code, in its order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from datasets.data_files import resolve_pattern, sanitize_patterns
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+from pipeline_core.errors import UsageError
+from pipeline_core.manifest import Job
+
+_GLOB = re.compile(r"[*?\[]")
+_SCAN_BYTES = 1 << 16  # how much of a text file is read at a time to see whether it holds anything
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The split's files in datasets' order, and those among them that hold no rows."""
+
+    files: list[str]
+    empty: list[str]
+
+    @property
+    def with_rows(self) -> list[str]:
+        return [file for file in self.files if file not in self.empty]
+
+
+def split_data_files(job: Job, split: str | None) -> DataFiles | None:
+    """The split's local data files for a builder (json, csv, parquet, ...), each pattern checked, and which hold
+    no rows; None where datasets resolves the files itself (a hub dataset or local directory, remote URLs)."""
+    files = resolve_data_files(job, split)
+    if files is None:
+        return None
+    return DataFiles(files, [file for file in files if holds_no_rows(job.get("dataset.path"), file)])
+
+
+def resolve_data_files(job: Job, split: str | None) -> list[str] | None:
+    """The files the split's data_files patterns match; exit 2 naming a pattern that matches none. Cheap (no file
+    is opened), so the runner checks it before any model loads."""
+    builder, data_files = job.get("dataset.path"), job.get("dataset.data_files")
+    if not data_files or builder not in _PACKAGED_DATASETS_MODULES or split is None:
+        return None
+    patterns = sanitize_patterns(data_files).get(split)
+    if not patterns or any("://" in pattern or "::" in pattern for pattern in patterns):
+        return None  # datasets names an unknown split; remote files and archives are its to open
+    return [file for pattern in patterns for file in _matches(pattern)]
+
+
+def _matches(pattern: str) -> list[str]:
+    """The files one pattern matches, relative to the working directory as load_dataset resolves them."""
+    base = Path().resolve().as_posix()
+    try:
+        found = resolve_pattern(pattern, base_path=base)
+    except FileNotFoundError:
+        found = []
+    if not found:
+        where = _searched(os.path.join(base, os.path.expanduser(pattern)))
+        state = "" if os.path.isdir(where) else ", which does not exist"
+        what = "matches no file" if _GLOB.search(pattern) else "is not a file"
+        raise UsageError(f"dataset.data_files: {pattern!r} {what} (looked in {where}{state})")
+    return found
+
+
+def _searched(path: str) -> str:
+    """The directory a pattern looks in: everything before its first wildcard, up to a separator."""
+    head = _GLOB.split(path, maxsplit=1)[0]
+    return head.rstrip("/") if head.endswith("/") else os.path.dirname(head)
+
+
+def holds_no_rows(builder: str, file: str) -> bool:
+    """Whether a file holds no rows, found cheaply: its size, a Parquet footer, or text that is all blank
+    (JSON lines) or a header alone (CSV). Other builders' files are left to datasets."""
+    if os.path.getsize(file) == 0:
+        return True
+    if builder == "parquet":
+        try:
+            return pq.ParquetFile(file).metadata.num_rows == 0
+        except Exception:  # noqa: BLE001 - a damaged file is for datasets to report when it reads it
+            return False
+    if builder in ("json", "csv", "text"):
+        return _lines_with_text(file, stop_after=2 if builder == "csv" else 1) <= (1 if builder == "csv" else 0)
+    return False
+
+
+def _lines_with_text(file: str, stop_after: int) -> int:
+    """Lines holding more than blanks, counted up to `stop_after`, reading no further than needed."""
+    count = 0
+    with open(file, "rb") as handle:
+        pending = b""
+        while count < stop_after:
+            chunk = handle.read(_SCAN_BYTES)
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop() if chunk else b""
+            count += sum(1 for line in lines if line.strip())
+            if not chunk:
+                break
+    return count
+
+
+def broken_file(builder: str, files: list[str]) -> tuple[str, Exception] | None:
+    """The first of `files` that datasets cannot read on its own, and why; None when each reads (then the failure
+    is not one file's). Only called after a read failed, so reading the files again costs nothing in a good run."""
+    import datasets
+
+    for file in files:
+        try:
+            for _ in datasets.load_dataset(builder, data_files=[file], split="train", streaming=True).iter(10_000):
+                pass
+        except Exception as error:  # noqa: BLE001 - any failure to read this file alone names it
+            return file, error
+    return None
