@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.data_files import resolve_pattern, sanitize_patterns
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
@@ -108,15 +109,39 @@ def _lines_with_text(file: str, stop_after: int) -> int:
     return count
 
 
-def broken_file(builder: str, files: list[str]) -> tuple[str, Exception] | None:
-    """The first of `files` that datasets cannot read on its own, and why; None when each reads (then the failure
-    is not one file's). Only called after a read failed, so reading the files again costs nothing in a good run."""
-    import datasets
-
+def blame(builder: str, files: list[str], message: str) -> str:
+    """After reading `files` failed with `message`, which file is to blame, for the message: the first that fails
+    on its own (' (in F)', or ' (F: its error)' where `message` does not say it), else the first whose columns'
+    types differ from the first file's (' (F has n: double where G has n: int64)'); '' when none is.
+    Only called after a read failed, so reading the files again costs nothing in a good run."""
+    schemas = []
     for file in files:
         try:
-            for _ in datasets.load_dataset(builder, data_files=[file], split="train", streaming=True).iter(10_000):
-                pass
+            schemas.append(_first_rows(builder, file).schema)
         except Exception as error:  # noqa: BLE001 - any failure to read this file alone names it
-            return file, error
-    return None
+            why = one_line(str(getattr(error, "__cause__", None) or error))
+            return f" (in {file})" if why in message else f" ({file}: {type(error).__name__}: {why})"
+    for file, schema in zip(files[1:], schemas[1:], strict=True):
+        differ = [name for name in schema.names if name in schemas[0].names
+                  and schema.field(name).type != schemas[0].field(name).type]
+        if differ:
+            name = differ[0]
+            return (f" ({file} has {name}: {schema.field(name).type} where {files[0]} has {name}: "
+                    f"{schemas[0].field(name).type}; give every file the same column types)")
+    return ""
+
+
+def _first_rows(builder: str, file: str) -> pa.Table:
+    """The file read alone through datasets, to its end; its first batch's table (its schema as datasets sees it)."""
+    import datasets
+
+    first = None
+    stream = datasets.load_dataset(builder, data_files=[file], split="train", streaming=True).with_format("arrow")
+    for table in stream.iter(batch_size=10_000):
+        first = table if first is None else first
+    return first if first is not None else pa.table({})
+
+
+def one_line(text: str) -> str:
+    """A reader's message on one line (Arrow's schema errors span several)."""
+    return " ".join(text.split())

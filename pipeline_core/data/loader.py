@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from pipeline_core.data.batching import pack_batches
+from pipeline_core.data.files import one_line
 from pipeline_core.data.parquet import ReadStats
 from pipeline_core.data.source import Split
 from pipeline_core.layout import Share
@@ -101,7 +102,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
                     cost = self.split.reads() - before
                     yield from self._prepare(index, table, cost if cost.row_groups else None)  # zero: not counted
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
-            yield SourceFailure(f"reading part {index} failed: {type(error).__name__}: {error}")
+            yield SourceFailure(f"reading part {index} failed: {type(error).__name__}: {one_line(str(error))}")
             return
         yield EndOfSplit(self.share.total_parts)
 
@@ -128,7 +129,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
         except _PastShare:
             seen = self.share.total_parts
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
-            yield SourceFailure(f"reading part {current} failed: {type(error).__name__}: {error}")
+            yield SourceFailure(f"reading part {current} failed: {type(error).__name__}: {one_line(str(error))}")
             return
         yield EndOfSplit(seen)
 

@@ -18,7 +18,7 @@ import datasets
 import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
 
-from pipeline_core.data.files import broken_file, split_data_files
+from pipeline_core.data.files import blame, one_line, split_data_files
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
@@ -156,7 +156,7 @@ def _load(job: Job, split: str, streaming: bool, data_files):
     except FileNotFoundError as error:
         raise BatchrunError(f"dataset.data_files / dataset.path: {error}") from error
     except (pa.ArrowException, DatasetGenerationError) as error:  # a damaged file (ArrowInvalid is a ValueError)
-        message = f"dataset {path!r}: a data file cannot be read: {_cause(error)}"
+        message = f"dataset {path!r}: a data file cannot be read: {one_line(str(_cause(error)))}"
         raise BatchrunError(message + broken_file_note(job, message)) from error
     except ValueError as error:  # unknown split, bad data_files pattern, bad config name
         if "corresponds to no data" in str(error):  # a converted split of files without rows (a JSON `[]`)
@@ -173,24 +173,15 @@ def split_name(spec: str) -> str | None:
 
 
 def broken_file_note(job: Job, message: str) -> str:
-    """After reading local data files failed with `message`: ' (in <file>)' naming the first file that fails on its
-    own, with its own error where `message` does not say it; '' when no single file is to blame."""
+    """After reading local data files failed with `message`, which file is to blame (files.blame); '' when the
+    files are not local or none is."""
     local = split_data_files(job, split_name(job.get("dataset.split")))
-    found = broken_file(job.get("dataset.path"), local.with_rows) if local else None
-    if found is None:
-        return ""
-    file, error = found
-    why = _first_line(str(_cause(error)))
-    return f" (in {file})" if why in message else f" ({file}: {type(error).__name__}: {why})"
+    return blame(job.get("dataset.path"), local.with_rows, message) if local else ""
 
 
 def _cause(error: BaseException) -> BaseException:
     """datasets wraps a reader's error in DatasetGenerationError; the reader's own says what is wrong."""
     return error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def _empty_split(job: Job, columns: list[str], why: str) -> Split:
