@@ -146,3 +146,22 @@ def test_a_json_line_cut_in_the_middle_exits_1_naming_the_file(tmp_path, tiny_mo
     err = capsys.readouterr().err
     assert "JSON parse error" in err and f"(in {tmp_path / 'b.jsonl'})" in err
     assert "Traceback" not in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("builder", ["json", "parquet"])
+def test_huge_unicode_blank_texts_and_nested_kept_columns_keep_working(tmp_path, tiny_models, builder):
+    texts = ["fox " * 50_000, "👩‍👩‍👧 family 🇺🇦", "مرحبا بالعالم", "", "   ", "the quick brown fox"]
+    rows = [{"id": str(index), "text": text, "meta": {"a": index, "b": [text[:3]]}, "tags": ["x"] * index}
+            for index, text in enumerate(texts)]
+    path = tmp_path / f"day.{EXTENSIONS[builder]}"
+    if builder == "json":
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    job = nightly_job(tmp_path, tiny_models.text_classifier, builder, str(path))
+    job.write_text(job.read_text().replace("keep_columns: [id]", "keep_columns: [id, meta, tags]"))
+    assert run(job) == 0
+    result = pq.read_table(tmp_path / "out").to_pandas().sort_values("row_id")
+    assert result["error"].isna().all() and result["label"].notna().all()
+    assert [dict(meta, b=list(meta["b"])) for meta in result["meta"]] == [row["meta"] for row in rows]
+    assert [list(tags) for tags in result["tags"]] == [row["tags"] for row in rows]
