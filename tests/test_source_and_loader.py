@@ -181,25 +181,25 @@ def test_load_passes_the_jobs_dataset_keys_to_datasets(files, monkeypatch, throu
     (FileNotFoundError("Unable to find 'x.parquet'"), BatchrunError,
      "dataset.data_files / dataset.path: Unable to find 'x.parquet'"),
     (pa.ArrowInvalid("Parquet magic bytes not found"), BatchrunError,
-     "dataset 'parquet': a data file cannot be read: Parquet magic bytes not found"),
+     "dataset 'parquet': a data file cannot be read: Parquet magic bytes not found (in {file})"),
     (ValueError("Unknown split \"validation\""), UsageError, "dataset 'parquet': Unknown split \"validation\""),
     (OSError("no route to host"), BatchrunError, "dataset 'parquet' could not be opened: no route to host"),
     (ConnectionError("refused"), BatchrunError, "dataset 'parquet' could not be opened: refused"),
 ])
-def test_load_failures_become_one_plain_message(monkeypatch, error, kind, message):
+def test_load_failures_become_one_plain_message(monkeypatch, files, error, kind, message):
     def failing(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(datasets, "load_dataset", failing)
     with pytest.raises(BatchrunError) as raised:
-        open_split(make_job("x.parquet"))
-    assert type(raised.value) is kind and str(raised.value) == message
+        open_split(make_job(files.a, streaming=False))  # a file that exists, read by datasets (which fails here)
+    assert type(raised.value) is kind and str(raised.value) == message.format(file=files.a)
     assert raised.value.__cause__ is error
 
 
 @pytest.mark.parametrize("streaming", [True, False])
 def test_real_load_failures_are_classified(files, tmp_path, streaming):
-    with pytest.raises(BatchrunError, match=r"^dataset.data_files / dataset.path: Unable to find .*nope.parquet"):
+    with pytest.raises(UsageError, match=r"^dataset.data_files: '.*nope.parquet' is not a file \(looked in "):
         open_split(make_job(str(tmp_path / "nope.parquet"), streaming=streaming))
     damaged = tmp_path / "damaged.parquet"
     damaged.write_bytes(Path(files.a).read_bytes()[:200])
