@@ -22,7 +22,6 @@ from pipeline_core.errors import UsageError
 from pipeline_core.manifest import Job
 
 _GLOB = re.compile(r"[*?\[]")
-_SCAN_BYTES = 1 << 16  # how much of a text file is read at a time to see whether it holds anything
 
 
 @dataclass(frozen=True)
@@ -89,22 +88,19 @@ def holds_no_rows(builder: str, file: str) -> bool:
             return pq.ParquetFile(file).metadata.num_rows == 0
         except Exception:  # noqa: BLE001 - a damaged file is for datasets to report when it reads it
             return False
-    if builder in ("json", "csv", "text"):
-        return _lines_with_text(file, stop_after=2 if builder == "csv" else 1) <= (1 if builder == "csv" else 0)
+    if builder in ("json", "csv"):  # (a blank line is a row of the text builder)
+        header = 1 if builder == "csv" else 0
+        return _lines_with_text(file, stop_after=header + 1) <= header
     return False
 
 
 def _lines_with_text(file: str, stop_after: int) -> int:
-    """Lines holding more than blanks, counted up to `stop_after`, reading no further than needed."""
+    """Lines holding more than blanks, counted up to `stop_after`: reads no further than the line that decides."""
     count = 0
     with open(file, "rb") as handle:
-        pending = b""
-        while count < stop_after:
-            chunk = handle.read(_SCAN_BYTES)
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop() if chunk else b""
-            count += sum(1 for line in lines if line.strip())
-            if not chunk:
+        for line in handle:
+            count += bool(line.strip())
+            if count >= stop_after:
                 break
     return count
 
