@@ -119,24 +119,29 @@ def test_dense_layers_with_residuals_equal_sentence_transformers(tmp_path, tiny_
     assert_same_vectors(got, reference(model, texts_of(data)))
 
 
+# every row in one batch: rows of many lengths padded together, so pooling must respect the mask
+ONE_BATCH = ("batching.max_tokens=100000", "batching.max_batch_size=64")
+
+
 @pytest.mark.parametrize("pooling", ["mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken",
                                      ("cls", "mean")])
 def test_each_pooling_mode_equals_sentence_transformers(tmp_path, tiny_models, pooling):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, pooling=pooling, dense=(), normalize=False,
-                            max_seq_length=24)
+                            max_seq_length=24, include_prompt=False)  # no prompt: include_prompt changes nothing
     data = rows(20, seed=2)
-    assert_same_vectors(embed(tmp_path / "run", model, data), reference(model, texts_of(data)))
+    assert_same_vectors(embed(tmp_path / "run", model, data, "", *ONE_BATCH), reference(model, texts_of(data)))
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls", "lasttoken"])
 @pytest.mark.parametrize("include_prompt", [True, False])
-def test_prompts_default_and_named_equal_sentence_transformers(tmp_path, tiny_models, include_prompt):
+def test_prompts_default_and_named_equal_sentence_transformers(tmp_path, tiny_models, include_prompt, pooling):
     prompts = {"query": "what time does the shop open: ", "passage": "the river: "}
-    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, pooling="mean", dense=(8,), max_seq_length=20,
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, pooling=pooling, dense=(8,), max_seq_length=20,
                             include_prompt=include_prompt, prompts=prompts, default_prompt_name="query")
     data = rows(12, seed=3)
-    default = embed(tmp_path / "default", model, data)
+    default = embed(tmp_path / "default", model, data, "", *ONE_BATCH)
     assert_same_vectors(default, reference(model, texts_of(data)))  # encode() uses default_prompt_name
-    named = embed(tmp_path / "named", model, data, "  prompt_name: passage\n")
+    named = embed(tmp_path / "named", model, data, "  prompt_name: passage\n", *ONE_BATCH)
     assert_same_vectors(named, reference(model, texts_of(data), prompt_name="passage"))
     assert np.abs(named - default).max() > 1e-3
 
@@ -198,6 +203,53 @@ def test_sentence_transformers_false_runs_the_transformer_alone(tmp_path, tiny_m
     # the same weights, mean pooling, cut at the tokenizer's limit (sentence-transformers saved 12 there)
     plain = embed(tmp_path / "plain", tiny_models.embedder, data, "", "batching.max_length=12")
     np.testing.assert_allclose(got, plain, atol=1e-6)
+
+
+def test_prompt_length_counts_the_leading_special_token_and_not_a_trailing_one(tiny_models):
+    from transformers import AutoTokenizer
+
+    from pipeline_core.tasks.feature_extraction import prompt_length
+
+    bert = AutoTokenizer.from_pretrained(tiny_models.embedder)  # [CLS] prompt [SEP]
+    assert prompt_length(bert, "the quick fox") == 4 and prompt_length(bert, "") == 0
+    gpt2 = AutoTokenizer.from_pretrained(tiny_models.causal_lm)  # no special tokens around a text
+    assert prompt_length(gpt2, "the quick fox") == len(gpt2("the quick fox")["input_ids"]) > 0
+
+
+def test_a_checkpoint_without_a_pooling_module_pools_by_mean(tmp_path, tiny_models):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, dense=(), normalize=False, max_seq_length=16)
+    modules = json.loads((model / "modules.json").read_text())
+    (model / "modules.json").write_text(json.dumps(modules[:1]))  # the Transformer alone
+    settings = plan_embedding(tmp_path / "plan", model)
+    assert settings["pooling"] == {"value": "mean", "source": "default: no Pooling module"}
+    assert settings["normalize"] == {"value": False, "source": "checkpoint: no Normalize module"}
+    data = rows(6, seed=10)
+    plain = embed(tmp_path / "plain", tiny_models.embedder, data, "", "batching.max_length=16")
+    np.testing.assert_allclose(embed(tmp_path / "run", model, data), plain, atol=1e-6)
+
+
+def test_an_explicit_pooling_that_does_not_fit_the_dense_layer_is_refused(tmp_path, tiny_models, capsys):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, pooling=("cls", "mean"), dense=(16,))
+    job = write_job(tmp_path / "run", model, rows(2), task="feature-extraction", extra="  pooling: mean\n")
+    assert run(job) == 2
+    assert "pooling mean (job model.pooling) gives 32 values, but the Dense layer in '2_Dense' takes 64; " \
+        "leave model.pooling unset" in capsys.readouterr().err
+    legacy(model)  # word_embedding_dimension, as older checkpoints name the width
+    assert run(job) == 2
+    assert "gives 32 values, but the Dense layer in '2_Dense' takes 64" in capsys.readouterr().err
+
+
+def test_token_vectors_normalised_on_request_are_unit_length_each(tmp_path, tiny_models):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder)
+    data = rows(4, seed=11)
+    job = write_job(tmp_path / "run", model, data, task="feature-extraction",
+                    extra="  pooling: none\n  normalize: true\n")
+    assert run(job, *[arg for override in ONE_BATCH for arg in ("--set", override)]) == 0
+    result = pd.read_parquet(tmp_path / "run" / "out").sort_values("row_id")
+    expected = reference(model, texts_of(data), output_value="token_embeddings")
+    for got, tokens in zip(result["embedding"], expected, strict=True):
+        tokens = torch.nn.functional.normalize(tokens, dim=-1).numpy()
+        np.testing.assert_allclose(np.stack(got), tokens, atol=1e-5)
 
 
 def test_token_vectors_skip_the_dense_and_normalize_modules(tmp_path, tiny_models):

@@ -17,7 +17,6 @@ from pipeline_core.tasks.text import Encoded, TextEncoder
 
 class FeatureExtractionTask:
     def __init__(self, encoder: TextEncoder, settings: EmbeddingSettings, dense=(), prompt_length: int = 0):
-        self.encoder = encoder
         self.encode, self.collate = encoder, encoder.collate  # preprocessing, run in the workers
         self.pooling = settings.pooling
         self.normalize = settings.normalize
