@@ -223,6 +223,7 @@ def test_a_checkpoint_without_a_pooling_module_pools_by_mean(tmp_path, tiny_mode
     settings = plan_embedding(tmp_path / "plan", model)
     assert settings["pooling"] == {"value": "mean", "source": "default: no Pooling module"}
     assert settings["normalize"] == {"value": False, "source": "checkpoint: no Normalize module"}
+    assert settings["prompt"] == {"value": None, "source": "the checkpoint has no default prompt"}
     data = rows(6, seed=10)
     plain = embed(tmp_path / "plain", tiny_models.embedder, data, "", "batching.max_length=16")
     np.testing.assert_allclose(embed(tmp_path / "run", model, data), plain, atol=1e-6)
@@ -300,6 +301,17 @@ def test_plan_shows_each_setting_and_where_it_came_from(tmp_path, tiny_models):
         "pooling": "job model.pooling", "normalize": "job model.normalize", "max_length": "job batching.max_length"}
     assert (overridden["pooling"]["value"], overridden["normalize"]["value"], overridden["max_length"]["value"]) \
         == ("max", False, 7)
+    named = plan_embedding(tmp_path / "c", model, "model.prompt_name=query")
+    assert named["prompt"] == {"value": "q: ", "source": "job model.prompt_name='query'"}
+
+
+def test_a_pooling_config_that_flags_no_mode_pools_by_mean(tmp_path, tiny_models):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, dense=(), normalize=False)
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": HIDDEN,
+                                                                 "pooling_mode_cls_token": False}))
+    assert plan_embedding(tmp_path / "plan", model)["pooling"]["value"] == "mean"
+    data = rows(5, seed=12)
+    assert_same_vectors(embed(tmp_path / "run", model, data), reference(model, texts_of(data)))
 
 
 def test_plan_of_a_model_without_modules_says_the_defaults(tmp_path, tiny_models):
@@ -338,7 +350,11 @@ def test_the_checkpoints_settings_and_the_keys_that_pick_them_change_the_identit
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, prompts={"query": "q: ", "passage": "p: "})
     base = identity_of(tmp_path, model)
     assert (base["model.pooling"], base["model.normalize"]) == ("cls", True)
-    assert base["embedding"]["dense"] == [["2_Dense", 32, 16, "torch.nn.modules.activation.Tanh", False]]
+    assert base["embedding"] == {"max_length": None, "prompt": "", "include_prompt": True, "lowercase": False,
+                                 "dense": [["2_Dense", 32, 16, "torch.nn.modules.activation.Tanh", False]]}
+    assert identity_of(tmp_path, model, "model.pooling=none")["model.pooling"] == "none"
+    assert identity_of(tmp_path, save_checkpoint(tmp_path / "two", tiny_models.embedder, pooling=("cls", "max"),
+                                                 dense=()))["model.pooling"] == "cls+max"
     for override in ("model.prompt_name=passage", "model.sentence_transformers=false"):
         assert identity_of(tmp_path, model, override) != base, override
     assert identity_of(tmp_path, model, "model.pooling=cls") == base  # the same value, set in the job
@@ -383,6 +399,14 @@ REFUSALS = {
                         "reads or writes 'token_embeddings', not the sentence embedding"),
     "dense-writes-elsewhere": (lambda c: edit(c / "2_Dense" / "config.json", module_output_name="projected"),
                                "reads or writes 'sentence_embedding', not the sentence embedding"),
+    "no-such-activation": (lambda c: edit(c / "2_Dense" / "config.json",
+                                          activation_function="torch.nn.modules.activation.Swish"),
+                           "uses the activation 'torch.nn.modules.activation.Swish'"),
+    "activation-not-a-module": (lambda c: edit(c / "2_Dense" / "config.json",
+                                               activation_function="torch.nn.functional.gelu"),
+                                "uses the activation 'torch.nn.functional.gelu'"),
+    "weights-do-not-fit": (lambda c: edit(c / "2_Dense" / "config.json", out_features=8),
+                           "the Dense weights in '2_Dense' do not fit its config.json"),
 }
 
 
@@ -407,6 +431,9 @@ def test_what_batchrun_cannot_run_is_refused_before_any_row_with_the_fix(tmp_pat
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
     assert f"model.name='{model}'" in err
+    if case == "weights-do-not-fit":  # found when the weights load, after OUTPUT is prepared: still no row read
+        assert not list((tmp_path / "run" / "out").glob("part-*"))
+        return
     assert "set model.sentence_transformers: false" in err  # the fix
     assert not (tmp_path / "run" / "out").exists()  # refused before OUTPUT, let alone a row
 

@@ -364,8 +364,8 @@ def load_dense(name: str, revision: str | None, layers: tuple[DenseLayer, ...]) 
         state = _dense_weights(name, revision, layer.path)
         try:
             dense.load_state_dict(state)
-        except RuntimeError as error:
-            raise BatchrunError(f"model.name={name!r}: the Dense weights in {layer.path!r} do not fit its "
+        except RuntimeError as error:  # a checkpoint at odds with itself: no retry mends it
+            raise UsageError(f"model.name={name!r}: the Dense weights in {layer.path!r} do not fit its "
                                 f"config.json: {str(error).splitlines()[0]}") from error
         loaded.append(dense.float().eval().requires_grad_(False))
     return loaded
