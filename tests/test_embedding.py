@@ -179,6 +179,10 @@ def test_a_checkpoint_in_the_older_file_format_equals_sentence_transformers(tmp_
     got = embed(tmp_path / "run", model, data)
     assert_same_vectors(got, reference(model, texts_of(data)))
     assert SentenceTransformer(str(model), device="cpu").max_seq_length == 10  # what both truncate at
+    settings = plan_embedding(tmp_path / "plan", model)
+    assert settings["max_length"] == {"value": 10, "source": "checkpoint sentence_bert_config.json"}
+    assert plan_embedding(tmp_path / "none", model, "model.pooling=none")["normalize"] == {
+        "value": False, "source": "default (model.pooling: none)"}
 
 
 # --- the job's keys win ----------------------------------------------------------------------------------------------
@@ -405,9 +409,33 @@ REFUSALS = {
     "activation-not-a-module": (lambda c: edit(c / "2_Dense" / "config.json",
                                                activation_function="torch.nn.functional.gelu"),
                                 "uses the activation 'torch.nn.functional.gelu'"),
+    "a-custom-pooling": (lambda c: retype(c, 1, "my_package.models.Pooling"), "the module 'my_package.models.Pooling'"),
+    "no-modules": (lambda c: (c / "modules.json").write_text("[]"), "its modules.json starts with 'nothing'"),
+    "not-a-list": (lambda c: (c / "modules.json").write_text('{"type": "x"}'), "modules.json is not a "
+                   "sentence-transformers modules.json (a list of {type, path})"),
+    "transformer-in-a-folder": (lambda c: edit_module(c, 0, path="0_Transformer"),
+                                "its transformer lives in the folder '0_Transformer', not at the checkpoint's root"),
+    "transformer-for-generation": (lambda c: edit(c / "sentence_bert_config.json", transformer_task="text-generation"),
+                                   "runs the model for 'text-generation', not for its token vectors"),
+    "normalize-before-pooling": (lambda c: reorder(c, [0, 3, 1, 2]), "runs Dense or Normalize on token vectors"),
+    "no-pooling": (lambda c: reorder(c, [0, 2, 3]), "modules.json has Dense, Normalize but no Pooling"),
+    "pooling-config-missing": (lambda c: (c / "1_Pooling" / "config.json").unlink(),
+                               "names sentence_transformers.sentence_transformer.modules.pooling.Pooling in "
+                               "'1_Pooling', but 1_Pooling/config.json is missing"),
     "weights-do-not-fit": (lambda c: edit(c / "2_Dense" / "config.json", out_features=8),
                            "the Dense weights in '2_Dense' do not fit its config.json"),
 }
+
+
+def retype(checkpoint: Path, index: int, module_type: str) -> Path:
+    return edit_module(checkpoint, index, type=module_type)
+
+
+def edit_module(checkpoint: Path, index: int, **values) -> Path:
+    modules = json.loads((checkpoint / "modules.json").read_text())
+    modules[index].update(values)
+    (checkpoint / "modules.json").write_text(json.dumps(modules))
+    return checkpoint
 
 
 def reorder(checkpoint: Path, order: list[int]) -> Path:
@@ -477,6 +505,14 @@ def test_do_lower_case_of_a_checkpoint_reaches_the_tokenizer(tmp_path, tiny_mode
     got = embed(tmp_path / "run", model, shouting)
     np.testing.assert_allclose(got[0], got[1], atol=1e-6)
     assert_same_vectors(got, reference(model, texts_of(shouting)))
+
+
+def test_a_checkpoint_without_a_transformer_config_takes_the_models_limit(tmp_path, tiny_models):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, max_seq_length=16)
+    (model / "sentence_bert_config.json").unlink()
+    assert plan_embedding(tmp_path / "plan", model)["max_length"] == {"value": 16, "source": "the model's limit"}
+    data = rows(6, seed=13)
+    assert_same_vectors(embed(tmp_path / "run", model, data), reference(model, texts_of(data)))
 
 
 def test_a_copy_of_a_checkpoint_without_modules_json_is_plain(tmp_path, tiny_models):

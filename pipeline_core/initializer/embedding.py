@@ -124,7 +124,8 @@ def read_checkpoint(name: str, revision: str | None) -> Checkpoint | None:
     modules = _read_json(modules_path, "modules.json")
     if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("type"), str)
                                                   for m in modules):
-        raise UsageError(f"{modules_path}: not a sentence-transformers modules.json (a list of {{type, path}})")
+        raise UsageError(f"model.name={name!r}: {modules_path} is not a sentence-transformers modules.json (a list "
+                         f"of {{type, path}}); {FIX}")
     files = {}
     for filename in (*TRANSFORMER_CONFIGS, "config_sentence_transformers.json"):
         path = checkpoint_file(name, revision, filename)
@@ -136,7 +137,7 @@ def read_checkpoint(name: str, revision: str | None) -> Checkpoint | None:
             path = checkpoint_file(name, revision, filename)
             if path is None:
                 raise UsageError(f"model.name={name!r}: modules.json names {module['type']} in "
-                                 f"{module.get('path')!r}, but {filename} is missing")
+                                 f"{module.get('path')!r}, but {filename} is missing; {FIX}")
             files[filename] = _read_json(path, filename)
     return Checkpoint(modules, files)
 
