@@ -30,7 +30,7 @@ HIDDEN = 32  # the tiny embedder's width
 
 
 def save_checkpoint(directory: Path, embedder: Path, pooling="cls", dense=(16,), normalize=True, max_seq_length=12,
-                    include_prompt=True, prompts=None, default_prompt_name=None, residual=False) -> Path:
+                    include_prompt=True, prompts=None, default_prompt_name=None, residual=False, bias=True) -> Path:
     """A sentence-transformers checkpoint of the tiny embedder, saved by sentence-transformers (seeded Dense)."""
     torch.manual_seed(0)
     modes = (pooling,) if isinstance(pooling, str) else pooling
@@ -38,7 +38,7 @@ def save_checkpoint(directory: Path, embedder: Path, pooling="cls", dense=(16,),
                Pooling(HIDDEN, pooling_mode=pooling, include_prompt=include_prompt)]
     width = HIDDEN * len(modes)
     for out in dense:
-        modules.append(Dense(width, out, use_residual=residual))  # tanh, sentence-transformers' default
+        modules.append(Dense(width, out, bias=bias, use_residual=residual))  # tanh, sentence-transformers' default
         width = out
     if normalize:
         modules.append(Normalize())
@@ -110,9 +110,9 @@ def test_cls_pooling_dense_and_normalize_equal_sentence_transformers(tmp_path, t
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("widths", [(HIDDEN, 8), (12,)])  # a residual of the same width, and one projected
-def test_dense_layers_with_residuals_equal_sentence_transformers(tmp_path, tiny_models, widths):
-    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, dense=widths, residual=True)
+@pytest.mark.parametrize("widths, bias", [((HIDDEN, 8), True), ((12,), False)])  # a residual of the same width,
+def test_dense_layers_with_residuals_equal_sentence_transformers(tmp_path, tiny_models, widths, bias):  # projected
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, dense=widths, residual=True, bias=bias)
     data = rows(12, seed=9)
     got = embed(tmp_path / "run", model, data)
     assert got.shape == (12, widths[-1])
@@ -466,6 +466,13 @@ def test_what_batchrun_cannot_run_is_refused_before_any_row_with_the_fix(tmp_pat
     assert not (tmp_path / "run" / "out").exists()  # refused before OUTPUT, let alone a row
 
 
+def test_dense_layers_whose_widths_do_not_chain_are_refused(tmp_path, tiny_models, capsys):
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder, dense=(16, 8))
+    edit(model / "3_Dense" / "config.json", in_features=12)
+    assert run(write_job(tmp_path / "run", model, rows(2), task="feature-extraction")) == 2
+    assert "the Dense layer in '2_Dense' gives 16 values, but the one in '3_Dense' takes 12" in capsys.readouterr().err
+
+
 def test_a_prompt_name_the_checkpoint_lacks_is_refused_naming_those_it_has(tmp_path, tiny_models, capsys):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, prompts={"query": "q: ", "passage": "p: "})
     job = write_job(tmp_path / "run", model, rows(2), task="feature-extraction", extra="  prompt_name: qeury\n")
@@ -476,7 +483,9 @@ def test_a_prompt_name_the_checkpoint_lacks_is_refused_naming_those_it_has(tmp_p
     plain = write_job(tmp_path / "plain", tiny_models.embedder, rows(2), task="feature-extraction",
                       extra="  prompt_name: query\n")
     assert run(plain) == 2
-    assert "needs a sentence-transformers checkpoint with prompts" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().endswith(
+        f"model.prompt_name='query' needs a sentence-transformers checkpoint with prompts "
+        f"(config_sentence_transformers.json); '{tiny_models.embedder}' has none")
 
 
 def test_lowercase_inputs_adds_lowercasing_once(tiny_models):
