@@ -112,25 +112,22 @@ def check_one_table(directory: Path, model: Path, fmt: str, table: pa.Table, cut
         assert str(directory / "data") in message or "dataset." in message, message
 
 
-@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
-def test_generated_tables_never_end_in_an_internal_error(tmp_path, tiny_models, streaming):
-    @seed(SEED)
-    @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(tables(), st.lists(st.integers(0, 9), max_size=2))
+def check_generated_tables(tmp_path: Path, model: Path, streaming: bool, examples: int, fixed_seed: bool) -> None:
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(tables(), st.lists(st.integers(0, 9), max_size=3))
     def check(generated, cuts):
         fmt, table = generated
-        check_one_table(tmp_path / "case", tiny_models.text_classifier, fmt, table, cuts, streaming)
+        check_one_table(tmp_path / "case", model, fmt, table, cuts, streaming)
 
-    check()
+    (seed(SEED)(check) if fixed_seed else check)()
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
+def test_generated_tables_never_end_in_an_internal_error(tmp_path, tiny_models, streaming):
+    check_generated_tables(tmp_path, tiny_models.text_classifier, streaming, examples=20, fixed_seed=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
 def test_many_generated_tables_never_end_in_an_internal_error(tmp_path, tiny_models, streaming):
-    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(tables(), st.lists(st.integers(0, 9), max_size=3))
-    def check(generated, cuts):
-        fmt, table = generated
-        check_one_table(tmp_path / "case", tiny_models.text_classifier, fmt, table, cuts, streaming)
-
-    check()
+    check_generated_tables(tmp_path, tiny_models.text_classifier, streaming, examples=300, fixed_seed=False)

@@ -79,9 +79,9 @@ def _searched(path: str) -> str:
 
 
 def holds_no_rows(builder: str, file: str) -> bool:
-    """Whether a file holds no rows where datasets would fail on it rather than read nothing: an empty file (a CSV
-    without even a header), a Parquet file whose footer counts no rows, JSON lines that are all blank (a streamed
-    split of them has no columns). A CSV header alone datasets reads as no rows."""
+    """Whether a file holds no rows, where datasets would fail on it rather than read nothing: an empty file, a
+    Parquet file whose footer counts no rows, JSON lines that are all blank (a streamed split of them has no
+    columns), a CSV header alone (beside other files, its columns of no type break the cast of theirs)."""
     if os.path.getsize(file) == 0:
         return True
     if builder == "parquet":
@@ -89,13 +89,21 @@ def holds_no_rows(builder: str, file: str) -> bool:
             return pq.ParquetFile(file).metadata.num_rows == 0
         except Exception:  # noqa: BLE001 - a damaged file is for datasets to report when it reads it
             return False
-    return builder == "json" and not _has_text(file)
+    if builder in ("json", "csv"):  # (a blank line is a row of the text builder)
+        header = 1 if builder == "csv" else 0
+        return _lines_with_text(file, stop_after=header + 1) <= header
+    return False
 
 
-def _has_text(file: str) -> bool:
-    """Whether a line holds more than blanks, read up to the first one that does."""
+def _lines_with_text(file: str, stop_after: int) -> int:
+    """Lines holding more than blanks, counted up to `stop_after`: reads no further than the line that decides."""
+    count = 0
     with open(file, "rb") as handle:
-        return any(line.strip() for line in handle)
+        for line in handle:
+            count += bool(line.strip())
+            if count >= stop_after:
+                break
+    return count
 
 
 def blame(builder: str, files: list[str], message: str) -> str:
