@@ -33,7 +33,8 @@ class DataFiles:
 
     @property
     def with_rows(self) -> list[str]:
-        return [file for file in self.files if file not in self.empty]
+        empty = set(self.empty)  # a partition may hold thousands of files
+        return [file for file in self.files if file not in empty]
 
 
 def split_data_files(job: Job, split: str | None) -> DataFiles | None:
@@ -116,7 +117,7 @@ def blame(builder: str, files: list[str], message: str) -> str:
         try:
             schemas.append(_first_rows(builder, file).schema)
         except Exception as error:  # noqa: BLE001 - any failure to read this file alone names it
-            why = one_line(str(getattr(error, "__cause__", None) or error))
+            why = one_line(str(error.__cause__ or error))  # the reader's own error under any wrapper
             return f" (in {file})" if why in message else f" ({file}: {type(error).__name__}: {why})"
     for file, schema in zip(files[1:], schemas[1:], strict=True):
         differ = [name for name in schema.names if name in schemas[0].names
@@ -137,6 +138,13 @@ def _first_rows(builder: str, file: str) -> pa.Table:
     for table in stream.iter(batch_size=10_000):
         first = table if first is None else first
     return first if first is not None else pa.table({})
+
+
+def reader_error(error: BaseException) -> BaseException:
+    """datasets wraps a reader's error in DatasetGenerationError; the reader's own says what is wrong."""
+    from datasets.exceptions import DatasetGenerationError
+
+    return error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
 
 
 def one_line(text: str) -> str:

@@ -18,7 +18,7 @@ import datasets
 import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
 
-from pipeline_core.data.files import blame, one_line, split_data_files
+from pipeline_core.data.files import blame, one_line, reader_error, split_data_files
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
@@ -156,7 +156,7 @@ def _load(job: Job, split: str, streaming: bool, data_files):
     except FileNotFoundError as error:
         raise BatchrunError(f"dataset.data_files / dataset.path: {error}") from error
     except (pa.ArrowException, DatasetGenerationError) as error:  # a damaged file (ArrowInvalid is a ValueError)
-        message = f"dataset {path!r}: a data file cannot be read: {one_line(str(_cause(error)))}"
+        message = f"dataset {path!r}: a data file cannot be read: {one_line(str(reader_error(error)))}"
         raise BatchrunError(message + broken_file_note(job, message)) from error
     except ValueError as error:  # unknown split, bad data_files pattern, bad config name
         if "corresponds to no data" in str(error):  # a converted split of files without rows (a JSON `[]`)
@@ -177,11 +177,6 @@ def broken_file_note(job: Job, message: str) -> str:
     files are not local or none is."""
     local = split_data_files(job, split_name(job.get("dataset.split")))
     return blame(job.get("dataset.path"), local.with_rows, message) if local else ""
-
-
-def _cause(error: BaseException) -> BaseException:
-    """datasets wraps a reader's error in DatasetGenerationError; the reader's own says what is wrong."""
-    return error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error
 
 
 def _empty_split(job: Job, columns: list[str], why: str) -> Split:

@@ -145,7 +145,7 @@ def embedding_summary(pipeline: InferencePipeline) -> dict | None:
     if max_length is None:
         max_length = model_input_limit(pipeline.tokenizer, pipeline.model.config)
     values = {
-        "pooling": "none" if settings.pooling is None else "+".join(settings.pooling),
+        "pooling": settings.pooling_name,
         "normalize": settings.normalize,
         "max_length": max_length,
         "prompt": settings.prompt or None,

@@ -19,7 +19,6 @@ from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
 from pipeline_core.manifest.spec import POOLING
 
-POOLING_MODES = POOLING
 # Older checkpoints flag each mode in its own key; the order is the concatenation order of sentence-transformers.
 LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -64,10 +63,14 @@ class EmbeddingSettings:
     dense: tuple[DenseLayer, ...] = ()
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
+    @property
+    def pooling_name(self) -> str:
+        """As the job writes it: `none`, one mode, or modes joined by `+`."""
+        return "none" if self.pooling is None else "+".join(self.pooling)
+
     def identity(self) -> dict:
         """What the fingerprint records: the resolved values, so a run is told apart by what it computed."""
-        values = {"model.pooling": "none" if self.pooling is None else "+".join(self.pooling),
-                  "model.normalize": self.normalize}
+        values = {"model.pooling": self.pooling_name, "model.normalize": self.normalize}
         if self.sources.get("modules") is not None:  # only checkpoints that have modules: plain runs keep theirs
             values["embedding"] = {
                 "max_length": self.max_length, "prompt": self.prompt, "include_prompt": self.include_prompt,
@@ -176,7 +179,7 @@ def _from_checkpoint(job: Job, checkpoint: Checkpoint) -> EmbeddingSettings:
     transformer_file = next((f for f in TRANSFORMER_CONFIGS if f in checkpoint.files), None)
     transformer = checkpoint.files.get(transformer_file, {})
     _check_modules(name, checkpoint.modules, transformer)
-    found = {"modules": "checkpoint modules.json"}
+    found = {"modules": "checkpoint modules.json", "max_length": "the model's limit"}
     modules = _after_transformer(name, checkpoint, found)
     prompt = _prompt(job, checkpoint.files.get("config_sentence_transformers.json") or {}, found)
     settings = {"pooling": modules["pooling"], "normalize": modules["normalize"],
@@ -205,8 +208,7 @@ def _from_checkpoint(job: Job, checkpoint: Checkpoint) -> EmbeddingSettings:
 def _after_transformer(name: str, checkpoint: Checkpoint, found: dict) -> dict:
     """What the modules after the transformer do: pooling (mean where there is none), Dense layers, Normalize."""
     modules = {"pooling": ("mean",), "include_prompt": True, "dimension": None, "dense": [], "normalize": False}
-    found.update(pooling="default: no Pooling module", normalize="checkpoint: no Normalize module",
-                 max_length="the model's limit")
+    found.update(pooling="default: no Pooling module", normalize="checkpoint: no Normalize module")
     for module in checkpoint.modules[1:]:
         kind, folder = _kind(module), module.get("path") or ""
         config = checkpoint.files.get(f"{folder}/config.json".lstrip("/"), {})
@@ -259,10 +261,10 @@ def checkpoint_pooling(name: str, folder: str, config: dict) -> tuple[str, ...]:
         modes = modes or ("mean",)  # sentence-transformers' default when no flag is set
     else:
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    unknown = [mode for mode in modes if mode not in POOLING_MODES]
+    unknown = [mode for mode in modes if mode not in POOLING]
     if unknown or not modes:
         raise UsageError(f"model.name={name!r}: {folder}/config.json asks for pooling {unknown or modes}, which "
-                         f"batchrun does not know (it knows {', '.join(POOLING_MODES)}); {FIX}")
+                         f"batchrun does not know (it knows {', '.join(POOLING)}); {FIX}")
     return modes
 
 
