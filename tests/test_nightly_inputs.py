@@ -137,7 +137,32 @@ def test_a_missing_file_or_directory_is_named_too(tmp_path, tiny_models, capsys)
         capsys.readouterr().err
     relative = {"train": ["rows-*.jsonl"]}
     assert run(nightly_job(tmp_path / "b", tiny_models.text_classifier, "json", relative)) == 2
-    assert "'rows-*.jsonl' matches no file (looked in " in capsys.readouterr().err
+    assert f"'rows-*.jsonl' matches no file (looked in {Path.cwd()})" in capsys.readouterr().err
+    wild_directory = str(tmp_path / "2026-*" / "rows.jsonl")
+    assert run(nightly_job(tmp_path / "c", tiny_models.text_classifier, "json", wild_directory)) == 2
+    assert f"matches no file (looked in {tmp_path})" in capsys.readouterr().err
+
+
+def test_a_json_file_of_one_row_beside_others_is_read(tmp_path, tiny_models):
+    write_rows(tmp_path / "a.jsonl", "json", [{"id": "r0", "text": "the quick brown fox"}])
+    write_rows(tmp_path / "b.jsonl", "json", [{"id": "r1", "text": "the lazy dog"}])
+    assert run(nightly_job(tmp_path, tiny_models.text_classifier, "json", str(tmp_path / "*.jsonl"))) == 0
+    assert pq.read_table(tmp_path / "out").to_pandas().sort_values("row_id")["id"].tolist() == ["r0", "r1"]
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
+def test_files_whose_column_types_differ_exit_1_naming_the_file_and_column(tmp_path, tiny_models, capsys, streaming):
+    (tmp_path / "a.csv").write_text("id,text,n\nr0,the quick fox,1\n")
+    (tmp_path / "b.csv").write_text("id,text,n\nr1,the lazy dog,\n")  # a blank: pandas reads n as floats
+    job = nightly_job(tmp_path, tiny_models.text_classifier, "csv", str(tmp_path / "*.csv"), streaming)
+    job.write_text(job.read_text().replace("keep_columns: [id]", "keep_columns: [id, n]"))
+    assert run(job) == 1
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]  # Arrow's schema error, on one line
+    assert "Schema at index 1 was different" in line or "Couldn't cast" in line
+    assert line.endswith(f"({tmp_path / 'b.csv'} has n: double where {tmp_path / 'a.csv'} has n: int64; give every "
+                         "file the same column types)" + ("; committed parts are kept" if streaming else ""))
+    assert "Traceback" not in err
 
 
 # --- a broken file ---------------------------------------------------------------------------------------------------

@@ -50,11 +50,11 @@ def resolve_data_files(job: Job, split: str | None) -> list[str] | None:
     """The files the split's data_files patterns match; exit 2 naming a pattern that matches none. Cheap (no file
     is opened), so the runner checks it before any model loads."""
     builder, data_files = job.get("dataset.path"), job.get("dataset.data_files")
-    if not data_files or builder not in _PACKAGED_DATASETS_MODULES or split is None:
+    if not data_files or builder not in _PACKAGED_DATASETS_MODULES:
         return None
-    patterns = sanitize_patterns(data_files).get(split)
-    if not patterns or any("://" in pattern or "::" in pattern for pattern in patterns):
-        return None  # datasets names an unknown split; remote files and archives are its to open
+    patterns = sanitize_patterns(data_files).get(split)  # none for several splits (train+test) or an unknown one
+    if not patterns or any("://" in pattern for pattern in patterns):
+        return None  # datasets names an unknown split; remote files and archives (zip://...) are its to open
     return [file for pattern in patterns for file in _matches(pattern)]
 
 
@@ -75,8 +75,7 @@ def _matches(pattern: str) -> list[str]:
 
 def _searched(path: str) -> str:
     """The directory a pattern looks in: everything before its first wildcard, up to a separator."""
-    head = _GLOB.split(path, maxsplit=1)[0]
-    return head.rstrip("/") if head.endswith("/") else os.path.dirname(head)
+    return os.path.dirname(_GLOB.split(path, maxsplit=1)[0])  # "/data/2026-*/x" and "/data/" look in /data
 
 
 def holds_no_rows(builder: str, file: str) -> bool:
