@@ -195,3 +195,12 @@ def test_huge_unicode_blank_texts_and_nested_kept_columns_keep_working(tmp_path,
     assert result["error"].isna().all() and result["label"].notna().all()
     assert [dict(meta, b=list(meta["b"])) for meta in result["meta"]] == [row["meta"] for row in rows]
     assert [list(tags) for tags in result["tags"]] == [row["tags"] for row in rows]
+
+
+def test_data_files_of_a_local_dataset_directory_are_left_to_datasets(tmp_path, tiny_models):
+    # relative to dataset.path, not to the working directory: only builders' patterns are checked by batchrun
+    write_rows(tmp_path / "rows.jsonl", "json", [{"id": "r0", "text": "the quick brown fox"}])
+    job = nightly_job(tmp_path, tiny_models.text_classifier, "json", "rows.jsonl")
+    job.write_text(job.read_text().replace("path: json,", f"path: '{tmp_path}',"))
+    assert run(job) == 0
+    assert pq.read_table(tmp_path / "out").to_pandas()["id"].tolist() == ["r0"]
