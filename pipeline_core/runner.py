@@ -18,7 +18,6 @@ import pyarrow as pa
 import torch
 
 from pipeline_core import __version__
-from pipeline_core.data.files import resolve_data_files
 from pipeline_core.data.loader import (
     BatchLimits,
     EndOfSplit,
@@ -28,7 +27,7 @@ from pipeline_core.data.loader import (
     part_loader,
     workers_started,
 )
-from pipeline_core.data.source import broken_file_note, open_split, split_name
+from pipeline_core.data.source import Split, broken_file_note, open_split
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
@@ -79,8 +78,10 @@ def run_job(job: Job, options: RunOptions) -> int:
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
     run_identity, embedding = job_identity(job, options.limit)
-    resolve_data_files(job, split_name(job.get("dataset.split")))  # a pattern that matches nothing: exit 2 now
     with StopOnSignals() as stop:
+        # the dataset is opened and every column the job reads checked before OUTPUT is touched and before any weights
+        # load: a misspelt file or column exits 2 in seconds, whatever the model's size, and its fix needs no --fresh
+        split = open_split(job, options.limit)
         if not stop.requested:  # a signal during start-up (imports, reading the manifest) stops before OUTPUT
             if layout.rank == 0:
                 finished = prepare_output(store, run_identity, options.fresh, layout)
@@ -95,7 +96,7 @@ def run_job(job: Job, options: RunOptions) -> int:
         # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
         with Worker(store, layout.labels()) as worker:
             try:
-                code = _run(job, options, store, run_identity, stop, worker, embedding)
+                code = _run(job, options, store, split, run_identity, stop, worker, embedding)
             except BaseException:
                 worker.claims.release_all()
                 worker.beat(state="stopped")
@@ -156,17 +157,16 @@ def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> bo
     return _already_finished(store, run_identity)
 
 
-def _run(job: Job, options: RunOptions, store: LocalStore, run_identity: dict, stop: StopFlag,
+def _run(job: Job, options: RunOptions, store: LocalStore, split: Split, run_identity: dict, stop: StopFlag,
          worker: Worker, embedding: EmbeddingSettings | None = None) -> int:
     started = time.monotonic()
     layout = options.layout
     pipeline = initialize(job, embedding)
     loaded = time.monotonic()
     task = build_task(job, pipeline, should_stop=lambda: stop.requested)
-    split = open_split(job, options.limit)
     run_fingerprint = fingerprint(run_identity)
     rows_per_part = job.get("output.rows_per_part")
-    done = verified_parts(store, run_fingerprint, rows_per_part)
+    done = verified_parts(store, run_fingerprint, rows_per_part, split.offset)
     _record_run_info(store, job, run_identity, pipeline)
     share = Share(layout, -(-split.total // rows_per_part) if split.total is not None else None)
     log.info("run %s as %s: %s rows, %d parts already committed, device %s", run_fingerprint, layout.describe(),
@@ -206,7 +206,7 @@ class Work:
 
     job: Job
     store: LocalStore
-    split: object
+    split: Split
     task: object
     share: Share
     limits: BatchLimits
@@ -306,7 +306,7 @@ class Work:
         exactly once even when processes finish together; the exit code judges the rows of this share."""
         rows_per_part = self.job.get("output.rows_per_part")
         total = self.share.total_parts
-        done = verified_parts(self.store, self.fingerprint, rows_per_part)
+        done = verified_parts(self.store, self.fingerprint, rows_per_part, self.split.offset)
         damaged = [index for index in self.share.parts() if index not in done]
         if damaged:  # removed by verified_parts: committed, then damaged or replaced by another job's file
             raise BatchrunError(f"{_first_few(damaged)} of {self.store} were damaged after being committed and "
@@ -409,11 +409,12 @@ def _commit_whole_part(index: int, slices: dict[int, pa.Table], job: Job, store,
     return PartFacts(index, table.num_rows, table.num_rows - table.column("error").null_count)
 
 
-def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int) -> dict[int, PartFacts]:
+def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int,
+                   split_start: int | None = None) -> dict[int, PartFacts]:
     """Committed parts whose footers check out; a truncated, unreadable or foreign part is removed and redone."""
     done = {}
     for index in sorted(committed_parts(store.names())):
-        facts = read_part_facts(store, index, run_fingerprint, rows_per_part)
+        facts = read_part_facts(store, index, run_fingerprint, rows_per_part, split_start)
         if facts is None:
             log.warning("%s is damaged or not from this run: it will be computed again", part_name(index))
             store.remove(part_name(index))

@@ -178,7 +178,7 @@ def test_load_passes_the_jobs_dataset_keys_to_datasets(files, monkeypatch, throu
 
 
 @pytest.mark.parametrize("error, kind, message", [
-    (FileNotFoundError("Unable to find 'x.parquet'"), BatchrunError,
+    (FileNotFoundError("Unable to find 'x.parquet'"), UsageError,
      "dataset.data_files / dataset.path: Unable to find 'x.parquet'"),
     (pa.ArrowInvalid("Parquet magic bytes not found"), BatchrunError,
      "dataset 'parquet': a data file cannot be read: Parquet magic bytes not found (in {file})"),

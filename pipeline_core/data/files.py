@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from datasets.data_files import resolve_pattern, sanitize_patterns
 from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
+from pipeline_core.data.layouts import dataset_source
 from pipeline_core.errors import UsageError
 from pipeline_core.manifest import Job
 
@@ -43,13 +44,15 @@ def split_data_files(job: Job, split: str | None) -> DataFiles | None:
     files = resolve_data_files(job, split)
     if files is None:
         return None
-    return DataFiles(files, [file for file in files if holds_no_rows(job.get("dataset.path"), file)])
+    builder = dataset_source(job, split).path
+    return DataFiles(files, [file for file in files if holds_no_rows(builder, file)])
 
 
 def resolve_data_files(job: Job, split: str | None) -> list[str] | None:
     """The files the split's data_files patterns match; exit 2 naming a pattern that matches none. Cheap (no file
     is opened), so the runner checks it before any model loads."""
-    builder, data_files = job.get("dataset.path"), job.get("dataset.data_files")
+    source = dataset_source(job, split)  # a single file as dataset.path is its builder's one data file
+    builder, data_files = source.path, source.data_files
     if not data_files or builder not in _PACKAGED_DATASETS_MODULES:
         return None
     patterns = sanitize_patterns(data_files).get(split)  # none for several splits (train+test) or an unknown one

@@ -152,8 +152,8 @@ class PreparedParts(torch.utils.data.IterableDataset):
         """The part in slices of SLICE_ROWS rows, each prepared and handed over as soon as it is ready."""
         for offset in range(0, max(table.num_rows, 1), SLICE_ROWS):
             piece = table.slice(offset, SLICE_ROWS)
-            part = prepare_part(index, index * self.rows_per_part + offset, piece, self.task, self.keep_columns,
-                                self.limits)
+            first_row = self.split.offset + index * self.rows_per_part + offset  # row ids count the unsliced split
+            part = prepare_part(index, first_row, piece, self.task, self.keep_columns, self.limits)
             part.offset, part.part_rows = offset, table.num_rows
             part.read = read if offset == 0 else None
             yield part

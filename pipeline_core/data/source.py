@@ -19,6 +19,7 @@ import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
 
 from pipeline_core.data.files import blame, one_line, reader_error, split_data_files
+from pipeline_core.data.layouts import dataset_source, saved_split_name
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
@@ -31,7 +32,8 @@ log = logging.getLogger("batchrun")
 @dataclass
 class Split:
     """The rows to process (a datasets object formatted as Arrow, or Parquet rows), its size when known, the columns
-    read, and for Parquet rows the row of the files where the split starts (the start of `train[a:b]`)."""
+    read, and where it starts in the unsliced split (the start of `train[a:b]`): the first row's row_id, and for
+    Parquet rows the row of the files it is read from."""
 
     rows: datasets.Dataset | datasets.IterableDataset | ParquetRows
     total: int | None
@@ -80,28 +82,32 @@ def input_columns(job: Job) -> list[str]:
 
 
 def open_split(job: Job, limit: int | None = None) -> Split:
-    """The job's split, sliced and limited. Streamed Parquet data files are read by row group where that gives
-    exactly what datasets would stream; anything else goes through datasets. Data files without rows are left out,
-    and a split without any rows is a split of 0 rows (an empty nightly partition), not a failure."""
+    """The job's split, sliced and limited, its columns checked (exit 2 naming those it has). Streamed Parquet data
+    files are read by row group where that gives exactly what datasets would stream; a save_to_disk directory is
+    memory-mapped; anything else goes through datasets. Data files without rows are left out, and a split without
+    any rows is a split of 0 rows (an empty nightly partition), not a failure."""
     streaming = job.get("dataset.streaming")
     split_spec = job.get("dataset.split")
-    base_split, start, stop = _streaming_slice(split_spec) if streaming else (split_spec, None, None)
     columns = input_columns(job)
+    source = dataset_source(job, split_name(split_spec))
+    if source.saved:
+        return _saved_split(job, source.path, split_spec, columns, limit)
+    base_split, start, stop = _streaming_slice(split_spec) if streaming else (split_spec, None, None)
     local = split_data_files(job, split_name(split_spec))  # exit 2 for a pattern that matches nothing
-    data_files = job.get("dataset.data_files")
+    data_files = source.data_files
     if local is not None and local.empty:
         if not local.with_rows:
             return _empty_split(job, columns, f"its {len(local.files)} data file(s) hold no rows")
         data_files = {split_name(split_spec): local.with_rows}
-    parquet = find_parquet(job.get("dataset.path"), data_files, base_split) if streaming else None
+    parquet = find_parquet(source.path, data_files, base_split) if streaming else None
     parquet_rows = parquet.rows() if parquet else None
     if parquet_rows is not None:
         _check_columns(job, parquet_rows.column_names, columns)
         return _parquet_split(parquet_rows.select_columns(columns), columns, start, stop, limit)
-    rows = _load(job, base_split, streaming, data_files)
+    rows = _load(job, source.path, base_split, streaming, data_files)
     if rows is None:
         return _empty_split(job, columns, "datasets found no rows in it")
-    _check_columns(job, rows.column_names, columns)
+    _check_columns(job, _column_names(rows), columns)
     rows = rows.select_columns(columns)
     if streaming:
         if start:
@@ -110,11 +116,67 @@ def open_split(job: Job, limit: int | None = None) -> Split:
             rows = rows.take(max(stop - (start or 0), 0))
         total = _known_size(rows, base_split, start, stop, parquet.num_rows if parquet else None)
     else:
-        total = len(rows)
+        total, start = len(rows), _converted_start(split_spec, rows)
     if limit is not None:
         rows = rows.take(limit) if streaming else rows.select(range(min(limit, len(rows))))
         total = min(total, limit) if total is not None else None
-    return Split(rows.with_format("arrow"), total, columns)
+    return Split(rows.with_format("arrow"), total, columns, offset=start or 0)
+
+
+def _saved_split(job: Job, path: str, spec: str, columns: list[str], limit: int | None) -> Split:
+    """A save_to_disk directory, memory-mapped whether streamed or not (nothing is converted or copied): every part
+    can be read on its own. Slices and `a+b` are applied here, as load_dataset would."""
+    splits = _saved_splits(path, split_name(spec))
+    try:
+        pieces = datasets.ReadInstruction.from_spec(spec).to_absolute({name: len(rows) for name, rows in
+                                                                        splits.items()})
+    except (ValueError, AssertionError) as error:
+        raise UsageError(f"dataset.split={spec!r}: {error} ({path} holds {', '.join(splits)})") from error
+    chosen = [splits[piece.splitname].select(range(piece.from_, piece.to)) for piece in pieces]
+    rows = chosen[0] if len(chosen) == 1 else datasets.concatenate_datasets(chosen)
+    _check_columns(job, rows.column_names, columns)
+    rows = rows.select_columns(columns)
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    return Split(rows.with_format("arrow"), len(rows), columns, offset=pieces[0].from_ if len(pieces) == 1 else 0)
+
+
+def _saved_splits(path: str, wanted: str | None) -> dict[str, datasets.Dataset]:
+    """name -> split of a saved DatasetDict; a saved Dataset is the one split the job names (or the one it records)."""
+    try:
+        saved = datasets.load_from_disk(path)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+        raise BatchrunError(f"dataset.path={path!r} (written by save_to_disk) cannot be read: "
+                            f"{type(error).__name__}: {one_line(str(error))}") from error
+    if isinstance(saved, datasets.DatasetDict):
+        return dict(saved)
+    recorded = saved_split_name(path)
+    if recorded and wanted and recorded != wanted:
+        raise UsageError(f"dataset.split names {wanted!r}, but {path} holds the {recorded!r} split only "
+                         f"(set dataset.split: {recorded})")
+    return {wanted or recorded or "train": saved}
+
+
+def _converted_start(spec: str, rows: datasets.Dataset) -> int:
+    """Where a converted split's slice (`train[10:50]`, `train[10%:]`) starts in the unsliced split, by datasets'
+    own rounding; 0 for an unsliced split or several (`train+test`)."""
+    if "[" not in spec:
+        return 0
+    sizes = {name: info.num_examples for name, info in (rows.info.splits or {}).items()}
+    pieces = datasets.ReadInstruction.from_spec(spec).to_absolute(sizes)
+    return pieces[0].from_ if len(pieces) == 1 else 0
+
+
+def _column_names(rows) -> list[str] | None:
+    """The split's columns; a streamed CSV learns them only by reading, so its first row is read to check them
+    before any model loads. None when it has no row to read, or reading fails (the read reports that)."""
+    if rows.column_names is not None:
+        return rows.column_names
+    try:
+        first = next(iter(rows.take(1)), None)
+    except Exception:  # noqa: BLE001 - a broken file is reported, naming it, when the split is read
+        return None
+    return list(first) if first is not None else None
 
 
 def _parquet_split(rows: ParquetRows, columns: list[str], start: int | None, stop: int | None,
@@ -139,9 +201,8 @@ def _streaming_slice(split: str) -> tuple[str, int | None, int | None]:
     return match["name"], int(start) if start else None, int(stop) if stop else None
 
 
-def _load(job: Job, split: str, streaming: bool, data_files):
+def _load(job: Job, path: str, split: str, streaming: bool, data_files):
     """The split through datasets; None when it holds no rows at all (its JSON builder then stops at once)."""
-    path = job.get("dataset.path")
     try:
         return datasets.load_dataset(
             path,
@@ -153,8 +214,8 @@ def _load(job: Job, split: str, streaming: bool, data_files):
         )
     except StopIteration:  # files batchrun cannot look into first (remote ones): datasets found no table in them
         return None
-    except FileNotFoundError as error:
-        raise BatchrunError(f"dataset.data_files / dataset.path: {error}") from error
+    except FileNotFoundError as error:  # a missing directory or file, a hub id the hub does not have: not for a retry
+        raise UsageError(f"dataset.data_files / dataset.path: {one_line(str(error))}") from error
     except (pa.ArrowException, DatasetGenerationError) as error:  # a damaged file (ArrowInvalid is a ValueError)
         message = f"dataset {path!r}: a data file cannot be read: {one_line(str(reader_error(error)))}"
         raise BatchrunError(message + broken_file_note(job, message)) from error
@@ -175,8 +236,9 @@ def split_name(spec: str) -> str | None:
 def broken_file_note(job: Job, message: str) -> str:
     """After reading local data files failed with `message`, which file is to blame (files.blame); '' when the
     files are not local or none is."""
-    local = split_data_files(job, split_name(job.get("dataset.split")))
-    return blame(job.get("dataset.path"), local.with_rows, message) if local else ""
+    split = split_name(job.get("dataset.split"))
+    local = split_data_files(job, split)
+    return blame(dataset_source(job, split).path, local.with_rows, message) if local else ""
 
 
 def _empty_split(job: Job, columns: list[str], why: str) -> Split:

@@ -260,10 +260,12 @@ KEYS: tuple[Key, ...] = (
         "feature-extraction: follow the checkpoint's sentence-transformers modules (modules.json) where it has them."),
     # dataset
     Key("dataset.path", Text(), REQUIRED,
-        "Anything datasets.load_dataset accepts: a builder (parquet, json, csv), a hub id, a local dir."),
+        "A builder (json, csv, parquet, text, arrow) with data_files, a hub id, a local directory, a save_to_disk "
+        "directory or one data file (README: Datasets)."),
     Key("dataset.name", OPTIONAL_TEXT, None, "The dataset's configuration name."),
     Key("dataset.data_files", DATA_FILES, None, "File, list of files or {split: files} for a builder.", open=True),
-    Key("dataset.split", SPLIT, "train", "Split to read; slicing such as train[:1000] is allowed."),
+    Key("dataset.split", SPLIT, "train",
+        "Split to read; slicing such as train[1000:2000] is allowed (row ids stay positions in the whole split)."),
     Key("dataset.revision", OPTIONAL_TEXT, None, "Hub branch, tag or commit of the dataset."),
     Key("dataset.streaming", Flag(), True,
         "Stream rows instead of downloading and converting the whole split first."),

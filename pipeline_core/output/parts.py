@@ -77,8 +77,10 @@ class PartFacts:
     failed_rows: int
 
 
-def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int) -> PartFacts | None:
-    """What a committed part's footer says, or None when the file is unreadable, truncated or not this run's."""
+def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int,
+                    split_start: int | None = None) -> PartFacts | None:
+    """What a committed part's footer says, or None when the file is unreadable, truncated or not this run's.
+    `split_start`: the row id of the split's first row, where known (its parts' row ids follow from it)."""
     try:
         with store.open(part_name(index)) as file:
             metadata = pq.read_metadata(file).metadata or {}
@@ -89,7 +91,7 @@ def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int) -> 
     try:
         rows, first_row = int(facts["rows"]), int(facts["first_row"])
         valid = (facts["fingerprint"] == fingerprint and int(facts["part"]) == index
-                 and first_row == index * rows_per_part and 0 < rows <= rows_per_part)
+                 and 0 < rows <= rows_per_part and (split_start is None or first_row == split_start + index * rows_per_part))
         return PartFacts(index, rows, int(facts["failed_rows"])) if valid else None
     except (KeyError, ValueError):
         return None
