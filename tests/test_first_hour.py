@@ -254,7 +254,8 @@ def test_a_saved_split_is_the_split_it_records(tmp_path, tiny_models, capsys, no
 
 
 @pytest.mark.parametrize("name, message", [
-    ("x.xml", "batchrun reads a single file of type .arrow, .csv, .geoparquet, .gpq, .json, .jsonl, .ndjson, .parquet, .txt, not .xml"),
+    ("x.xml", "batchrun reads a single file of type .arrow, .csv, .geoparquet, .gpq, .json, .jsonl, .ndjson, .parquet, "
+              ".txt, not .xml"),
     ("x", "not one without an extension"),
 ])
 def test_a_single_file_of_another_type_is_refused(tmp_path, tiny_models, capsys, no_model, name, message):

@@ -91,7 +91,8 @@ def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int,
     try:
         rows, first_row = int(facts["rows"]), int(facts["first_row"])
         valid = (facts["fingerprint"] == fingerprint and int(facts["part"]) == index
-                 and 0 < rows <= rows_per_part and (split_start is None or first_row == split_start + index * rows_per_part))
+                 and 0 < rows <= rows_per_part
+                 and (split_start is None or first_row == split_start + index * rows_per_part))
         return PartFacts(index, rows, int(facts["failed_rows"])) if valid else None
     except (KeyError, ValueError):
         return None
