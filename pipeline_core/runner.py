@@ -27,7 +27,7 @@ from pipeline_core.data.loader import (
     part_loader,
     workers_started,
 )
-from pipeline_core.data.source import Split, broken_file_note, open_split
+from pipeline_core.data.source import Split, broken_file_note, open_split, split_name
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
@@ -55,6 +55,7 @@ from pipeline_core.output.parts import (
     read_part_facts,
 )
 from pipeline_core.output.progress import Progress
+from pipeline_core.output.provenance import input_provenance, model_provenance
 from pipeline_core.output.run_info import read_run_info
 from pipeline_core.output.store import LocalStore
 from pipeline_core.signals import StopOnSignals
@@ -77,19 +78,21 @@ def run_job(job: Job, options: RunOptions) -> int:
     store = LocalStore(job.get("output.path"))
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
-    run_identity, embedding = job_identity(job, options.limit)
+    run_identity, embedding = job_identity(job, options.limit)  # a pattern that matches nothing: exit 2 now
     with StopOnSignals() as stop:
         # the dataset is opened and every column the job reads checked before OUTPUT is touched and before any weights
         # load: a misspelt file or column exits 2 in seconds, whatever the model's size, and its fix needs no --fresh
         split = open_split(job, options.limit)
+        checked = None
         if not stop.requested:  # a signal during start-up (imports, reading the manifest) stops before OUTPUT
             if layout.rank == 0:
-                finished = prepare_output(store, run_identity, options.fresh, layout)
+                checked = prepare_output(store, run_identity, options.fresh, layout)
             else:
-                finished = wait_for_rank_0(store, run_identity, stop)
+                checked = wait_for_rank_0(store, run_identity, stop)
         if stop.requested:  # also one that came while --fresh discarded OUTPUT: it completed, nothing more started
             log.warning("stopped by %s before starting; rerun the same command to resume", stop.signal_name)
             return EXIT_INTERRUPTED
+        finished, run_identity = checked  # the identity OUTPUT's run recorded: its parts carry its fingerprint
         if finished:
             log.info("%s already holds this finished run; nothing to do", store)
             return finished_exit_code(store, job)
@@ -110,25 +113,31 @@ def run_job(job: Job, options: RunOptions) -> int:
 
 def job_identity(job: Job, limit: int | None) -> tuple[dict, EmbeddingSettings | None]:
     """The run's identity, and feature-extraction's settings: they may come from the checkpoint, so they are
-    resolved (from its JSON files, before any weights load) and recorded as what they resolved to."""
+    resolved (from its JSON files, before any weights load) and recorded as what they resolved to. The model's and
+    the input's provenance join it (file metadata, no weights read), so a change in place is caught on resume."""
     embedding = resolve_embedding(job) if job.get("task") == "feature-extraction" else None
-    return identity(job, limit, embedding.identity() if embedding else None), embedding
+    values = identity(job, limit, embedding.identity() if embedding else None)
+    values["model.resolved"] = model_provenance(job)
+    values["input.resolved"] = input_provenance(job, split_name(job.get("dataset.split")))
+    return values, embedding
 
 
-def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: Layout) -> bool:
-    """Before any model loads: --fresh, leftovers, and the job's identity against OUTPUT's. True when finished."""
+def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: Layout) -> tuple[bool, dict]:
+    """Before any model loads: --fresh, leftovers, and the job's identity against OUTPUT's. (finished, the identity
+    in force: the one OUTPUT's run recorded, else this job's)."""
     if fresh:
         if layout.num_shards > 1:
             raise UsageError("--fresh with --num-shards would discard the other shards' parts; "
                              "discard OUTPUT once before starting the shards (or use a new output.path)")
         _discard(store)
     remove_leftovers(store)
-    if _already_finished(store, run_identity):
-        return True
+    finished, recorded = _run_in_output(store, run_identity)
+    if recorded is not None:
+        return finished, recorded
     info = {"fingerprint": fingerprint(run_identity), "identity": run_identity, "started": _now()}
     if not store.create(RUN_INFO, json.dumps(info, indent=2, default=str).encode()):
-        return _already_finished(store, run_identity)  # another process created it first: is it this job?
-    return False
+        finished, recorded = _run_in_output(store, run_identity)  # another process created it first: this job's?
+    return finished, recorded or run_identity
 
 
 def finished_exit_code(store: LocalStore, job: Job) -> int:
@@ -143,10 +152,11 @@ def finished_exit_code(store: LocalStore, job: Job) -> int:
     return _exit_for_errors(failed_rows, rows, job.get("errors.max_error_rate"))
 
 
-def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> bool | None:
+def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> tuple[bool, dict] | None:
     """Ranks other than 0 wait until rank 0 has prepared OUTPUT (its --fresh must not discard their parts): its
-    live worker record says so, or _SUCCESS when it found the job finished. Then the same identity check.
-    No collective operation: a rank 0 that fails makes the launcher stop the group. None when stopped."""
+    live worker record says so, or _SUCCESS when it found the job finished. Then the same identity check, and
+    prepare_output's answer. No collective operation: a rank 0 that fails makes the launcher stop the group. None
+    when stopped."""
     deadline = time.monotonic() + RANK_0_TIMEOUT
     while not (store.exists(SUCCESS) or any(record["live"] and record.get("rank") == 0
                                             for record in worker_records(store))):
@@ -154,7 +164,8 @@ def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> bo
             raise BatchrunError(f"rank 0 did not start writing {store} within {RANK_0_TIMEOUT:.0f}s; see its log")
         if stop.wait(0.2):
             return None
-    return _already_finished(store, run_identity)
+    finished, recorded = _run_in_output(store, run_identity)
+    return finished, recorded or run_identity
 
 
 def _run(job: Job, options: RunOptions, store: LocalStore, split: Split, run_identity: dict, stop: StopFlag,
@@ -451,14 +462,16 @@ def _exit_for_errors(failed_rows: int, rows: int, max_error_rate: float) -> int:
     return EXIT_OK
 
 
-def _already_finished(store: LocalStore, run_identity: dict) -> bool:
-    """True when OUTPUT holds this job's finished run; exit 2 when it holds another job's run."""
+def _run_in_output(store: LocalStore, run_identity: dict) -> tuple[bool, dict | None]:
+    """(finished, the identity recorded) when OUTPUT holds this job's run, (False, None) when it holds none; exit 2
+    when it holds another job's run. The recorded identity stays in force: one recorded by an older batchrun lacks
+    keys added since (not compared), and its parts carry its fingerprint."""
     previous = read_run_info(store)
     if not previous:
         if committed_parts(store.names()):
             raise UsageError(f"{store} holds parts but no {RUN_INFO}; it is not a batchrun run of this job "
                              "(use --fresh to discard it, or another output.path)")
-        return False
+        return False, None
     changed = differences(previous["identity"], run_identity)
     if changed:
         raise UsageError(
@@ -466,7 +479,7 @@ def _already_finished(store: LocalStore, run_identity: dict) -> bool:
             + "\n".join(f"  - {change}" for change in changed)
             + "\nuse --fresh to discard it, or another output.path"
         )
-    return store.exists(SUCCESS)
+    return store.exists(SUCCESS), previous["identity"]
 
 
 def _discard(store: LocalStore) -> None:

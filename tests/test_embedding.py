@@ -347,7 +347,9 @@ def test_plan_with_sentence_transformers_false_says_so(tmp_path, tiny_models, ca
 
 def identity_of(tmp_path: Path, model: Path, *overrides: str) -> dict:
     job = write_job(tmp_path, model, rows(1), task="feature-extraction")
-    return job_identity(load_job(job, list(overrides)), None)[0]
+    values = job_identity(load_job(job, list(overrides)), None)[0]
+    del values["input.resolved"]  # write_job rewrote the rows: a new modification time, the same rows
+    return values
 
 
 def test_the_checkpoints_settings_and_the_keys_that_pick_them_change_the_identity(tmp_path, tiny_models):

@@ -185,13 +185,13 @@ def test_a_rank_waits_for_rank_0s_live_record_then_checks_the_identity(tmp_path)
     timer = threading.Timer(0.5, lambda: (prepare_output(store, identity, False, Layout()),
                                           rank_0_record(tmp_path / "out")))
     timer.start()
-    assert wait_for_rank_0(store, identity, StopFlag()) is False  # prepared, not finished
+    assert wait_for_rank_0(store, identity, StopFlag()) == (False, identity)  # prepared, not finished
     assert (tmp_path / "out" / ".worker-rank0.json").exists()
     with pytest.raises(UsageError, match="holds a run of a different job"):
         wait_for_rank_0(store, {"task": "summarization"}, StopFlag())
     (tmp_path / "out" / ".worker-rank0.json").unlink()  # rank 0 found the job finished: it wrote no record
     (tmp_path / "out" / "_SUCCESS").touch()
-    assert wait_for_rank_0(store, identity, StopFlag()) is True
+    assert wait_for_rank_0(store, identity, StopFlag()) == (True, identity)
 
 
 def test_a_rank_waits_no_longer_than_the_timeout_and_stops_on_a_signal(tmp_path, monkeypatch):

@@ -40,9 +40,9 @@ from pipeline_core.output.parts import PartFacts, commit_part, part_name
 from pipeline_core.output.progress import Progress
 from pipeline_core.output.store import LocalStore
 from pipeline_core.runner import (
-    _already_finished,
     _discard,
     _exit_for_errors,
+    _run_in_output,
     prepare_output,
     remove_leftovers,
     token_budget,
@@ -127,10 +127,12 @@ def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(f
                           "generation_config", "stages", "host", "started", "finished", "rows", "failed_rows",
                           "processes"]
     loaded = load_job(job, [])
-    expected_identity = json.loads(json.dumps(identity(loaded, None)))
+    run_identity = runner_module.job_identity(loaded, None)[0]
+    expected_identity = json.loads(json.dumps(run_identity))
     assert info["name"] == "tiny-sentiment"
     assert info["identity"] == expected_identity and info["identity"]["limit"] is None
-    assert info["fingerprint"] == fingerprint(identity(loaded, None))
+    assert set(info["identity"]) == set(identity(loaded, None)) | {"model.resolved", "input.resolved"}
+    assert info["fingerprint"] == fingerprint(run_identity)
     assert info["manifest"] == json.loads(json.dumps(loaded.config, default=str))
     assert info["manifest"]["output"]["rows_per_part"] == 4
     assert info["versions"] == {"batchrun": __version__, "python": platform.python_version(),
@@ -288,13 +290,13 @@ def write_run_info(store: LocalStore, values: dict | None, fingerprint_value: st
 
 
 def test_empty_output_is_not_finished(tmp_path):
-    assert _already_finished(LocalStore(tmp_path / "out"), run_identity()) is False
+    assert _run_in_output(LocalStore(tmp_path / "out"), run_identity()) == (False, None)
 
 
 def test_output_with_other_files_but_no_parts_and_no_run_info_is_not_finished(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "part-1.parquet").write_text("not a batchrun part name")
-    assert _already_finished(LocalStore(tmp_path), run_identity()) is False
+    assert _run_in_output(LocalStore(tmp_path), run_identity()) == (False, None)
 
 
 def test_output_with_parts_but_no_run_info_is_refused(tmp_path):
@@ -302,7 +304,7 @@ def test_output_with_parts_but_no_run_info_is_refused(tmp_path):
     commit_part(store, 0, pa.table({"row_id": pa.array([0], pa.int64()), "error": pa.array([None], pa.string())}),
                 "none", FINGERPRINT)
     with pytest.raises(UsageError) as raised:
-        _already_finished(store, run_identity())
+        _run_in_output(store, run_identity())
     assert str(raised.value) == (f"{tmp_path} holds parts but no _batchrun.json; it is not a batchrun run of this job "
                                  "(use --fresh to discard it, or another output.path)")
     assert raised.value.exit_code == 2
@@ -311,9 +313,9 @@ def test_output_with_parts_but_no_run_info_is_refused(tmp_path):
 def test_run_of_this_job_is_finished_only_with_success(tmp_path):
     store = LocalStore(tmp_path)
     write_run_info(store, run_identity())
-    assert _already_finished(store, run_identity()) is False
+    assert _run_in_output(store, run_identity()) == (False, run_identity())
     store.put("_SUCCESS", b"")
-    assert _already_finished(store, run_identity()) is True
+    assert _run_in_output(store, run_identity()) == (True, run_identity())
 
 
 def test_run_of_another_job_is_refused_naming_each_difference(tmp_path):
@@ -321,7 +323,7 @@ def test_run_of_another_job_is_refused_naming_each_difference(tmp_path):
     write_run_info(store, run_identity(task="summarization", limit=3))
     store.put("_SUCCESS", b"")
     with pytest.raises(UsageError) as raised:
-        _already_finished(store, run_identity())
+        _run_in_output(store, run_identity())
     assert str(raised.value) == (
         f"{tmp_path} holds a run of a different job (fingerprint feedfacefeedface); what differs:\n"
         '  - limit: 3 -> null\n'
@@ -335,7 +337,7 @@ def test_run_info_without_an_identity_is_not_a_runs_record(tmp_path):
     write_run_info(store, None)
     with pytest.raises(UsageError, match=r"_batchrun.json has no \"identity\" object: it is not a batchrun run "
                                          r"directory, or it was edited; check the path \(rerun the job with --fresh"):
-        _already_finished(store, run_identity(limit=5))
+        _run_in_output(store, run_identity(limit=5))
 
 
 def worker_record(directory: Path, worker: str, state: str = "running", host: str = "another-node",
@@ -385,17 +387,17 @@ def test_fresh_with_shards_is_refused_before_anything_is_discarded(tmp_path):
 
 def test_prepare_output_creates_the_run_info_once_and_a_second_process_joins_it(tmp_path):
     store = LocalStore(tmp_path)
-    assert prepare_output(store, run_identity(), False, Layout()) is False
+    assert prepare_output(store, run_identity(), False, Layout()) == (False, run_identity())
     first = (tmp_path / "_batchrun.json").read_text()
     info = json.loads(first)
     assert list(info) == ["fingerprint", "identity", "started"]
     assert (info["fingerprint"], info["identity"]) == (fingerprint(run_identity()), run_identity())
-    assert prepare_output(store, run_identity(), False, Layout(shard_index=1, num_shards=2)) is False
+    assert prepare_output(store, run_identity(), False, Layout(shard_index=1, num_shards=2)) == (False, run_identity())
     assert (tmp_path / "_batchrun.json").read_text() == first  # not rewritten: created exclusively
     with pytest.raises(UsageError, match="holds a run of a different job"):
         prepare_output(store, run_identity(limit=3), False, Layout(shard_index=1, num_shards=2))
     store.put("_SUCCESS", b"")
-    assert prepare_output(store, run_identity(), False, Layout()) is True
+    assert prepare_output(store, run_identity(), False, Layout()) == (True, run_identity())
 
 
 def test_fresh_run_over_another_jobs_output_starts_over_and_keeps_other_files(tmp_path, finished):

@@ -23,7 +23,7 @@ from pipeline_core import runner
 from pipeline_core.manifest import load_job
 from pipeline_core.manifest.spec import KEYS
 from pipeline_core.output import store as store_module
-from pipeline_core.output.identity import differences, fingerprint
+from pipeline_core.output.identity import PROVENANCE_KEYS, differences, fingerprint
 from pipeline_core.output.parts import (
     PartFacts,
     commit_part,
@@ -256,9 +256,19 @@ EMBEDDING_JOB = "task: feature-extraction\nmodel: {name: tiny-model}\ndataset: {
 
 
 def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None, base: str = BASE_JOB) -> dict:
+    """The identity of the manifest's keys: the model's and input's provenance, which follow the files a key
+    names, are test_provenance.py's."""
     path = tmp_path / "job.yaml"
     path.write_text(base)
-    return runner.job_identity(load_job(path, list(overrides)), limit)[0]
+    for name in ("rows.jsonl", "other.jsonl"):  # the data files the jobs name, relative to the working directory
+        (tmp_path / name).write_text('{"id": "r0", "text": "the fox"}\n')
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        values = runner.job_identity(load_job(path, list(overrides)), limit)[0]
+    finally:
+        os.chdir(cwd)
+    return {key: value for key, value in values.items() if key not in PROVENANCE_KEYS}
 
 
 def test_every_manifest_key_is_either_in_the_identity_free_or_listed_outside_it():

@@ -1,7 +1,8 @@
 """A run's identity: the fingerprint of everything that changes output values, and what differs between two.
 
 Batching sizes, worker counts, devices and shard counts are left out on purpose: a run started on 8 GPUs may
-finish on one CPU, and its parts must still be reused.
+finish on one CPU, and its parts must still be reused. The model's and the input's provenance (provenance.py) join
+it, so a model or input changed in place is caught; a run recorded before they did resumes without them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import hashlib
 import json
 
 from pipeline_core.manifest import Job
+from pipeline_core.output.provenance import provenance_changes
+
+# The provenance keys, and the word a message names each by. A run recorded before they joined the identity lacks
+# them and is not compared on them: it resumes as it was.
+PROVENANCE_KEYS = {"model.resolved": "model", "input.resolved": "input"}
 
 IDENTITY_KEYS = (
     "task",
@@ -49,7 +55,12 @@ def fingerprint(values: dict) -> str:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for each identity key that changed."""
-    keys = sorted(set(old) | set(new))
-    return [f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}" for key in keys
-            if old.get(key) != new.get(key)]
+    """'key: old -> new' for each identity key that changed; for the provenance, what changed in words (the files
+    by name, the commit), and nothing where `old`, recorded by an older batchrun, has none."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key in PROVENANCE_KEYS:
+            changes += provenance_changes(PROVENANCE_KEYS[key], old.get(key), new.get(key))
+        elif old.get(key) != new.get(key):
+            changes.append(f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
+    return changes
