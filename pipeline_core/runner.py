@@ -147,7 +147,7 @@ def finished_exit_code(store: LocalStore, job: Job) -> int:
     info = read_run_info(store)
     rows, failed_rows = info.get("rows"), info.get("failed_rows")
     if not (isinstance(rows, int) and isinstance(failed_rows, int)):
-        done = verified_parts(store, info.get("fingerprint"), job.get("output.rows_per_part"))
+        done = verified_parts(store, info.get("fingerprint"), job.get("output.rows_per_part"), split_start=None)
         rows, failed_rows = sum(f.rows for f in done.values()), sum(f.failed_rows for f in done.values())
     return _exit_for_errors(failed_rows, rows, job.get("errors.max_error_rate"))
 

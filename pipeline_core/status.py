@@ -30,7 +30,7 @@ def run_status(output: str) -> dict:
     info = status_run_info(store, output)
     progress = read_progress(store)
     rows_per_part = info["identity"]["output.rows_per_part"]
-    facts = [read_part_facts(store, index, info["fingerprint"], rows_per_part)
+    facts = [read_part_facts(store, index, info["fingerprint"], rows_per_part, split_start=None)
              for index in sorted(committed_parts(store.names()))]
     good = [fact for fact in facts if fact is not None]
     records = [_fitting(record, RECORD_FIELDS) | {"live": record["live"]} for record in worker_records(store)]

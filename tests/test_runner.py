@@ -602,11 +602,11 @@ def test_a_part_damaged_between_its_commit_and_the_finish_exits_1_and_a_rerun_re
     verify = runner_module.verified_parts
     calls = []
 
-    def damaging(store, fingerprint, rows_per_part):
+    def damaging(store, fingerprint, rows_per_part, split_start=None):
         calls.append(1)
         if len(calls) == 2:  # the finish's check, after every part was committed
             (out / part_name(1)).write_bytes(b"not parquet any more")
-        return verify(store, fingerprint, rows_per_part)
+        return verify(store, fingerprint, rows_per_part, split_start)
 
     monkeypatch.setattr(runner_module, "verified_parts", damaging)
     assert jobs.run(job) == 1

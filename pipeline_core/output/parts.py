@@ -78,9 +78,10 @@ class PartFacts:
 
 
 def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int,
-                    split_start: int | None = None) -> PartFacts | None:
+                    split_start: int | None = 0) -> PartFacts | None:
     """What a committed part's footer says, or None when the file is unreadable, truncated or not this run's.
-    `split_start`: the row id of the split's first row, where known (its parts' row ids follow from it)."""
+    `split_start`: the row id of the split's first row (`train[10:50]` starts at 10), which fixes each part's first
+    row id; None where the split is not open (status, a finished run's exit code) and it is not checked."""
     try:
         with store.open(part_name(index)) as file:
             metadata = pq.read_metadata(file).metadata or {}
