@@ -140,11 +140,10 @@ def test_a_sliced_split_processes_exactly_its_rows(tmp_path, tiny_models, stream
     got = pd.read_parquet(tmp_path / "slice")
     source = data[start:stop]
     assert got["id"].tolist() == [row["id"] for row in source]
-    # The README calls row_id the row's position in the split; a slice numbers from 0 today (open issue in the
-    # contract: global positions for sliced splits).
-    assert got["row_id"].tolist() == list(range(len(source)))
+    # row ids are positions in the unsliced split, so the slice's rows are the whole run's rows, row ids included
+    assert got["row_id"].tolist() == list(range(start, start + len(source)))
     everything = pd.read_parquet(tmp_path / "all").iloc[start:stop].reset_index(drop=True)
-    pd.testing.assert_frame_equal(got.drop(columns="row_id"), everything.drop(columns="row_id"))
+    pd.testing.assert_frame_equal(got, everything)
 
 
 def test_pooling_none_keeps_every_token_vector(tmp_path, tiny_models):
