@@ -47,7 +47,7 @@ NEW_TOKENS = 16
 MAX_LENGTH = 256
 ROWS = {"embedding": 2000, "classification": 1000, "generation": 1024}
 # --workers: about 15-20 s of model time per run on 2 cores; the small classifier's rows are mostly tokenizing
-WORKER_ROWS = {"embedding": 600, "classification": 600, "generation": 480, "small-classification": 24000}
+WORKER_ROWS = {"embedding": 600, "classification": 600, "generation": 480, "small-classification": 16000}
 QUICK_ROWS = {"embedding": 64, "classification": 64, "generation": 32, "small-classification": 2000}
 WORKER_PARTS = 4  # rows_per_part = rows / 4: auto measures the first part with no workers, then may switch
 MEMORY_ROWS = (500, 5000)  # peak memory at 1x and 10x rows
