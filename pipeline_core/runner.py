@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ from pipeline_core.data.loader import (
     workers_started,
 )
 from pipeline_core.data.source import Split, broken_file_note, open_split, split_name
+from pipeline_core.data.workers import WorkerChoice, usable_cores
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
@@ -227,25 +229,41 @@ class Work:
     fingerprint: str
     worker: Worker
     pending: dict = field(default_factory=dict)  # {part: {slice offset: computed table}} of parts in progress
+    workers: int = 0  # DataLoader workers of the next pass
+    choice: WorkerChoice | None = None  # num_workers auto, until it has chosen
+
+    def __post_init__(self) -> None:
+        setting = self.job.get("batching.num_workers")
+        if setting == "auto":
+            self.choice = WorkerChoice()  # measure with none first: preparation then runs where it can be timed
+        else:
+            self.workers = setting
 
     def compute_share(self, started: float, loaded: float) -> None:
         """Passes over the share until every part of it is committed, by this process or others."""
         first, waiting = True, False
         while True:
-            for item in _until_stopped(self._loader(), self.stop):
-                if first and isinstance(item, PreparedPart):  # how long skipping committed parts took
-                    log.info("first part to compute (part %d) ready %.1fs after the run started, %.2fs after "
-                             "the model was loaded", item.index, time.monotonic() - started,
-                             time.monotonic() - loaded)
-                    first = False
-                if isinstance(item, EndOfSplit):
-                    if self.share.total_parts is None or item.parts > self.share.total_parts:
-                        self.share.total_parts = item.parts  # a stream of unknown length has been read through
-                    continue
-                if isinstance(item, SourceFailure):
-                    raise BatchrunError(f"dataset {self.job.get('dataset.path')!r}: {item.message}"
-                                        f"{broken_file_note(self.job, item.message)}; committed parts are kept")
-                self._take(item)
+            switched = False
+            with closing(_until_stopped(self._loader(), self.stop)) as items:
+                for item in items:
+                    if first and isinstance(item, PreparedPart):  # how long skipping committed parts took
+                        log.info("first part to compute (part %d) ready %.1fs after the run started, %.2fs after "
+                                 "the model was loaded", item.index, time.monotonic() - started,
+                                 time.monotonic() - loaded)
+                        first = False
+                    if isinstance(item, EndOfSplit):
+                        if self.share.total_parts is None or item.parts > self.share.total_parts:
+                            self.share.total_parts = item.parts  # a stream of unknown length has been read through
+                        continue
+                    if isinstance(item, SourceFailure):
+                        raise BatchrunError(f"dataset {self.job.get('dataset.path')!r}: {item.message}"
+                                            f"{broken_file_note(self.job, item.message)}; committed parts are kept")
+                    self._take(item)
+                    if self._choose_workers():
+                        switched = True
+                        break
+            if switched:
+                continue  # a stream of unknown length may have parts left that _outstanding cannot name yet
             outstanding = self._outstanding()
             if not outstanding:
                 return
@@ -263,11 +281,32 @@ class Work:
         parts = PreparedParts(self.split, self.task, self.job.get("output.rows_per_part"),
                               self.job.get("dataset.keep_columns"), self.limits, self.share, self.worker.claims,
                               frozenset(done))
-        return part_loader(parts, self.job.get("batching.num_workers"),
-                           pin_memory=self.runner.device.type == "cuda")
+        return part_loader(parts, self.workers, pin_memory=self.runner.device.type == "cuda")
+
+    def _choose_workers(self) -> bool:
+        """num_workers auto: once enough is measured and no part is half computed, choose the count. True when
+        the pass should end here for one with workers. It can: with no workers the parts are prepared lazily, in
+        this process, so the loader has claimed nothing beyond the part just committed."""
+        choice = self.choice
+        if choice is None or self.pending:
+            return False
+        if choice.chosen is None:
+            if not choice.enough():
+                return False
+            cores = usable_cores(self.share.layout.local_world_size)
+            self.workers = choice.decide(cores, torch.get_num_threads(), self.runner.device.type)
+            log.info(choice.describe(cores))
+            if self.workers and self.share.total_parts is None:
+                # a stream of unknown length: one more part with none first. If there is none, its end comes
+                # without a claim and names the length, and a split of one part does not start workers for nothing
+                return False
+        self.choice = None  # decided: measured no more
+        # with every part of the share committed, workers would start for nothing
+        return self.workers > 0 and (self.share.total_parts is None or bool(self._outstanding()))
 
     def _take(self, part: PreparedPart) -> None:
         """Compute one slice; once a part's slices are all computed, commit the part."""
+        started = time.perf_counter()
         slices = self.pending.setdefault(part.index, {})
         slices[part.offset] = _compute_slice(part, self.runner, self.job, self.progress)
         if part.read is not None:
@@ -275,6 +314,8 @@ class Work:
         if sum(table.num_rows for table in slices.values()) >= part.part_rows:
             del self.pending[part.index]
             self._commit(part.index, slices)
+        if self.choice is not None and self.choice.chosen is None:  # the commit too: it stays in this process
+            self.choice.measure(part.seconds, time.perf_counter() - started, part.num_rows)
 
     def _commit(self, index: int, slices: dict[int, pa.Table]) -> None:
         facts = _commit_whole_part(index, slices, self.job, self.store, self.fingerprint)

@@ -217,6 +217,8 @@ def test_workers_give_the_same_output_as_the_main_process(tmp_path, tiny_models)
     alone = read(tmp_path / "out")
     assert run(job, "--fresh", "--set", "batching.num_workers=2") == 0
     pd.testing.assert_frame_equal(read(tmp_path / "out"), alone)
+    assert run(job, "--fresh", "--set", "batching.num_workers=auto") == 0
+    pd.testing.assert_frame_equal(read(tmp_path / "out"), alone)
 
 
 def test_bad_rows_are_recorded_and_good_rows_unchanged(tmp_path, tiny_models):

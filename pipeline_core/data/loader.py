@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class PreparedPart:
     read: ReadStats | None = None  # what reading the part cost (row groups, rows, bytes), where the source counts
     offset: int = 0  # the slice's first row within the part
     part_rows: int = 0  # rows of the whole part: it is complete when its slices hold that many
+    seconds: float = 0.0  # preparing the slice (and, for a part read on its own, reading it): num_workers auto
 
 
 @dataclass
@@ -97,10 +99,11 @@ class PreparedParts(torch.utils.data.IterableDataset):
         try:
             for position, index in enumerate(order):
                 if position % workers == worker and index not in self.skip and self._claim(index):
-                    before = self.split.reads()
+                    before, started = self.split.reads(), time.perf_counter()
                     table = self.split.read_part(index, self.rows_per_part)
                     cost = self.split.reads() - before
-                    yield from self._prepare(index, table, cost if cost.row_groups else None)  # zero: not counted
+                    yield from self._prepare(index, table, cost if cost.row_groups else None,  # zero: not counted
+                                             time.perf_counter() - started)
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
             yield SourceFailure(f"reading part {index} failed: {type(error).__name__}: {one_line(str(error))}")
             return
@@ -148,14 +151,18 @@ class PreparedParts(torch.utils.data.IterableDataset):
             return False
         return True
 
-    def _prepare(self, index: int, table: pa.Table, read):
-        """The part in slices of SLICE_ROWS rows, each prepared and handed over as soon as it is ready."""
+    def _prepare(self, index: int, table: pa.Table, read, read_seconds: float = 0.0):
+        """The part in slices of SLICE_ROWS rows, each prepared and handed over as soon as it is ready. A stream's
+        reading is not timed: it is cheap beside tokenizing (about 1 us a row), and it runs through parts not
+        prepared here too, on a rerun above all, which would make preparing look dearer than it is."""
         for offset in range(0, max(table.num_rows, 1), SLICE_ROWS):
+            started = time.perf_counter()
             piece = table.slice(offset, SLICE_ROWS)
             first_row = self.split.offset + index * self.rows_per_part + offset  # row ids count the unsliced split
             part = prepare_part(index, first_row, piece, self.task, self.keep_columns, self.limits)
             part.offset, part.part_rows = offset, table.num_rows
             part.read = read if offset == 0 else None
+            part.seconds = time.perf_counter() - started + (read_seconds if offset == 0 else 0.0)
             yield part
 
 

@@ -278,8 +278,9 @@ KEYS: tuple[Key, ...] = (
         "Budget of padded tokens per batch (longest row x rows); auto: 4096 on a CPU, 16384 on an accelerator."),
     Key("batching.max_length", AnyOf(Null(), Integer(minimum=1)), None,
         "Truncate inputs to this many tokens; null = the model's limit."),
-    Key("batching.num_workers", Integer(minimum=0), 2,
-        "Preprocessing worker processes; 0 preprocesses in the main one."),
+    Key("batching.num_workers", AnyOf(Choice("auto"), Integer(minimum=0)), "auto",
+        "Preprocessing worker processes; 0 preprocesses in the main one; auto: measured on the first parts, "
+        "from the cores and the time preprocessing takes beside the model."),
     # output
     Key("output.path", Text(), DERIVED, "Local directory of the run's Parquet parts; defaults to outputs/<name>."),
     Key("output.rows_per_part", Integer(minimum=1), 4096,
