@@ -1,7 +1,8 @@
 """What `batchrun plan` costs to start on a tiny text-classification model (issue 14), against its floor: a script
 that only imports torch and transformers and loads the same config, weights and tokenizer.
 
-Each round runs both in fresh processes, one after the other, so machine noise hits both alike. It prints:
+Each round runs both in fresh processes, one after the other (alternating which goes first), so machine noise
+hits both alike. It prints:
   (a) wall and CPU seconds (user + system) of each, the median of --runs rounds, and plan / floor;
   (b) from one `python -X importtime` run of plan: the largest cumulative imports, and whether any module of the
       image stack (torchvision, transformers' image processing) or of datasets is among them.
@@ -78,7 +79,13 @@ def main() -> None:
         plan = [sys.executable, "-m", "pipeline_core", "plan", str(job)]
         floor = [sys.executable, "-c", FLOOR, str(model)]
         timed(plan, env, args.code)  # warms the file cache for both
-        rounds = [(timed(plan, env, args.code), timed(floor, env, args.code)) for _ in range(args.runs)]
+        rounds = []
+        for index in range(args.runs):  # plan first in even rounds, the floor first in odd ones
+            if index % 2:
+                floor_time, plan_time = timed(floor, env, args.code), timed(plan, env, args.code)
+            else:
+                plan_time, floor_time = timed(plan, env, args.code), timed(floor, env, args.code)
+            rounds.append((plan_time, floor_time))
         top, modules = top_imports(plan, env, args.code, args.top)
 
     print(f"pipeline_core from {args.code}, {args.runs} rounds, {os.cpu_count()} CPUs")
