@@ -67,6 +67,7 @@ def run(job_file, overrides, output, limit, fresh, num_shards, shard_index, no_p
     extra = [f"output.path={output}"] if output is not None else []
     job = load_job(job_file, [*overrides, *extra])
     setup_logging(tag=layout.tag())
+    route_datasets_logs()
     from pipeline_core.runner import RunOptions, run_job  # deferred: imports torch, transformers, datasets
 
     options = RunOptions(limit=limit, fresh=fresh, progress_bar=False if no_progress else None, layout=layout)
@@ -169,8 +170,12 @@ def setup_logging(level: int = logging.INFO, tag: str = "") -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # datasets logs some failures with their traceback before raising; batchrun reports them as one message
-    import datasets  # noqa: F401 - sets up the "datasets" logger and its handler
+
+
+def route_datasets_logs() -> None:
+    """datasets logs some failures with their traceback before raising; batchrun reports them as one message.
+    Only `run` reads data: `plan` does not pay for importing datasets (pandas, pyarrow) just to set its logger."""
+    import datasets  # noqa: F401 - sets up the "datasets" logger and its handler, which this replaces
 
     library = _StderrHandler()
     library.setFormatter(logging.Formatter("%(asctime)s datasets %(levelname)s %(message)s", "%H:%M:%S"))

@@ -6,8 +6,6 @@ vision model is really an image processor, so it serves as one.
 
 from __future__ import annotations
 
-from transformers.image_processing_utils import BaseImageProcessor
-
 
 def infer_processor_parts(components) -> None:
     """Fill the components' missing tokenizer / feature extractor / image processor from what is there."""
@@ -16,5 +14,9 @@ def infer_processor_parts(components) -> None:
         for part in ("tokenizer", "feature_extractor", "image_processor"):
             if getattr(components, part) is None:
                 setattr(components, part, getattr(processor, part, None))
-    if components.image_processor is None and isinstance(components.feature_extractor, BaseImageProcessor):
-        components.image_processor = components.feature_extractor
+    if components.image_processor is None and components.feature_extractor is not None:
+        # deferred: the image stack costs seconds of start-up, and a text job has no feature extractor to classify
+        from transformers.image_processing_utils import BaseImageProcessor
+
+        if isinstance(components.feature_extractor, BaseImageProcessor):
+            components.image_processor = components.feature_extractor
