@@ -147,10 +147,11 @@ def saved_dataset_dict(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def data_directory(path: Path, rows: list[dict]) -> Path:
+def data_directory(path: Path, rows: list[dict], write=json_lines, extension: str = "jsonl") -> Path:
+    """A directory of two data files, the rows split between them."""
     path.mkdir()
-    json_lines(path / "a.jsonl", rows[:4])
-    json_lines(path / "b.jsonl", rows[4:])
+    write(path / f"a.{extension}", rows[:4])
+    write(path / f"b.{extension}", rows[4:])
     return path
 
 
@@ -162,13 +163,6 @@ def dataset_repository(path: Path, rows: list[dict]) -> Path:
     (path / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
                                     "  - split: train\n    path: data/other.jsonl\n"
                                     "  - split: test\n    path: data/eval.jsonl\n---\n# eval set\n")
-    return path
-
-
-def arrow_directory(path: Path, rows: list[dict]) -> Path:
-    path.mkdir()
-    arrow_stream(path / "a.arrow", rows[:4])
-    arrow_stream(path / "b.arrow", rows[4:])
     return path
 
 
@@ -189,7 +183,8 @@ LAYOUTS = {
     "one data file, .arrow": (lambda d, r: arrow_stream(d / "x.arrow", r), lambda f: {"path": f}),
     "one data file, .txt": (lambda d, r: text_file(d / "x.txt", r), lambda f: {"path": f}),
     "a directory of data files": (lambda d, r: data_directory(d / "dir", r), lambda f: {"path": f}),
-    "a directory of data files, arrow": (lambda d, r: arrow_directory(d / "arrows", r), lambda f: {"path": f}),
+    "a directory of data files, arrow": (lambda d, r: data_directory(d / "arrows", r, arrow_stream, "arrow"),
+                                           lambda f: {"path": f}),
     "a dataset repository": (lambda d, r: dataset_repository(d / "repo", r), lambda f: {"path": f, "split": "test"}),
     "save_to_disk Dataset": (lambda d, r: saved_dataset(d / "saved", r), lambda f: {"path": f}),
     "save_to_disk DatasetDict": (lambda d, r: saved_dataset_dict(d / "saved", r),

@@ -56,15 +56,6 @@ def is_saved_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, name)) for name in (SAVED_DATASET, SAVED_DATASET_DICT))
 
 
-def saved_split_names(path: str) -> list[str] | None:
-    """The splits of a saved DatasetDict; None for a saved Dataset (one split)."""
-    listing = os.path.join(os.path.expanduser(path), SAVED_DATASET_DICT)
-    if not os.path.isfile(listing):
-        return None
-    with open(listing) as file:
-        return list(json.load(file)["splits"])
-
-
 def saved_split_name(path: str) -> str | None:
     """The split a saved Dataset says it is (`_split` of its state.json), if it says."""
     with open(os.path.join(os.path.expanduser(path), SAVED_DATASET)) as file:

@@ -138,7 +138,7 @@ def _saved_split(job: Job, path: str, spec: str, columns: list[str], limit: int 
     rows = rows.select_columns(columns)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
-    return Split(rows.with_format("arrow"), len(rows), columns, offset=pieces[0].from_ if len(pieces) == 1 else 0)
+    return Split(rows.with_format("arrow"), len(rows), columns, offset=_slice_start(pieces))
 
 
 def _saved_splits(path: str, wanted: str | None) -> dict[str, datasets.Dataset]:
@@ -163,7 +163,12 @@ def _converted_start(spec: str, rows: datasets.Dataset) -> int:
     if "[" not in spec:
         return 0
     sizes = {name: info.num_examples for name, info in (rows.info.splits or {}).items()}
-    pieces = datasets.ReadInstruction.from_spec(spec).to_absolute(sizes)
+    return _slice_start(datasets.ReadInstruction.from_spec(spec).to_absolute(sizes))
+
+
+def _slice_start(pieces: list) -> int:
+    """The row of the unsliced split where one slice (datasets' absolute read instructions) starts; several splits
+    (`train+test`) count from 0 across them."""
     return pieces[0].from_ if len(pieces) == 1 else 0
 
 
