@@ -27,6 +27,7 @@ from pipeline_core.output.claims import CLAIM_PATTERN
     (0.03, 0.97, 2, 1, "cpu", 0),  # 0.97 is within 5% of 1.0: not worth a process
     (3.0, 1.0, 8, 8, "cpu", 2),  # 1: max(3, 1.14) = 3; 2: max(1.5, 1.33) = 1.5; 3: max(1, 1.6) = 1.6
     (3.0, 1.0, 16, 1, "cuda", 3),  # the model keeps its speed: enough workers for prepare / k <= compute
+    (3.0, 1.0, 4, 4, "cuda", 3),  # its torch threads on every core do not slow an accelerator's model
     (100.0, 1.0, 16, 1, "cuda", 8),  # at most MAX_WORKERS
     (100.0, 1.0, 4, 1, "mps", 3),  # at most one fewer than the cores
     (0.01, 1.0, 16, 1, "cuda", 0),  # nothing worth overlapping

@@ -98,7 +98,8 @@ def test_the_fixed_job_runs_without_fresh(tmp_path, tiny_models):
     assert result(job)["row_id"].to_pylist() == list(range(6))
 
 
-@pytest.mark.parametrize("path", ["./no-such-dir", "/no/such/dataset", "~/no-such-dataset"])
+@pytest.mark.parametrize("path", ["./no-such-dir", "/no/such/dataset", "/no-such-dataset", "~/no-such-dataset",
+                                  "data/no/such"])
 def test_a_missing_local_dataset_directory_exits_2_before_the_model_loads(tmp_path, tiny_models, capsys, no_model,
                                                                          path):
     assert run(write_job(tmp_path, tiny_models.text_classifier, {"path": path})) == 2
@@ -257,6 +258,15 @@ def test_a_single_file_of_another_type_is_refused(tmp_path, tiny_models, capsys,
     (tmp_path / name).write_text("<rows/>")
     assert run(write_job(tmp_path, tiny_models.text_classifier, {"path": str(tmp_path / name)})) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split, expected", [("test", range(10)), ("test[2:5]", range(2, 5))])
+def test_a_single_file_is_the_split_the_job_names(tmp_path, tiny_models, split, expected):
+    source = json_lines(tmp_path / "x.jsonl", LAYOUT_ROWS)
+    job = write_job(tmp_path, tiny_models.text_classifier, {"path": str(source), "split": split,
+                                                           "keep_columns": ["id"]})
+    assert run(job) == 0
+    assert result(job)["id"].to_pylist() == [LAYOUT_ROWS[row]["id"] for row in expected]
 
 
 def test_a_single_file_with_data_files_is_refused(tmp_path, tiny_models, capsys, no_model):
