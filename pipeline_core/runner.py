@@ -59,7 +59,8 @@ from pipeline_core.output.parts import (
 from pipeline_core.output.progress import Progress
 from pipeline_core.output.provenance import input_provenance, model_provenance
 from pipeline_core.output.run_info import read_run_info
-from pipeline_core.output.store import LocalStore
+from pipeline_core.output.store import Store, open_store
+from pipeline_core.remote import redacted
 from pipeline_core.signals import StopOnSignals
 from pipeline_core.tasks import build_task
 
@@ -77,7 +78,10 @@ class RunOptions:
 
 
 def run_job(job: Job, options: RunOptions) -> int:
-    store = LocalStore(job.get("output.path"))
+    store = open_store(job.get("output.path"), job.get("output.storage_options"))
+    if not getattr(store, "exclusive_create", True):
+        log.warning("%s has no exclusive create, so claims cannot keep several processes apart: run one process at "
+                    "a time on this OUTPUT (a local directory, s3://, gs:// and az:// have one)", store)
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
     run_identity, embedding = job_identity(job, options.limit)  # a pattern that matches nothing: exit 2 now
@@ -103,7 +107,7 @@ def run_job(job: Job, options: RunOptions) -> int:
             try:
                 code = _run(job, options, store, split, run_identity, stop, worker, embedding)
             except BaseException:
-                worker.claims.release_all()
+                _give_back_claims(worker)
                 worker.beat(state="stopped")
                 raise
             if code == EXIT_INTERRUPTED:
@@ -111,6 +115,16 @@ def run_job(job: Job, options: RunOptions) -> int:
         if store.exists(SUCCESS):
             worker.retire()
         return code
+
+
+def _give_back_claims(worker: Worker) -> None:
+    """After a failure, the parts this process claimed ahead go back, where the store lets them: when it fails again
+    (the server that failed the run is still gone), the run's own error is the one to report, and the claims are
+    taken over once this process is seen to be gone."""
+    try:
+        worker.claims.release_all()
+    except BatchrunError as error:
+        log.warning("could not give back this process's claims (%s)", error)
 
 
 def job_identity(job: Job, limit: int | None) -> tuple[dict, EmbeddingSettings | None]:
@@ -124,7 +138,7 @@ def job_identity(job: Job, limit: int | None) -> tuple[dict, EmbeddingSettings |
     return values, embedding
 
 
-def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: Layout) -> tuple[bool, dict]:
+def prepare_output(store: Store, run_identity: dict, fresh: bool, layout: Layout) -> tuple[bool, dict]:
     """Before any model loads: --fresh, leftovers, and the job's identity against OUTPUT's. (finished, the identity
     in force: the one OUTPUT's run recorded, else this job's)."""
     if fresh:
@@ -142,7 +156,7 @@ def prepare_output(store: LocalStore, run_identity: dict, fresh: bool, layout: L
     return finished, recorded or run_identity
 
 
-def finished_exit_code(store: LocalStore, job: Job) -> int:
+def finished_exit_code(store: Store, job: Job) -> int:
     """A rerun of a finished job exits as the run did: 3 when its failed rows exceed errors.max_error_rate (so a
     scheduler's retry of a run that exited 3 does not turn it green), else 0. The totals are those _batchrun.json
     recorded when the run finished; runs finished before it recorded them are counted from the part footers."""
@@ -154,7 +168,7 @@ def finished_exit_code(store: LocalStore, job: Job) -> int:
     return _exit_for_errors(failed_rows, rows, job.get("errors.max_error_rate"))
 
 
-def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> tuple[bool, dict] | None:
+def wait_for_rank_0(store: Store, run_identity: dict, stop: StopFlag) -> tuple[bool, dict] | None:
     """Ranks other than 0 wait until rank 0 has prepared OUTPUT (its --fresh must not discard their parts): its
     live worker record says so, or _SUCCESS when it found the job finished. Then the same identity check, and
     prepare_output's answer. No collective operation: a rank 0 that fails makes the launcher stop the group. None
@@ -170,7 +184,7 @@ def wait_for_rank_0(store: LocalStore, run_identity: dict, stop: StopFlag) -> tu
     return finished, recorded or run_identity
 
 
-def _run(job: Job, options: RunOptions, store: LocalStore, split: Split, run_identity: dict, stop: StopFlag,
+def _run(job: Job, options: RunOptions, store: Store, split: Split, run_identity: dict, stop: StopFlag,
          worker: Worker, embedding: EmbeddingSettings | None = None) -> int:
     started = time.monotonic()
     layout = options.layout
@@ -218,7 +232,7 @@ class Work:
     """This process's share of the job: claim parts, compute and commit them, then, if last, finish the job."""
 
     job: Job
-    store: LocalStore
+    store: Store
     split: Split
     task: object
     share: Share
@@ -461,7 +475,7 @@ def _commit_whole_part(index: int, slices: dict[int, pa.Table], job: Job, store,
     return PartFacts(index, table.num_rows, table.num_rows - table.column("error").null_count)
 
 
-def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int,
+def verified_parts(store: Store, run_fingerprint: str, rows_per_part: int,
                    split_start: int | None = None) -> dict[int, PartFacts]:
     """Committed parts whose footers check out; a truncated, unreadable or foreign part is removed and redone."""
     done = {}
@@ -475,14 +489,14 @@ def verified_parts(store: LocalStore, run_fingerprint: str, rows_per_part: int,
     return done
 
 
-def remove_leftovers(store: LocalStore) -> None:
+def remove_leftovers(store: Store) -> None:
     """Temporary files of processes killed mid-write (never one of a live process, which may be mid-write)."""
     for name in store.names():
         if is_leftover(store, name):
             store.remove(name)
 
 
-def remove_claims_and_records(store: LocalStore) -> None:
+def remove_claims_and_records(store: Store) -> None:
     """The finished job needs no claims, no records of processes that have stopped, and no leftovers."""
     remove_leftovers(store)
     for name in store.names():
@@ -503,7 +517,7 @@ def _exit_for_errors(failed_rows: int, rows: int, max_error_rate: float) -> int:
     return EXIT_OK
 
 
-def _run_in_output(store: LocalStore, run_identity: dict) -> tuple[bool, dict | None]:
+def _run_in_output(store: Store, run_identity: dict) -> tuple[bool, dict | None]:
     """(finished, the identity recorded) when OUTPUT holds this job's run, (False, None) when it holds none; exit 2
     when it holds another job's run. The recorded identity stays in force: one recorded by an older batchrun lacks
     keys added since (not compared), and its parts carry its fingerprint."""
@@ -523,7 +537,7 @@ def _run_in_output(store: LocalStore, run_identity: dict) -> tuple[bool, dict | 
     return store.exists(SUCCESS), previous["identity"]
 
 
-def _discard(store: LocalStore) -> None:
+def _discard(store: Store) -> None:
     """--fresh: remove the run's own files, refused while another process is writing OUTPUT.
 
     In an order that leaves a run a plain rerun can resume wherever the discard is killed: _SUCCESS first (a
@@ -542,7 +556,7 @@ def _discard(store: LocalStore) -> None:
     store.remove(RUN_INFO)
 
 
-def _record_run_info(store: LocalStore, job: Job, run_identity: dict, pipeline) -> None:
+def _record_run_info(store: Store, job: Job, run_identity: dict, pipeline) -> None:
     """_batchrun.json gets the manifest, versions and resolved device from the first process to load the model."""
     info = read_run_info(store)
     if info.get("manifest") is not None:
@@ -561,7 +575,7 @@ def _run_info(job: Job, run_identity: dict, pipeline) -> dict:
         "name": job.get("name"),
         "fingerprint": fingerprint(run_identity),
         "identity": run_identity,
-        "manifest": job.config,
+        "manifest": redacted(job.config),  # storage_options hold credentials
         "versions": {"batchrun": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "datasets": datasets.__version__,
                      "pyarrow": pyarrow.__version__},

@@ -20,13 +20,14 @@ from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.claims import held_claims, worker_records
 from pipeline_core.output.parts import committed_parts, read_part_facts
 from pipeline_core.output.run_info import not_a_run, read_run_info
-from pipeline_core.output.store import LocalStore
+from pipeline_core.output.store import Store, open_store
+from pipeline_core.remote import is_remote
 
 
 def run_status(output: str) -> dict:
-    if Path(output).exists() and not Path(output).is_dir():
+    if not is_remote(output) and Path(output).exists() and not Path(output).is_dir():
         raise UsageError(f"{output} is a file, not a run directory; give status a job's output.path")
-    store = LocalStore(output)
+    store = open_store(output)  # a URL's credentials and endpoint come from the environment (AWS_* for s3://)
     info = status_run_info(store, output)
     progress = read_progress(store)
     rows_per_part = info["identity"]["output.rows_per_part"]
@@ -60,7 +61,7 @@ def run_status(output: str) -> dict:
     }
 
 
-def status_run_info(store: LocalStore, output: str) -> dict:
+def status_run_info(store: Store, output: str) -> dict:
     """`_batchrun.json`, with what status needs of it: a UsageError naming the file and the problem otherwise."""
     info = read_run_info(store)
     if not info:
@@ -81,7 +82,7 @@ RECORD_FIELDS = {"worker": str, "host": str, "pid": int, "rank": int, "world_siz
                  "heartbeat": NUMBER, "started": NUMBER, "round_robin": bool}
 
 
-def read_progress(store: LocalStore) -> dict:
+def read_progress(store: Store) -> dict:
     """`_progress.json`'s figures of the right type. It is advisory (rewritten after each part, by whichever
     process committed last): torn or edited, status goes on with what the part footers say."""
     try:

@@ -16,6 +16,7 @@ from datasets.packaged_modules import _EXTENSION_TO_MODULE
 
 from pipeline_core.errors import UsageError
 from pipeline_core.manifest import Job
+from pipeline_core.remote import EXTRAS, protocol
 
 SAVED_DATASET = "state.json"  # Dataset.save_to_disk writes it beside its Arrow files
 SAVED_DATASET_DICT = "dataset_dict.json"  # DatasetDict.save_to_disk: one directory per split beside it
@@ -39,6 +40,9 @@ def dataset_source(job: Job, split: str | None) -> Source:
     if is_saved_dataset(path):
         _refuse_with_saved(job, path)
         return Source(path, saved=True)
+    if protocol(path) in EXTRAS:
+        raise UsageError(f"dataset.path={path!r}: object store URLs go in dataset.data_files; set dataset.path to "
+                         "their builder (parquet, json, csv, ...) and dataset.data_files to the URL or pattern")
     if os.path.isfile(os.path.expanduser(path)):
         return Source(*_file_builder(job, path, split))
     if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):  # not for the hub, offline or not

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -20,8 +20,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.data_files import DataFilesDict, sanitize_patterns
+from datasets.download import DownloadConfig
 
 from pipeline_core.errors import BatchrunError
+from pipeline_core.remote import options_for
 
 # What resolving the patterns or reading a footer can raise; any of them means "let datasets open it and say why"
 _UNREADABLE = (OSError, ValueError, TypeError, ImportError, NotImplementedError, pa.ArrowException)
@@ -64,6 +66,7 @@ class ParquetFiles:
     footers: list[pq.FileMetaData]
     schemas: list[pa.Schema]
     cast_to: pa.Schema
+    storage_options: dict = field(default_factory=dict)  # dataset.storage_options, for files behind URLs
 
     @property
     def num_rows(self) -> int:
@@ -73,16 +76,16 @@ class ParquetFiles:
         """A random-access reader, or None where datasets would cast a file's tables (their values could change)."""
         if any(not schema.equals(self.cast_to) for schema in self.schemas):  # the test table_cast makes, metadata aside
             return None
-        return ParquetRows(self.paths, _row_groups(self.footers), self.cast_to)
+        return ParquetRows(self.paths, _row_groups(self.footers), self.cast_to, self.storage_options)
 
 
-def find_parquet(path: str, data_files, split: str) -> ParquetFiles | None:
+def find_parquet(path: str, data_files, split: str, storage_options: dict | None = None) -> ParquetFiles | None:
     """The split's Parquet files and footers when the job names Parquet data files this module can read as datasets
     would; None leaves the source to datasets, which also reports any file that is missing or unreadable."""
     if path != "parquet" or not data_files:
         return None
     try:
-        resolved = _resolve(data_files)
+        resolved = _resolve(data_files, storage_options or {})
     except _UNREADABLE:
         return None
     paths = list(resolved.get(split) or [])
@@ -90,36 +93,42 @@ def find_parquet(path: str, data_files, split: str) -> ParquetFiles | None:
     if not paths or not first_split or any("::" in file for file in [*paths, first_split[0]]):
         return None  # no files (datasets says so), or a file inside an archive: left to datasets' own opener
     try:
-        return _read_footers(paths, reference=first_split[0])
+        return _read_footers(paths, first_split[0], storage_options or {})
     except _UNREADABLE:
         return None
 
 
-def _resolve(data_files) -> DataFilesDict:
+def _resolve(data_files, storage_options: dict) -> DataFilesDict:
     """split -> files, exactly as `load_dataset("parquet", data_files=...)` resolves them (PackagedDatasetModuleFactory
     with no data_dir): relative patterns from the working directory, globs sorted, duplicates kept."""
-    return DataFilesDict.from_patterns(sanitize_patterns(data_files), base_path=Path().resolve().as_posix())
+    return DataFilesDict.from_patterns(sanitize_patterns(data_files), base_path=Path().resolve().as_posix(),
+                                      download_config=DownloadConfig(storage_options=storage_options))
 
 
-def _read_footers(paths: list[str], reference: str) -> ParquetFiles:
+def _read_footers(paths: list[str], reference: str, storage_options: dict) -> ParquetFiles:
     footers, schemas = [], []
     for path in paths:
-        parquet = _open(path)
+        parquet = _open(path, storage_options)
         try:
             footers.append(parquet.metadata)
             schemas.append(parquet.schema_arrow)
         finally:
             parquet.close(force=True)
     # datasets infers the features with pq.read_schema (Arrow extension types on), then casts every table to them
-    with fsspec.open(reference, "rb") if "://" in reference else open(reference, "rb") as file:
+    with _reading(reference, storage_options) as file:
         features = datasets.Features.from_arrow_schema(pq.read_schema(file))
-    return ParquetFiles(paths, footers, schemas, features.arrow_schema)
+    return ParquetFiles(paths, footers, schemas, features.arrow_schema, storage_options)
 
 
-def _open(path: str) -> pq.ParquetFile:
+def _reading(path: str, storage_options: dict):
+    """A data file to read: a local path opened by Python, a URL through fsspec with dataset.storage_options."""
+    return fsspec.open(path, "rb", **options_for(path, storage_options)) if "://" in path else open(path, "rb")
+
+
+def _open(path: str, storage_options: dict) -> pq.ParquetFile:
     """A local path is opened by Arrow itself, a URL through fsspec as datasets does. Extension types stay off, as in
     the `pyarrow.dataset` scan datasets reads with, so the columns come out with the same types."""
-    source = fsspec.open(path, "rb").open() if "://" in path else path
+    source = fsspec.open(path, "rb", **options_for(path, storage_options)).open() if "://" in path else path
     return pq.ParquetFile(source, arrow_extensions_enabled=False)
 
 
@@ -149,8 +158,10 @@ class ParquetRows:
     uses (`column_names`, `select_columns`). Picklable: it holds paths and row-group offsets, and each process opens
     its own files (a forked worker must not share the parent's open files)."""
 
-    def __init__(self, paths: list[str], groups: list[RowGroup], schema: pa.Schema):
+    def __init__(self, paths: list[str], groups: list[RowGroup], schema: pa.Schema,
+                 storage_options: dict | None = None):
         self.paths = paths
+        self.storage_options = storage_options or {}
         self.groups = groups
         self.schema = schema  # of the tables read, metadata included (datasets' features, as it streams them)
         self.num_rows = groups[-1].end if groups else 0
@@ -166,7 +177,7 @@ class ParquetRows:
     def select_columns(self, columns: list[str]) -> ParquetRows:
         groups = [replace(group, sizes={name: group.sizes[name] for name in columns}) for group in self.groups]
         schema = pa.schema([self.schema.field(name) for name in columns], metadata=self.schema.metadata)
-        return ParquetRows(self.paths, groups, schema)
+        return ParquetRows(self.paths, groups, schema, self.storage_options)
 
     def read(self, start: int, stop: int) -> pa.Table:
         """Rows [start, stop) as one table, reading only the row groups that hold them and only the selected columns."""
@@ -200,7 +211,7 @@ class ParquetRows:
             # parts are read in order, so a new file means the earlier ones are done with
             for parquet in self._files.values():
                 parquet.close(force=True)
-            self._files = {file: _open(self.paths[file])}
+            self._files = {file: _open(self.paths[file], self.storage_options)}
         return self._files[file]
 
     def _count(self, groups: list[RowGroup]) -> None:

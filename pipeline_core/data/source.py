@@ -16,8 +16,10 @@ from dataclasses import dataclass, replace
 
 import datasets
 import pyarrow as pa
+from datasets.data_files import sanitize_patterns
 from datasets.exceptions import DatasetGenerationError
 
+from pipeline_core import remote
 from pipeline_core.data.files import blame, one_line, reader_error, split_data_files
 from pipeline_core.data.layouts import dataset_source, saved_split_name
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
@@ -89,6 +91,7 @@ def open_split(job: Job, limit: int | None = None) -> Split:
     streaming = job.get("dataset.streaming")
     split_spec = job.get("dataset.split")
     columns = input_columns(job)
+    require_data_backends(job)
     source = dataset_source(job, split_name(split_spec))
     if source.saved:
         return _saved_split(job, source.path, split_spec, columns, limit)
@@ -99,12 +102,13 @@ def open_split(job: Job, limit: int | None = None) -> Split:
         if not local.with_rows:
             return _empty_split(job, columns, f"its {len(local.files)} data file(s) hold no rows")
         data_files = {split_name(split_spec): local.with_rows}
-    parquet = find_parquet(source.path, data_files, base_split) if streaming else None
+    storage_options = job.get("dataset.storage_options") or {}
+    parquet = find_parquet(source.path, data_files, base_split, storage_options) if streaming else None
     parquet_rows = parquet.rows() if parquet else None
     if parquet_rows is not None:
         _check_columns(job, parquet_rows.column_names, columns)
         return _parquet_split(parquet_rows.select_columns(columns), columns, start, stop, limit)
-    rows = _load(job, source.path, base_split, streaming, data_files)
+    rows = _load(job, source.path, base_split, streaming, data_files, storage_options)
     if rows is None:
         return _empty_split(job, columns, "datasets found no rows in it")
     _check_columns(job, _column_names(rows), columns)
@@ -206,7 +210,7 @@ def _streaming_slice(split: str) -> tuple[str, int | None, int | None]:
     return match["name"], int(start) if start else None, int(stop) if stop else None
 
 
-def _load(job: Job, path: str, split: str, streaming: bool, data_files):
+def _load(job: Job, path: str, split: str, streaming: bool, data_files, storage_options: dict):
     """The split through datasets; None when it holds no rows at all (its JSON builder then stops at once)."""
     try:
         return datasets.load_dataset(
@@ -216,6 +220,7 @@ def _load(job: Job, path: str, split: str, streaming: bool, data_files):
             split=split,
             revision=job.get("dataset.revision"),
             streaming=streaming,
+            storage_options=storage_options or None,
         )
     except StopIteration:  # files batchrun cannot look into first (remote ones): datasets found no table in them
         return None
@@ -230,6 +235,14 @@ def _load(job: Job, path: str, split: str, streaming: bool, data_files):
         raise UsageError(f"dataset {path!r}: {error}") from error
     except (OSError, ConnectionError) as error:
         raise BatchrunError(f"dataset {path!r} could not be opened: {error}") from error
+
+
+def require_data_backends(job: Job) -> None:
+    """Exit 2 naming the extra to install when a data file's URL needs a filesystem package that is missing."""
+    data_files = job.get("dataset.data_files")
+    patterns = sanitize_patterns(data_files) if data_files else {}
+    for pattern in (pattern for split in patterns.values() for pattern in split):
+        remote.require_backend(pattern, "dataset.data_files")
 
 
 def split_name(spec: str) -> str | None:

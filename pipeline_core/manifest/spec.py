@@ -229,6 +229,7 @@ DATA_FILES = AnyOf(
 )
 SPLIT = Text(r"[\w.-]+(?:\[[^\]]*\])?(?:\+[\w.-]+(?:\[[^\]]*\])?)*", "a split name, optionally sliced: train[:1000]")
 OPTIONAL_TEXT = AnyOf(Null(), Text())
+STORAGE_OPTIONS = AnyOf(Null(), Mapping(description="a mapping of fsspec filesystem options"))
 
 KEYS: tuple[Key, ...] = (
     Key("name", OPTIONAL_TEXT, DERIVED,
@@ -272,6 +273,9 @@ KEYS: tuple[Key, ...] = (
     Key("dataset.input_column", Text(), "text", "Column holding each row's input text."),
     Key("dataset.image_column", Text(), "image", "image-classification: column holding each row's image."),
     Key("dataset.keep_columns", TextList(), [], "Columns copied to the output unchanged."),
+    Key("dataset.storage_options", STORAGE_OPTIONS, {},
+        "fsspec options for s3://, gs:// or az:// data_files (key, secret, endpoint_url, ...), passed to datasets; "
+        "never recorded, and not part of the run's identity.", open=True),
     # batching
     Key("batching.max_batch_size", Integer(minimum=1), 64, "Most rows in one batch."),
     Key("batching.max_tokens", AnyOf(Choice("auto"), Integer(minimum=1)), "auto",
@@ -282,7 +286,11 @@ KEYS: tuple[Key, ...] = (
         "Preprocessing worker processes; 0 preprocesses in the main one; auto: measured on the first parts, "
         "from the cores and the time preprocessing takes beside the model."),
     # output
-    Key("output.path", Text(), DERIVED, "Local directory of the run's Parquet parts; defaults to outputs/<name>."),
+    Key("output.path", Text(), DERIVED,
+        "Directory or fsspec URL (s3://, gs://, az://) of the run's Parquet parts; defaults to outputs/<name>."),
+    Key("output.storage_options", STORAGE_OPTIONS, {},
+        "fsspec options for a URL output.path (key, secret, endpoint_url, ...); never recorded, and not part of the "
+        "run's identity.", open=True),
     Key("output.rows_per_part", Integer(minimum=1), 4096,
         "Input rows per Parquet part (the unit of commit and resume)."),
     Key("output.compression", Choice("zstd", "snappy", "gzip", "brotli", "lz4", "none"), "zstd",

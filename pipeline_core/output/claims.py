@@ -170,6 +170,9 @@ class Worker:
             self._thread.join(timeout=5)
         if self.record["state"] == "running":
             self.beat(state="stopped" if exc_info[0] is not None else "finished")
+        # no longer at work, even where that last write failed (a store gone away): a later run in this same
+        # process (a caller that runs jobs in process) takes its claims over instead of waiting for them to go stale
+        _OWN_WORKERS.discard(self.id)
         return False
 
     def retire(self) -> None:

@@ -24,6 +24,7 @@ from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
 from pipeline_core.data.files import resolve_data_files
 from pipeline_core.manifest import Job
+from pipeline_core.remote import options_for, require_backend
 
 # Files up to this size are hashed whole: configs, tokenizers (a large vocabulary's tokenizer.json is ~30 MB).
 SMALL_FILE = 64 * 2**20
@@ -55,7 +56,9 @@ def input_provenance(job: Job, split: str | None) -> dict | None:
         return {"kind": "files", "files": local_files(files)}
     remote = remote_patterns(job, split)
     if remote:
-        return {"kind": "remote", "files": remote_files(remote)}
+        for pattern in remote:
+            require_backend(pattern, "dataset.data_files")  # exit 2 naming the extra, not an unknown input
+        return {"kind": "remote", "files": remote_files(remote, job.get("dataset.storage_options"))}
     if os.path.isdir(path):
         return saved_dataset(path, split) or {"kind": "files", "files": local_files(
             [os.path.join(path, relative) for relative, _ in listed_files(path)])}
@@ -154,7 +157,7 @@ def remote_patterns(job: Job, split: str | None) -> list[str]:
     return [pattern for pattern in patterns or [] if "://" in pattern and not pattern.startswith("zip://")]
 
 
-def remote_files(patterns: list[str]) -> dict | None:
+def remote_files(patterns: list[str], storage_options: dict | None = None) -> dict | None:
     """Each remote file's ETag, size and modification time as fsspec reports them; None when any lookup fails
     (best effort: the data reader reports what is wrong with a remote file)."""
     import fsspec
@@ -162,7 +165,8 @@ def remote_files(patterns: list[str]) -> dict | None:
     found = {}
     try:
         for pattern in patterns:
-            fs, path = fsspec.core.url_to_fs(pattern)
+            # a fresh instance: a cached one may answer from a listing made before the files changed
+            fs, path = fsspec.core.url_to_fs(pattern, **options_for(pattern, storage_options), skip_instance_cache=True)
             infos = fs.glob(path, detail=True) if re.search(r"[*?\[]", path) else {path: fs.info(path)}
             for name, info in sorted(infos.items()):
                 found[fs.unstrip_protocol(name)] = remote_summary(info)

@@ -2,7 +2,8 @@
 
 Everything in a run directory (parts, _batchrun.json, _progress.json, _SUCCESS) goes through `put`, which writes
 under a hidden temporary name and renames into place, so a reader or a killed run never sees half a file.
-Local directories today; an fsspec store (s3://, gs://) implements the same eight methods.
+`open_store` picks the store for output.path: LocalStore for a directory (or a file:// URL), FsspecStore
+(fsspec_store.py) for s3://, gs://, az:// and other fsspec URLs, with the same eight methods and guarantees.
 
 An OSError other than "not found" becomes a StorageError (exit 1) naming the store, the file and the system's
 reason: a full disk or a read-only OUTPUT is a run-time failure a person fixes, not a crash. A failed write removes
@@ -17,6 +18,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import IO, Protocol
 
 from pipeline_core.errors import BatchrunError, StorageError, UsageError
 
@@ -31,6 +33,31 @@ def temporary_name(name: str) -> str:
 WRITE_ADVICE = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
                 errno.EROFS: "make it writable", errno.EACCES: "give this user write access",
                 errno.EPERM: "give this user write access"}
+
+
+class Store(Protocol):
+    """What the rest of batchrun may ask of OUTPUT."""
+
+    def put(self, name: str, data: bytes) -> None: ...  # whole, atomically, replacing
+    def create(self, name: str, data: bytes) -> bool: ...  # whole, only if absent: False when it exists
+    def get(self, name: str) -> bytes | None: ...
+    def open(self, name: str) -> IO[bytes]: ...
+    def exists(self, name: str) -> bool: ...
+    def names(self) -> list[str]: ...  # fresh: what other processes wrote a moment ago is listed
+    def age(self, name: str) -> float: ...
+    def remove(self, name: str) -> None: ...
+
+
+def open_store(path: str, storage_options: dict | None = None, key: str = "output.path") -> Store:
+    """The store of OUTPUT `path`: a local directory, or an fsspec URL with its filesystem's options (output.storage_
+    options; for s3:// credentials and endpoint also come from the usual AWS_* environment)."""
+    from pipeline_core import remote
+
+    if not remote.is_remote(path):
+        return LocalStore(path.removeprefix("file://"))
+    from pipeline_core.output.fsspec_store import FsspecStore
+
+    return FsspecStore(path, remote.options_for(path, storage_options), key)
 
 
 class LocalStore:
