@@ -15,6 +15,7 @@ missing bucket is a UsageError (exit 2).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import posixpath
 import time
@@ -30,6 +31,9 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 # output.storage_options config_kwargs win over these.
 S3_CONFIG = {"connect_timeout": 5, "read_timeout": 15, "retries": {"total_max_attempts": 2, "mode": "standard"}}
 S3FS_RETRIES = 2
+# An upload's own deadline: a PUT to a server that accepts and never answers hung past 300 s in s3fs (the read timeout
+# above ended GETs, not PUTs), so a write gives up after this, plus a second per MB (a slow link's large part).
+WRITE_DEADLINE = 60.0
 CONFLICT_RETRIES = 5  # S3 answers 409 to a conditional write racing another one: ask again, then one has won
 
 # The error codes that mean "this job is set up wrong here", not "the store failed for now". Exit 2: a scheduler's
@@ -92,12 +96,12 @@ class FsspecStore:
 
     def put(self, name: str, data: bytes) -> None:
         if self.object_store:  # one upload, visible only once complete
-            self._calling(f"write {name} in {self}", lambda: self.fs.pipe_file(self._path(name), data), writing=True)
+            self._calling(f"write {name} in {self}", lambda: self._upload(self._path(name), data), writing=True)
             return
         self._make_root()
         temporary = self._path(temporary_name(name))
         try:
-            self.fs.pipe_file(temporary, data)
+            self._upload(temporary, data)
             self.fs.mv(temporary, self._path(name))
         except Exception as error:  # noqa: BLE001 - any failure of the filesystem, put in words below
             self._remove_quietly(temporary)
@@ -128,9 +132,14 @@ class FsspecStore:
 
     def _exclusive_upload(self, path: str, data: bytes) -> None:
         if self.protocol in ("az", "abfs", "abfss"):
-            self.fs.pipe_file(path, data, overwrite=False)  # adlfs: upload_blob(overwrite=False), If-None-Match: *
+            self._upload(path, data, overwrite=False)  # adlfs: upload_blob(overwrite=False), If-None-Match: *
         else:
-            self.fs.pipe_file(path, data, mode="create")  # s3fs: IfNoneMatch="*"; gcsfs: ifGenerationMatch=0
+            self._upload(path, data, mode="create")  # s3fs: IfNoneMatch="*"; gcsfs: ifGenerationMatch=0
+
+    def _upload(self, path: str, data: bytes, **options) -> None:
+        if getattr(self.fs, "async_impl", False):  # fsspec's sync() cancels the upload at its deadline
+            options["timeout"] = WRITE_DEADLINE + len(data) / 2**20
+        self.fs.pipe_file(path, data, **options)
 
     def get(self, name: str) -> bytes | None:
         try:
@@ -288,6 +297,8 @@ def _is_existing(error: BaseException) -> bool:
 
 def _reason(error: BaseException) -> str:
     """The service's words on one line, without the exception's class where it says nothing more."""
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)) or type(error).__name__ == "FSTimeoutError":
+        return "the store did not answer in time"
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
