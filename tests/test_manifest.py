@@ -32,9 +32,11 @@ def test_defaults_fill_every_key_in_table_order(tmp_path):
                   "trust_remote_code": False, "generation": {}, "prompt": None, "chat_template": False,
                   "pooling": None, "normalize": None, "prompt_name": None, "sentence_transformers": True},
         "dataset": {"path": "csv", "name": None, "data_files": "rows.csv", "split": "train", "revision": None,
-                    "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": []},
+                    "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": [],
+                    "storage_options": {}},
         "batching": {"max_batch_size": 64, "max_tokens": "auto", "max_length": None, "num_workers": "auto"},
-        "output": {"path": "outputs/nightly-eval", "rows_per_part": 4096, "compression": "zstd"},
+        "output": {"path": "outputs/nightly-eval", "storage_options": {}, "rows_per_part": 4096,
+                   "compression": "zstd"},
         "errors": {"on_error": "record", "max_error_rate": 0.0},
     }
     assert job.get("batching.max_tokens") == "auto"

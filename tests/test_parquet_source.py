@@ -23,7 +23,8 @@ def make_job(data_files, split="train", keep=("id",)) -> Job:
         "task": "text-classification",
         "model": {"prompt": None},
         "dataset": {"path": "parquet", "name": None, "data_files": data_files, "split": split, "revision": None,
-                    "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": list(keep)},
+                    "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": list(keep),
+                    "storage_options": {}},
     })
 
 

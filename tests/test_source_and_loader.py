@@ -53,7 +53,7 @@ def make_job(data_files=None, path="parquet", split="train", streaming=True, inp
         "model": {"prompt": prompt},
         "dataset": {"path": path, "name": name, "data_files": data_files, "split": split, "revision": revision,
                     "streaming": streaming, "input_column": input_column, "image_column": "image",
-                    "keep_columns": list(keep)},
+                    "keep_columns": list(keep), "storage_options": {}},
     })
 
 
@@ -173,7 +173,7 @@ def test_load_passes_the_jobs_dataset_keys_to_datasets(files, monkeypatch, throu
     monkeypatch.setattr(datasets, "load_dataset", recording)
     split = open_split(make_job(files.a, split="train[1:3]", name="reviews", revision="v2"))
     assert calls == [("parquet", {"name": "reviews", "data_files": files.a, "split": "train", "revision": "v2",
-                                  "streaming": True})]
+                                  "streaming": True, "storage_options": None})]
     assert split.rows.info.config_name == "reviews"
 
 
@@ -306,7 +306,7 @@ def test_parquet_footers_count_files_globs_and_mappings_as_datasets_resolves_the
     assert total(None) is None
     assert total([]) is None
     assert total(files.a, path="json") is None
-    assert total(["s3://bucket/rows.parquet", files.a]) is None  # no s3 filesystem here: left to datasets
+    assert total(["s3://bucket/rows.parquet", files.a]) is None  # not reachable from here: left to datasets
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet")
     assert total([files.a, str(bad)]) is None  # unreadable here; datasets will say why

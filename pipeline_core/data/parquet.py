@@ -25,8 +25,10 @@ from datasets.download import DownloadConfig
 from pipeline_core.errors import BatchrunError
 from pipeline_core.remote import options_for
 
-# What resolving the patterns or reading a footer can raise; any of them means "let datasets open it and say why"
-_UNREADABLE = (OSError, ValueError, TypeError, ImportError, NotImplementedError, pa.ArrowException)
+# What resolving the patterns or reading a footer can raise: a missing or damaged file (OSError, ArrowInvalid), a bad
+# pattern (ValueError), and a remote filesystem's own errors (botocore's credentials and connection errors are no
+# OSErrors). Any of them means "let datasets open it and say why".
+_UNREADABLE = Exception
 
 
 @dataclass
