@@ -126,7 +126,8 @@ def test_create_is_exclusive_on_s3_and_the_store_keeps_local_semantics(moto, buc
     assert [first.create(".claim-000000.0", b"first"), second.create(".claim-000000.0", b"second")] == [True, False]
     assert second.get(".claim-000000.0") == b"first"
     assert second.create(".claim-000000.1", b"next generation") is True
-    # put replaces whole; every listing is fresh (another client's object is seen at once)
+    # every listing is fresh: another client's object is seen at once, whatever was listed before
+    assert second.names() == [".claim-000000.0", ".claim-000000.1"]
     first.put("part-000000.parquet", b"old")
     assert second.names() == [".claim-000000.0", ".claim-000000.1", "part-000000.parquet"]
     second.put("part-000000.parquet", b"new")
@@ -172,7 +173,8 @@ def test_missing_credentials_or_bucket_exit_2_and_a_dead_server_exits_1_within_s
 def test_a_run_into_s3_equals_a_local_run_and_writes_no_secret(tmp_path, moto, bucket, reference, capfd):
     """Credentials from output.storage_options alone (the environment's are removed): the parts equal the local
     run's, byte for byte (same fingerprint: storage_options and output.path are not part of the identity), the run
-    ends with _SUCCESS and nothing else, `status` reads it, and the secret is in no file and no log line."""
+    ends with _SUCCESS and nothing else, `status` reads it, and the secret is in no file and no log line. Then the
+    rest of a run directory's life: a finished rerun, another job refused, --fresh."""
     reference_job, expected = reference
     url = f"s3://{bucket}/out"
     job = s3_job(tmp_path, reference_job, path=url, rows_per_part=4,
@@ -199,6 +201,12 @@ def test_a_run_into_s3_equals_a_local_run_and_writes_no_secret(tmp_path, moto, b
     assert (status["complete"], status["parts_done"], status["rows_done"], status["failed_rows"]) == (True, 6, 24, 0)
     assert run(job) == 0  # finished: nothing to do
     assert "already holds this finished run" in capfd.readouterr().err
+    assert run(job, "--set", "output.rows_per_part=3") == 2  # another job's identity: refused, naming the key
+    assert "output.rows_per_part: 4 -> 3" in capfd.readouterr().err
+    fs.pipe(f"{bucket}/out/part-000009.parquet", b"a stray part")
+    assert run(job, "--fresh") == 0  # discards everything of the run, the stray part too, and starts over
+    assert listing(fs, f"{bucket}/out") == ["_SUCCESS", "_batchrun.json", "_progress.json", *parts]
+    pd.testing.assert_frame_equal(read_s3(moto, url), expected)
 
 
 @pytest.mark.parametrize("builder", ["parquet", "json"])
@@ -283,6 +291,7 @@ def test_server_cut_off_mid_upload_exits_1_leaves_nothing_partial_and_the_rerun_
         names = listing(fs, f"{bucket}/out")
         assert [name for name in names if not name.startswith(".")] == [
             "_batchrun.json", "_progress.json", "part-000000.parquet", "part-000001.parquet"]
+        assert all(name.startswith((".claim-", ".worker-")) for name in names if name.startswith("."))  # no temporary
         for name in ("part-000000.parquet", "part-000001.parquet"):
             assert pq.read_table(fs.open(f"{bucket}/out/{name}")).num_rows == 4
         relay.restart()
@@ -290,6 +299,31 @@ def test_server_cut_off_mid_upload_exits_1_leaves_nothing_partial_and_the_rerun_
     pd.testing.assert_frame_equal(read_s3(moto, url), expected)
     assert not [request for request in relay.requests[relay.cut_at:]
                 if request[0] == "PUT" and re.search(r"part-00000[01]", request[1])]
+
+
+def test_another_fsspec_filesystem_writes_a_temporary_then_moves_it_and_the_run_warns(tmp_path, tiny_models,
+                                                                                       capfd):
+    """memory:// stands for filesystems without an exclusive create (sftp, hdfs): the same methods, a put through a
+    hidden temporary, a create that checks first, and a run that says only one process may write there."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    store = open_store("memory://batchrun-test/out")
+    assert isinstance(store, FsspecStore) and not store.exclusive_create
+    moves = []
+    real_mv = store.fs.mv
+    store.fs.mv = lambda source, target, **kwargs: (moves.append((source, target)), real_mv(source, target))
+    store.put("part-000000.parquet", b"whole")
+    [(source, target)] = moves
+    assert source.rsplit("/", 1)[1].startswith(".part-000000.parquet.tmp-") and target.endswith("/part-000000.parquet")
+    assert [store.create("_SUCCESS", b""), store.create("_SUCCESS", b"")] == [True, False]
+    assert store.names() == ["_SUCCESS", "part-000000.parquet"] and 0.0 <= store.age("_SUCCESS") < 30
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(6))
+    assert run(job, "--output", "memory://batchrun-test/run") == 0
+    assert "has no exclusive create" in capfd.readouterr().err
+    assert sorted(path.rsplit("/", 1)[1] for path in memory.ls("/batchrun-test/run", detail=False)) == [
+        "_SUCCESS", "_batchrun.json", "_progress.json", "part-000000.parquet", "part-000001.parquet"]
+    memory.rm("/batchrun-test", recursive=True)
 
 
 # --- missing extras and messages -----------------------------------------------------------------------------------
