@@ -241,6 +241,9 @@ FREE_CHANGES = {
     "batching.num_workers": "batching.num_workers=5",
     "model.device": "model.device=cuda:1",
     "model.device_map": "model.device_map=auto",
+    # credentials rotate and endpoints move between attempts; the bytes read and written stay the same
+    "output.storage_options": "output.storage_options={key: rotated, secret: rotated}",
+    "dataset.storage_options": "dataset.storage_options={endpoint_url: 'http://127.0.0.1:9000'}",
 }
 # Neither claimed to change values nor claimed free; listed so that a new manifest key forces a decision here.
 OUTSIDE_THE_IDENTITY = {"name", "model.trust_remote_code", "dataset.streaming", "output.path", "output.compression",
