@@ -343,7 +343,7 @@ def _per_process(facts: dict, figure_class) -> bytes:
         line, = axes.step(moments, done, where="post",
                           label=f"{process['label']}: {process['parts_done']} parts, {process['rows']:,} rows")
         axes.plot(moments[1:], done[1:], "o", color=line.get_color(), markersize=3)
-    axes.set_xlim(0, max(facts["processing_seconds"], 1e-3))
+    axes.set_xlim(0, max(facts["processing_seconds"], 1e-3) * 1.02)  # the last dot whole
     axes.set_xlabel("processing time (s)")
     axes.set_ylabel("rows committed")
     _integers(axes.yaxis)
