@@ -7,15 +7,16 @@ contract's code; a traceback appears only for internal errors with BATCHRUN_DEBU
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
+import time
 import traceback
 
 import click
 
 from pipeline_core import __version__
 from pipeline_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BatchrunError, NotImplementedYet, UsageError
+from pipeline_core.logs import final_line, json_requested, route_datasets_logs, setup_logging
 from pipeline_core.manifest import Job, load_job
 from pipeline_core.output.store import os_reason
 
@@ -56,21 +57,23 @@ def _set_option(function):
               help="Which shard, 0 to N-1; auto: JOB_COMPLETION_INDEX (Kubernetes indexed Job) or "
                    "SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN (Slurm array).")
 @click.option("--no-progress", is_flag=True, help="Log a line every few seconds instead of a progress bar.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: short lines for people; json: one JSON object a line (event, part, rows, rates, ETA).")
 def run(job_file, overrides, output, limit, fresh, num_shards, shard_index, no_progress, log_format):
     """Run the job; resumes when OUTPUT holds a compatible unfinished run."""
+    started = time.monotonic()
     from pipeline_core.layout import layout_from  # deferred: imports torch
 
     layout = layout_from(num_shards, shard_index)
-    if log_format == "json":
-        raise NotImplementedYet("--log-format json is planned; use --log-format text")
     extra = [f"output.path={output}"] if output is not None else []
     job = load_job(job_file, [*overrides, *extra])
-    setup_logging(tag=layout.tag())
+    setup_logging(tag=layout.tag(), log_format=log_format, fields={**layout.log_fields(), "pid": os.getpid()})
     route_datasets_logs()
     from pipeline_core.runner import RunOptions, run_job  # deferred: imports torch, transformers, datasets
 
-    options = RunOptions(limit=limit, fresh=fresh, progress_bar=False if no_progress else None, layout=layout)
+    # a bar's carriage returns would break JSON lines: json logs progress as lines
+    bar = False if no_progress or log_format == "json" else None
+    options = RunOptions(limit=limit, fresh=fresh, progress_bar=bar, layout=layout, started=started)
     raise SystemExit(run_job(job, options))
 
 
@@ -144,50 +147,6 @@ def _shown(value) -> str:
     return repr(value) if isinstance(value, str) and value.strip() != value else str(value)
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now, so a redirected or captured stderr gets the log lines."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value):
-        pass
-
-
-def setup_logging(level: int = logging.INFO, tag: str = "") -> None:
-    """batchrun's log lines go to stderr, so stdout stays the command's result (plan --json pipes cleanly).
-    A scaled-out process tags its lines with its rank or shard ("batchrun[rank 1/2]")."""
-    logger = logging.getLogger("batchrun")
-    if not logger.handlers:
-        logger.addHandler(_StderrHandler())
-    name = f"batchrun[{tag}]" if tag else "batchrun"
-    for handler in logger.handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s", "%H:%M:%S"))
-    logger.setLevel(level)
-    # batchrun logs each stage's time; transformers' per-weight loading bars would only add noise to cron logs
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def route_datasets_logs() -> None:
-    """datasets logs some failures with their traceback before raising; batchrun reports them as one message.
-    Only `run` reads data: `plan` does not pay for importing datasets (pandas, pyarrow) just to set its logger."""
-    import datasets  # noqa: F401 - sets up the "datasets" logger and its handler, which this replaces
-
-    library = _StderrHandler()
-    library.setFormatter(logging.Formatter("%(asctime)s datasets %(levelname)s %(message)s", "%H:%M:%S"))
-    library.addFilter(_without_traceback)
-    logging.getLogger("datasets").handlers = [library]
-
-
-def _without_traceback(record: logging.LogRecord) -> bool:
-    record.exc_info, record.exc_text = None, None
-    return True
-
-
 @cli.command()
 @click.argument("output", metavar="OUTPUT")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -197,6 +156,18 @@ def status(output, as_json):
 
     found = run_status(output)
     click.echo(json.dumps(found, indent=2) if as_json else render_status(found))
+
+
+@cli.command()
+@click.argument("output", metavar="OUTPUT")
+@click.option("--out", metavar="DIR", help="Directory for report.html and the PNG charts; default OUTPUT/_report "
+                                           "(for a remote OUTPUT: ./NAME-report in the current directory).")
+def report(output, out):
+    """Write an HTML page and PNG charts of a run from the metrics it recorded."""
+    from pipeline_core.report import write_report  # deferred: matplotlib
+
+    written = write_report(output, out)
+    click.echo(f"wrote {written.html} ({', '.join(path.name for path in written.charts)})")
 
 
 @cli.command()
@@ -222,35 +193,51 @@ def describe_os_error(error: OSError) -> str:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """The command's exit code for every outcome; the stop signals are handled by the caller (entry.main) or by
-    the run itself (runner.run_job)."""
+    the run itself (runner.run_job). With --log-format json the last line of a failure is a JSON object too."""
     debug = os.environ.get("BATCHRUN_DEBUG", "") not in ("", "0")
+    say = _json_say if json_requested(sys.argv[1:] if argv is None else argv) else _text_say
     try:
         cli.main(args=argv, prog_name="batchrun", standalone_mode=False)
     except click.exceptions.Exit as done:  # --help, --version
         return done.exit_code
     except click.ClickException as error:  # bad option or argument: click's own message, exit 2
-        error.show()
+        if say is _text_say:
+            error.show()
+        else:
+            say(error.format_message(), error.exit_code, "usage_error")
         return error.exit_code
     except BatchrunError as error:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {error}", err=True)
+        say(str(error), error.exit_code)
         return error.exit_code
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else EXIT_FAILURE
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("interrupted", err=True)
+        say("interrupted", EXIT_INTERRUPTED, "interrupted")
         return EXIT_INTERRUPTED
     except OSError as error:  # I/O that no layer put into words (a full disk, a cache, a device): a run-time failure
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {describe_os_error(error)}", err=True)
+        say(describe_os_error(error), EXIT_FAILURE)
         return EXIT_FAILURE
     except Exception as error:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if debug:
             traceback.print_exc()
-        click.echo(
-            f"internal error: {type(error).__name__}: {error}\n(set BATCHRUN_DEBUG=1 for the traceback)", err=True
-        )
+        say(f"{type(error).__name__}: {error}", EXIT_FAILURE, "internal_error", trace=traceback.format_exc())
         return EXIT_FAILURE
     return 0
+
+
+def _text_say(message: str, exit_code: int, event: str = "error", trace: str | None = None) -> None:
+    if event == "interrupted":
+        click.echo(message, err=True)
+    elif event == "internal_error":
+        click.echo(f"internal error: {message}\n(set BATCHRUN_DEBUG=1 for the traceback)", err=True)
+    else:
+        click.echo(f"error: {message}", err=True)
+
+
+def _json_say(message: str, exit_code: int, event: str = "error", trace: str | None = None) -> None:
+    """The same words as one JSON object; an internal error carries its traceback (the contract allows it)."""
+    click.echo(final_line(message, exit_code, event, **({"traceback": trace} if trace else {})), err=True)

@@ -8,6 +8,7 @@ the run. A stop request (SIGTERM / SIGINT) ends the part between batches, or mid
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,7 @@ class TokenBudget:
         self.max_tokens = max(1, min(self.max_tokens, failed_tokens) // 2)
         self.lowered.append(self.max_tokens)
         log.warning("out of device memory at %d padded tokens: batching.max_tokens is now %d for this run",
-                    failed_tokens, self.max_tokens)
+                    failed_tokens, self.max_tokens, extra={"event": "out_of_memory", "max_tokens": self.max_tokens})
 
 
 class PartRunner:
@@ -43,6 +44,12 @@ class PartRunner:
         self.task, self.model, self.device = task, model, device
         self.budget, self.stop = budget, stop
         self.on_batch = on_batch or (lambda rows, tokens: None)
+        # per batch run: (ended, seconds, rows, real tokens, padded tokens); the run's metrics take them per slice
+        self.measured: list[tuple[float, float, int, int, int]] = []
+
+    def take_measured(self) -> list[tuple[float, float, int, int, int]]:
+        measured, self.measured = self.measured, []
+        return measured
 
     def run(self, part) -> list[tuple[list[int], dict]]:
         """Per batch, (part positions, task columns). Failed rows get their reason in part.encoded.errors."""
@@ -66,6 +73,7 @@ class PartRunner:
             yield subset, self.task.collate(part.encoded, subset)
 
     def _run_rows(self, rows: list[int], inputs: dict, part, results: list) -> None:
+        started = time.perf_counter()
         try:
             moved = {name: tensor.to(self.device, non_blocking=True) for name, tensor in inputs.items()}
             with torch.inference_mode():
@@ -79,7 +87,9 @@ class PartRunner:
         if self.stop.requested:  # generation may have been cut short by the stop: these outputs are incomplete
             raise Interrupted
         results.append((rows, values))
-        self.on_batch(len(rows), int(inputs["attention_mask"].sum()))
+        real, padded = padding(inputs)
+        self.measured.append((time.time(), time.perf_counter() - started, len(rows), real, padded))
+        self.on_batch(len(rows), real)
 
     def _recover(self, error: Exception, rows: list[int], inputs: dict, part, results: list) -> None:
         out_of_memory = is_out_of_memory(error)
@@ -89,11 +99,21 @@ class PartRunner:
         if len(rows) == 1:
             reason = "out of device memory even alone" if out_of_memory else f"{type(error).__name__}: {error}"
             part.encoded.errors[rows[0]] = f"forward pass failed: {reason}"[:1000]
-            log.warning("row %d failed in the forward pass: %s", part.first_row + rows[0], reason[:200])
+            log.warning("row %d failed in the forward pass: %s", part.first_row + rows[0], reason[:200],
+                        extra={"event": "row_failed", "row": part.first_row + rows[0], "part": part.index})
             return
         half = len(rows) // 2
         for subset in (rows[:half], rows[half:]):
             self._run_rows(subset, self.task.collate(part.encoded, subset), part, results)
+
+
+def padding(inputs: dict) -> tuple[int, int]:
+    """(real tokens, padded tokens) of a batch: its attention mask's ones and its input tensor's size, padding
+    included. (0, 0) for inputs that are not token sequences (images)."""
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if ids is None:
+        return 0, 0
+    return (int(mask.sum()) if mask is not None else ids.numel()), ids.numel()
 
 
 def is_out_of_memory(error: Exception) -> bool:

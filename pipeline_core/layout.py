@@ -50,6 +50,11 @@ class Layout:
         return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank,
                 "shard_index": self.shard_index, "num_shards": self.num_shards}
 
+    def log_fields(self) -> dict:
+        """What each JSON log line says about this process."""
+        return {"rank": self.rank, "world_size": self.world_size, "shard_index": self.shard_index,
+                "num_shards": self.num_shards}
+
     def tag(self) -> str:
         """Short, for every log line of a scaled-out process: "rank 1/2", "shard 0/3"."""
         words = []

@@ -48,6 +48,7 @@ from pipeline_core.output.claims import (
     worker_records,
 )
 from pipeline_core.output.identity import differences, fingerprint, identity
+from pipeline_core.output.metrics import RunMetrics, is_metrics, summary_line
 from pipeline_core.output.parts import (
     PartFacts,
     assemble_part,
@@ -75,6 +76,7 @@ class RunOptions:
     fresh: bool = False
     progress_bar: bool | None = None  # None: a bar when stderr is a terminal
     layout: Layout = field(default_factory=Layout)
+    started: float = field(default_factory=time.monotonic)  # when the command started: the summary's wall time
 
 
 def run_job(job: Job, options: RunOptions) -> int:
@@ -100,8 +102,10 @@ def run_job(job: Job, options: RunOptions) -> int:
             return EXIT_INTERRUPTED
         finished, run_identity = checked  # the identity OUTPUT's run recorded: its parts carry its fingerprint
         if finished:
-            log.info("%s already holds this finished run; nothing to do", store)
-            return finished_exit_code(store, job)
+            log.info("%s already holds this finished run; nothing to do", store, extra={"event": "already_finished"})
+            code = finished_exit_code(store, job)
+            _log_finished_summary(store, options, code)
+            return code
         # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
         with Worker(store, layout.labels()) as worker:
             try:
@@ -197,7 +201,9 @@ def _run(job: Job, options: RunOptions, store: Store, split: Split, run_identity
     _record_run_info(store, job, run_identity, pipeline)
     share = Share(layout, -(-split.total // rows_per_part) if split.total is not None else None)
     log.info("run %s as %s: %s rows, %d parts already committed, device %s", run_fingerprint, layout.describe(),
-             split.total if split.total is not None else "unknown", len(done), pipeline.device)
+             split.total if split.total is not None else "unknown", len(done), pipeline.device,
+             extra={"event": "start", "fingerprint": run_fingerprint, "rows_total": split.total,
+                    "parts_committed": len(done), "device": str(pipeline.device)})
     max_tokens = token_budget(job.get("batching.max_tokens"), pipeline.device)
     limits = BatchLimits(max_tokens, job.get("batching.max_batch_size"), 8 if pipeline.device.type == "cuda" else 1)
     share_rows = _share_rows(share, split.total, rows_per_part)
@@ -214,17 +220,27 @@ def _run(job: Job, options: RunOptions, store: Store, split: Split, run_identity
     work = Work(job, store, split, task, share, limits, runner, progress, stop, run_fingerprint, worker)
     worker.record.update(device=str(pipeline.device), round_robin=share.round_robin)
     worker.figures = progress.figures
+    work.metrics = RunMetrics(_process_identity(worker, pipeline, options.started, loaded), run_fingerprint)
+    code = None
     try:
-        work.compute_share(started, loaded)
-    except Interrupted:
-        worker.claims.release_all()
-        store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
-        log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
-                    stop.signal_name, progress.parts_done)
-        return EXIT_INTERRUPTED
+        try:
+            work.compute_share(started, loaded)
+        except Interrupted:
+            worker.claims.release_all()
+            store.put(PROGRESS, json.dumps(progress.snapshot(), indent=2).encode())
+            log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
+                        stop.signal_name, progress.parts_done, extra={"event": "stopped", "signal": stop.signal_name,
+                                                                      "parts_done": progress.parts_done})
+            code = EXIT_INTERRUPTED
+            return code
+        finally:
+            progress.close()
+        code = work.finish()  # the record still says running: a finished one would let others take the finish claim
+        return code
     finally:
-        progress.close()
-    return work.finish()  # the record still says running: a finished one would let others take the finish claim
+        summary = {**work.metrics.summary(time.monotonic() - options.started, loaded - options.started),
+                   **work.output_totals, "exit_code": code}
+        log.info("%s", summary_line(summary), extra={"event": "summary", **summary})
 
 
 @dataclass
@@ -242,6 +258,8 @@ class Work:
     stop: StopFlag
     fingerprint: str
     worker: Worker
+    metrics: RunMetrics | None = None  # what this process measures, written per part (output/metrics.py)
+    output_totals: dict = field(default_factory=dict)  # rows and failed rows of OUTPUT's parts, once finished
     pending: dict = field(default_factory=dict)  # {part: {slice offset: computed table}} of parts in progress
     workers: int = 0  # DataLoader workers of the next pass
     choice: WorkerChoice | None = None  # num_workers auto, until it has chosen
@@ -263,7 +281,7 @@ class Work:
                     if first and isinstance(item, PreparedPart):  # how long skipping committed parts took
                         log.info("first part to compute (part %d) ready %.1fs after the run started, %.2fs after "
                                  "the model was loaded", item.index, time.monotonic() - started,
-                                 time.monotonic() - loaded)
+                                 time.monotonic() - loaded, extra={"event": "first_part", "part": item.index})
                         first = False
                     if isinstance(item, EndOfSplit):
                         if self.share.total_parts is None or item.parts > self.share.total_parts:
@@ -285,7 +303,7 @@ class Work:
                 continue  # a holder is gone: another pass takes its parts over
             if not waiting:
                 log.info("waiting for %d parts held by other processes (%s)", len(outstanding),
-                         _first_few(outstanding))
+                         _first_few(outstanding), extra={"event": "waiting", "parts": outstanding[:100]})
                 waiting = True
             if self.stop.wait(WAIT_POLL_SECONDS):
                 raise Interrupted
@@ -309,7 +327,7 @@ class Work:
                 return False
             cores = usable_cores(self.share.layout.local_world_size)
             self.workers = choice.decide(cores, torch.get_num_threads(), self.runner.device.type)
-            log.info(choice.describe(cores))
+            log.info(choice.describe(cores), extra={"event": "workers_chosen", "num_workers": self.workers})
             if self.workers and self.share.total_parts is None:
                 # a stream of unknown length: one more part with none first. If there is none, its end comes
                 # without a claim and names the length, and a split of one part does not start workers for nothing
@@ -323,6 +341,9 @@ class Work:
         started = time.perf_counter()
         slices = self.pending.setdefault(part.index, {})
         slices[part.offset] = _compute_slice(part, self.runner, self.job, self.progress)
+        if self.metrics is not None:
+            self.metrics.slice_done(part.index, slices[part.offset], self.runner.take_measured(),
+                                    time.perf_counter() - started, part.seconds if not self.workers else 0.0)
         if part.read is not None:
             self.progress.input_read(part.read)
         if sum(table.num_rows for table in slices.values()) >= part.part_rows:
@@ -332,6 +353,8 @@ class Work:
             self.choice.measure(part.seconds, time.perf_counter() - started, part.num_rows)
 
     def _commit(self, index: int, slices: dict[int, pa.Table]) -> None:
+        # the part's metrics first: a part is never committed without them, and one killed in between is redone
+        measured = self.metrics.write_part(self.store, index) if self.metrics is not None else {}
         facts = _commit_whole_part(index, slices, self.job, self.store, self.fingerprint)
         self.worker.claims.release(index, done=True)
         committed = committed_parts(self.store.names())  # one listing for both figures
@@ -340,6 +363,10 @@ class Work:
             self.progress.job = self._job_figures(committed)
         self.progress.part_committed(facts.failed_rows, parts, rows, peers)
         self.worker.beat()  # its figures, fresh for status and for the others' rates
+        log.info("committed part %d (%d rows, %d failed)", index, facts.rows, facts.failed_rows,
+                 extra={"event": "part_committed", "json_only": True, "part": index, "rows": facts.rows,
+                        "failed_rows": facts.failed_rows, "seconds": measured.get("seconds"),
+                        **self.progress.fields()})
 
     def _outstanding(self) -> list[int]:
         committed = committed_parts(self.store.names())
@@ -378,10 +405,13 @@ class Work:
             raise BatchrunError(f"{_first_few(damaged)} of {self.store} were damaged after being committed and "
                                 "have been removed; rerun the same command to compute them again")
         own = [facts for index, facts in done.items() if self.share.includes(index)]
+        self.output_totals = {"output_rows": sum(f.rows for f in done.values()),
+                              "output_failed_rows": sum(f.failed_rows for f in done.values())}
         read = self.progress.input
         log.info("%s computed %d parts (%d rows) here%s", self.share.layout.describe(), self.progress.parts_here,
                  self.progress.rows_this_run, f"; read {read.rows} input rows in {read.row_groups} row groups "
-                 f"({read.bytes / 1e6:.1f} MB)" if read is not None else "")
+                 f"({read.bytes / 1e6:.1f} MB)" if read is not None else "",
+                 extra={"event": "share_done", "parts": self.progress.parts_here, "rows": self.progress.rows_this_run})
         if total == 0:  # a nightly partition may be empty: that is a finished run, not a failure
             log.warning("dataset %r split %s has no rows: a run of 0 rows", self.job.get("dataset.path"),
                         self.job.get("dataset.split"))
@@ -395,7 +425,7 @@ class Work:
             own = list(done.values())
         elif self.share.layout.num_shards > 1 and not self.store.exists(SUCCESS):
             log.info("%s done: %d parts; the job completes when every shard has finished",
-                     self.share.layout.describe(), len(own))
+                     self.share.layout.describe(), len(own), extra={"event": "shard_done", "parts": len(own)})
         return _exit_for_errors(sum(f.failed_rows for f in own), sum(f.rows for f in own),
                                 self.job.get("errors.max_error_rate"))
 
@@ -420,7 +450,8 @@ class Work:
         self.store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
         self.store.put(PROGRESS, json.dumps(progress.snapshot(complete=True), indent=2).encode())
         if self.store.create(SUCCESS, b""):
-            log.info("done: %s; wrote %s", progress.line(), SUCCESS)
+            log.info("done: %s; wrote %s", progress.line(), SUCCESS, extra={"event": "done", **progress.fields(),
+                                                                       "failed_rows": progress.failed_rows})
         else:  # the output is complete either way; the claim should have made this impossible
             log.warning("%s appeared while this process held the finish claim: another process judged it dead "
                         "(check the hosts' clocks)", SUCCESS)
@@ -508,12 +539,14 @@ def remove_claims_and_records(store: Store) -> None:
 
 
 def _exit_for_errors(failed_rows: int, rows: int, max_error_rate: float) -> int:
+    fields = {"failed_rows": failed_rows, "rows": rows}
     if rows and failed_rows / rows > max_error_rate:
         log.warning("%d of %d rows failed (%.2f%%), above errors.max_error_rate=%s", failed_rows, rows,
-                    100 * failed_rows / rows, max_error_rate)
+                    100 * failed_rows / rows, max_error_rate, extra={"event": "too_many_failed_rows", **fields})
         return EXIT_TOO_MANY_ERRORS
     if failed_rows:
-        log.info("%d of %d rows failed; see the error column", failed_rows, rows)
+        log.info("%d of %d rows failed; see the error column", failed_rows, rows,
+                 extra={"event": "failed_rows", **fields})
     return EXIT_OK
 
 
@@ -552,6 +585,9 @@ def _discard(store: Store) -> None:
         store.remove(name)
     for name in names:
         if committed_parts([name]) or CLAIM_PATTERN.fullmatch(name) or WORKER_PATTERN.fullmatch(name):
+            store.remove(name)
+    for name in names:  # after the parts, so that a discard killed midway leaves no part without its metrics
+        if is_metrics(name):
             store.remove(name)
     store.remove(RUN_INFO)
 
@@ -594,6 +630,29 @@ def _process_summaries(records: list[dict]) -> list[dict]:
     keys = ("host", "pid", "rank", "world_size", "shard_index", "num_shards", "device", "parts_done", "rows_done",
             "rows_per_second", "input_read")
     return [{key: record.get(key) for key in keys} for record in sorted(records, key=lambda r: r.get("started", 0))]
+
+
+def _process_identity(worker: Worker, pipeline, command_started: float, loaded: float) -> dict:
+    """Who computes a part, as its metrics record it: the worker record's identity, the device and dtype, and when
+    the command started (wall clock) and loaded its model."""
+    record = worker.record
+    now, monotonic = time.time(), time.monotonic()
+    return {"worker": worker.id, "host": record["host"], "pid": record["pid"], "rank": record.get("rank"),
+            "world_size": record.get("world_size"), "shard_index": record.get("shard_index"),
+            "num_shards": record.get("num_shards"), "device": str(pipeline.device),
+            "dtype": str(pipeline.model.dtype).removeprefix("torch."),
+            "started": round(now - (monotonic - command_started), 3), "loaded": round(now - (monotonic - loaded), 3)}
+
+
+def _log_finished_summary(store: LocalStore, options: RunOptions, code: int) -> None:
+    """The summary of a rerun that found the run finished: nothing computed here, the output as it was recorded."""
+    info = read_run_info(store)
+    wall = time.monotonic() - options.started
+    summary = {"rows": 0, "failed_rows": 0, "parts": 0, "wall_seconds": round(wall, 3), "load_seconds": 0.0,
+               "rows_per_second": 0.0, "tokens_per_second": 0.0, "real_tokens": 0, "padded_tokens": 0,
+               "padding_efficiency": None, "device": info.get("device"), "dtype": info.get("dtype"),
+               "output_rows": info.get("rows"), "output_failed_rows": info.get("failed_rows"), "exit_code": code}
+    log.info("%s", summary_line(summary), extra={"event": "summary", **summary})
 
 
 def _share_rows(share: Share, total_rows: int | None, rows_per_part: int) -> int | None:

@@ -42,7 +42,7 @@ def _ask_to_stop(flag: StopFlag, signum: int) -> None:
     """The first signal: the run finishes its current batch, commits what is complete, then exits 75."""
     flag.signal_name = signal.Signals(signum).name
     log.warning("%s received: finishing the current batch, then stopping (send it again to stop now)",
-                flag.signal_name)
+                flag.signal_name, extra={"event": "signal", "signal": flag.signal_name})
 
 
 class ProcessGuard:

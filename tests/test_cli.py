@@ -54,7 +54,6 @@ def test_console_script_is_installed():
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([SUMMARIZE, "--log-format", "json"], "--log-format json is planned"),
         (["evaluate", "outputs/x"], "`batchrun evaluate` is not implemented yet"),
     ],
 )

@@ -67,7 +67,7 @@ def test_output_tree_row_order_and_readers(tmp_path, tiny_models):
     assert run(job) == 0
     out = tmp_path / "out"
     assert sorted(path.name for path in out.iterdir()) == [
-        "_SUCCESS", "_batchrun.json", "_progress.json",
+        "_SUCCESS", "_batchrun.json", *[f"_metrics-00000{index}.json" for index in range(5)], "_progress.json",
         "part-000000.parquet", "part-000001.parquet", "part-000002.parquet", "part-000003.parquet",
         "part-000004.parquet",
     ]

@@ -110,8 +110,8 @@ def finished(tmp_path_factory, tiny_models):
 def test_finished_run_exits_0_and_writes_exactly_the_documented_files(finished):
     _, out, code, _ = finished
     assert code == 0
-    assert sorted(os.listdir(out)) == ["_SUCCESS", "_batchrun.json", "_progress.json", "part-000000.parquet",
-                                       "part-000001.parquet"]
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "_batchrun.json", "_metrics-000000.json", "_metrics-000001.json",
+                                       "_progress.json", "part-000000.parquet", "part-000001.parquet"]
     assert (out / "_SUCCESS").read_bytes() == b""
     for index in (0, 1):
         footer = pq.read_metadata(out / part_name(index))
@@ -188,7 +188,10 @@ def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished):
     job, out, _, _ = finished
     before = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.iterdir()}
     code, lines = run(job)
-    assert (code, lines) == (0, [f"INFO {out} already holds this finished run; nothing to do"])
+    assert (code, lines[0]) == (0, f"INFO {out} already holds this finished run; nothing to do")
+    summary = (r"INFO summary: 0 rows, 0 failed, wall [\d.]+s \(load 0\.0s\), 0\.0 rows/s, 0 tokens/s, padding "
+               r"efficiency -, device cpu, dtype float32; the output holds 6 rows, 0 failed")
+    assert len(lines) == 2 and re.fullmatch(summary, lines[1])
     assert {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.iterdir()} == before
 
 
@@ -408,8 +411,8 @@ def test_fresh_run_over_another_jobs_output_starts_over_and_keeps_other_files(tm
     assert run(job, "--output", str(copy), "--limit", "2")[0] == 2
     code, _ = run(job, "--output", str(copy), "--limit", "2", "--fresh")
     assert code == 0
-    assert sorted(os.listdir(copy)) == ["_SUCCESS", "_batchrun.json", "_progress.json", "notes.txt",
-                                        "part-000000.parquet"]
+    assert sorted(os.listdir(copy)) == ["_SUCCESS", "_batchrun.json", "_metrics-000000.json", "_progress.json",
+                                        "notes.txt", "part-000000.parquet"]
     assert (copy / "notes.txt").read_text() == "kept"
     assert json.loads((copy / "_batchrun.json").read_text())["identity"]["limit"] == 2
 
@@ -531,7 +534,7 @@ def test_stop_after_a_part_keeps_it_updates_progress_and_exits_75(tmp_path, tiny
     assert f"INFO run {run_fingerprint} as one process: 6 rows, 0 parts already committed, device cpu" in lines
     assert "WARNING stopped by SIGTERM after committing 1 parts; rerun the same command to resume" in lines
     assert not [line for line in lines if line.startswith("INFO done: ")]
-    assert visible(out) == ["_batchrun.json", "_progress.json", part_name(0)]
+    assert visible(out) == ["_batchrun.json", "_metrics-000000.json", "_progress.json", part_name(0)]
     assert_stopped_and_claiming_nothing(out)
     raw = (out / "_progress.json").read_text()
     snapshot = json.loads(raw)
@@ -577,7 +580,7 @@ def test_source_failure_after_a_part_exits_1_naming_the_dataset_and_keeps_the_pa
     assert code == 1
     assert ("error: dataset 'json': reading part 1 failed: OSError: the disk went away; committed parts are kept"
             in capsys.readouterr().err)
-    assert visible(tmp_path / "out") == ["_batchrun.json", "_progress.json", part_name(0)]
+    assert visible(tmp_path / "out") == ["_batchrun.json", "_metrics-000000.json", "_progress.json", part_name(0)]
     assert_stopped_and_claiming_nothing(tmp_path / "out")
 
 

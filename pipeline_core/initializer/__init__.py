@@ -64,7 +64,7 @@ def stage(name: str, stages: list):
     yield
     seconds = time.perf_counter() - started
     stages.append((name, seconds))
-    log.info("stage %-20s %.2fs", name, seconds)
+    log.info("stage %-20s %.2fs", name, seconds, extra={"event": "stage", "stage": name, "seconds": round(seconds, 4)})
 
 
 def initialize(job: Job, embedding: EmbeddingSettings | None = None) -> InferencePipeline:

@@ -52,7 +52,7 @@ class Progress:
             self.bar.set_postfix_str(f"{self.tokens_per_second():,.0f} tok/s", refresh=False)
         elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS:
             self.last_log = time.monotonic()
-            log.info("%s", self.line())
+            log.info("%s", self.line(), extra={"event": "progress", **self.fields(), "failed_rows": self.failed_rows})
 
     def part_committed(self, failed_rows: int, parts_done: int | None = None, rows_done: int | None = None,
                        peers_rows_per_second: float = 0.0) -> None:
@@ -93,6 +93,12 @@ class Progress:
     def eta_seconds(self) -> float | None:
         return _eta(self.total_rows, self.rows_done, self.rows_per_second())
 
+    def fields(self) -> dict:
+        """The figures of the progress line, for JSON log lines."""
+        return {"rows_done": self.rows_done, "rows_total": self.total_rows, "parts_done": self.parts_done,
+                "parts_total": self.total_parts, "rows_per_second": round(self.rows_per_second(), 3),
+                "tokens_per_second": round(self.tokens_per_second(), 1), "eta_seconds": _rounded(self.eta_seconds())}
+
     def line(self) -> str:
         total = f"/{self.total_rows:,}" if self.total_rows is not None else ""
         eta = self.eta_seconds()
@@ -117,6 +123,10 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def _eta(total_rows: int | None, rows_done: int, rate: float) -> float | None:

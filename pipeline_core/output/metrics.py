@@ -1,0 +1,162 @@
+"""What a run measures as it goes, for `batchrun report` and the summary line: one small JSON file per part.
+
+`_metrics-00000i.json` holds part i's rows, failures by reason, seconds, real and padded tokens, each batch's
+figures, and who computed it (worker id, host, pid, rank, shard, device, dtype, when the process started). It is
+written through the store just before the part is committed, whole (no appends: object stores have none), so:
+- only committed parts' metrics count (a reader skips the file of a part that is not committed);
+- a part computed again after a kill, or twice by two processes, overwrites its file, never adds a second one,
+  so the metrics of resumed and scaled-out runs add up without double counting;
+- the leading underscore hides the files from Parquet readers, and `--fresh` removes them with the parts.
+
+Batches are recorded as columns of numbers (no per-row Python); failure reasons are counted per distinct error
+string with Arrow, then normalised (numbers become N) so that one cause is one reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline_core.output.parts import committed_parts
+
+METRICS_VERSION = 1
+METRICS_PATTERN = re.compile(r"_metrics-(\d{6})\.json")
+BATCH_COLUMNS = ("ended", "seconds", "rows", "real_tokens", "padded_tokens")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+
+
+def metrics_name(index: int) -> str:
+    return f"_metrics-{index:06d}.json"
+
+
+def is_metrics(name: str) -> bool:
+    return METRICS_PATTERN.fullmatch(name) is not None
+
+
+def failure_reason(error: str) -> str:
+    """One cause, whatever the row: the first line, numbers as N, at most 160 characters."""
+    line = error.strip().splitlines()[0] if error.strip() else "(empty error)"
+    reason = _NUMBER.sub("N", line)
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
+def failure_counts(errors: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """{reason: rows} of an error column (null: the row succeeded), counted by Arrow, not row by row."""
+    counts: dict[str, int] = {}
+    for entry in pc.value_counts(pc.drop_null(errors)).to_pylist():
+        reason = failure_reason(entry["values"])
+        counts[reason] = counts.get(reason, 0) + entry["counts"]
+    return counts
+
+
+@dataclass
+class PartMeter:
+    """One part's figures while its slices are computed."""
+
+    started: float  # time.time() when its first slice started computing
+    seconds: float = 0.0  # computing its slices (forward passes, decoding, assembling)
+    prepare_seconds: float = 0.0  # preparing its slices, where that happened in this process (no workers)
+    rows: int = 0
+    failed_rows: int = 0
+    failures: dict = field(default_factory=dict)
+    batches: list = field(default_factory=list)  # (ended, seconds, rows, real tokens, padded tokens) per batch
+
+
+class RunMetrics:
+    """This process's measurements: per part until it is committed, then added to the totals of the summary."""
+
+    def __init__(self, process: dict, fingerprint: str):
+        self.process = process  # worker, host, pid, rank, world_size, shard_index, num_shards, device, dtype, ...
+        self.fingerprint = fingerprint
+        self.meters: dict[int, PartMeter] = {}
+        self.parts = self.rows = self.failed_rows = self.real_tokens = self.padded_tokens = 0
+        self.failures: dict[str, int] = {}
+
+    def slice_done(self, index: int, table: pa.Table, batches: list, seconds: float, prepare_seconds: float) -> None:
+        """A computed slice of part `index` (its assembled rows, with their `error` column) and its batches."""
+        meter = self.meters.get(index)
+        if meter is None:
+            meter = self.meters[index] = PartMeter(started=time.time() - seconds)
+        meter.seconds += seconds
+        meter.prepare_seconds += prepare_seconds
+        meter.rows += table.num_rows
+        meter.failed_rows += table.num_rows - table.column("error").null_count
+        for reason, count in failure_counts(table.column("error")).items():
+            meter.failures[reason] = meter.failures.get(reason, 0) + count
+        meter.batches.extend(batches)
+
+    def write_part(self, store, index: int) -> dict:
+        """Part `index`'s metrics file, written whole just before the part is committed; its figures join the
+        totals (the caller commits the part next: a failed commit fails the run)."""
+        meter = self.meters.pop(index)
+        batches = {name: [batch[column] for batch in meter.batches] for column, name in enumerate(BATCH_COLUMNS)}
+        batches["ended"] = [round(value, 3) for value in batches["ended"]]
+        batches["seconds"] = [round(value, 5) for value in batches["seconds"]]
+        real, padded = sum(batches["real_tokens"]), sum(batches["padded_tokens"])
+        record = {"version": METRICS_VERSION, "part": index, "fingerprint": self.fingerprint,
+                  "rows": meter.rows, "failed_rows": meter.failed_rows, "failures": meter.failures,
+                  "started": round(meter.started, 3), "ended": round(time.time(), 3),
+                  "seconds": round(meter.seconds, 4), "prepare_seconds": round(meter.prepare_seconds, 4),
+                  "real_tokens": real, "padded_tokens": padded, "batches": batches, "process": self.process}
+        store.put(metrics_name(index), json.dumps(record, separators=(",", ":")).encode())
+        self.parts += 1
+        self.rows += meter.rows
+        self.failed_rows += meter.failed_rows
+        self.real_tokens += real
+        self.padded_tokens += padded
+        for reason, count in meter.failures.items():
+            self.failures[reason] = self.failures.get(reason, 0) + count
+        return record
+
+    def summary(self, wall_seconds: float, load_seconds: float) -> dict:
+        """The figures of the summary line: this process's committed parts over its time after the model loaded."""
+        busy = max(wall_seconds - load_seconds, 1e-9)
+        return {"rows": self.rows, "failed_rows": self.failed_rows, "parts": self.parts,
+                "wall_seconds": round(wall_seconds, 3), "load_seconds": round(load_seconds, 3),
+                "rows_per_second": round(self.rows / busy, 3), "tokens_per_second": round(self.real_tokens / busy, 1),
+                "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
+                "padding_efficiency": padding_efficiency(self.real_tokens, self.padded_tokens),
+                "device": self.process.get("device"), "dtype": self.process.get("dtype")}
+
+
+def padding_efficiency(real: int, padded: int) -> float | None:
+    """Real tokens / padded tokens: 1.0 is no padding at all; None when nothing was padded (no token inputs)."""
+    return round(real / padded, 4) if padded else None
+
+
+def summary_line(summary: dict) -> str:
+    """The run's last line for people: `summary: 40 rows, 2 failed, ...`."""
+    efficiency = summary.get("padding_efficiency")
+    words = [f"{summary['rows']:,} rows", f"{summary['failed_rows']:,} failed",
+             f"wall {summary['wall_seconds']:,.1f}s (load {summary['load_seconds']:,.1f}s)",
+             f"{summary['rows_per_second']:,.1f} rows/s", f"{summary['tokens_per_second']:,.0f} tokens/s",
+             f"padding efficiency {efficiency:.1%}" if efficiency is not None else "padding efficiency -",
+             f"device {summary.get('device') or '-'}", f"dtype {summary.get('dtype') or '-'}"]
+    line = "summary: " + ", ".join(words)
+    if summary.get("output_rows") is not None and summary["output_rows"] != summary["rows"]:
+        line += f"; the output holds {summary['output_rows']:,} rows, {summary['output_failed_rows']:,} failed"
+    return line
+
+
+def read_metrics(store, fingerprint: str | None = None) -> list[dict]:
+    """The metrics of OUTPUT's committed parts (of the run with `fingerprint`, when given), by part."""
+    names = store.names()
+    committed = committed_parts(names)
+    records = []
+    for name in names:
+        match = METRICS_PATTERN.fullmatch(name)
+        if match is None or int(match[1]) not in committed:
+            continue  # written by a process killed before it committed the part: it will be computed again
+        raw = store.get(name)
+        try:
+            record = json.loads(raw) if raw is not None else None
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and (fingerprint is None or record.get("fingerprint") == fingerprint):
+            records.append(record)
+    return sorted(records, key=lambda record: record.get("part", 0))
