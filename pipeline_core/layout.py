@@ -35,6 +35,10 @@ class Layout:
     local_world_size: int = 1
     shard_index: int = 0
     num_shards: int = 1
+    # under a launcher: which launch this process belongs to (its rendezvous) and the launcher's restart count, so
+    # that a rank waits for its own rank 0 and a start is not locked out by its own group (output/lock.py)
+    launch: str | None = None
+    attempt: int = 0
 
     @property
     def launched(self) -> bool:
@@ -47,8 +51,11 @@ class Layout:
 
     def labels(self) -> dict:
         """What a worker record says about this process."""
-        return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank,
-                "shard_index": self.shard_index, "num_shards": self.num_shards}
+        labels = {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank,
+                  "shard_index": self.shard_index, "num_shards": self.num_shards}
+        if self.launched:
+            labels.update(launch=self.launch, attempt=self.attempt)
+        return labels
 
     def log_fields(self) -> dict:
         """What each JSON log line says about this process."""
@@ -86,9 +93,13 @@ def layout_from(num_shards: str | None, shard_index: str | None, env: Mapping[st
             raise UsageError(f"--shard-index must be below --num-shards ({shards}), got {index}")
     world = int(env.get("WORLD_SIZE", "1"))
     local_rank = env.get("LOCAL_RANK")
+    # torchrun (and accelerate launch, which runs it) gives every rank of a launch, on every node, the same
+    # rendezvous address and run id; the restart count grows with each --max-restarts restart of the group
+    launch = f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}/{env.get('TORCHELASTIC_RUN_ID', '')}"
     return Layout(rank=int(env.get("RANK", "0")), world_size=world,
                   local_rank=int(local_rank) if local_rank is not None and world > 1 else None,
-                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")), shard_index=index, num_shards=shards)
+                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")), shard_index=index, num_shards=shards,
+                  launch=launch if world > 1 else None, attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
 
 def _count(value: str, env: Mapping[str, str]) -> int:

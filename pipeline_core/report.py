@@ -22,7 +22,8 @@ from pipeline_core.output import SUCCESS
 from pipeline_core.output.metrics import BATCH_COLUMNS, padding_efficiency, read_metrics
 from pipeline_core.output.parts import committed_parts
 from pipeline_core.output.run_info import read_run_info
-from pipeline_core.output.store import LocalStore
+from pipeline_core.output.store import open_store
+from pipeline_core.remote import is_remote
 
 INSTALL = 'pip install "batchrun[report]"'
 REPORT_DIR = "_report"  # inside a local OUTPUT: hidden from Parquet readers like the run's other files
@@ -39,10 +40,10 @@ class Report:
 def default_directory(output: str) -> Path:
     """OUTPUT/_report for a local OUTPUT. A remote one (s3://bucket/run) cannot be opened by a browser, and the page
     is for reading: ./run-report in the current directory."""
-    if "://" in output:
+    if is_remote(output):
         name = output.rstrip("/").rsplit("/", 1)[-1] or "batchrun"
         return Path(f"{name}-report")
-    return Path(output) / REPORT_DIR
+    return Path(output.removeprefix("file://")) / REPORT_DIR
 
 
 def write_report(output: str, out: str | None = None) -> Report:
@@ -73,9 +74,9 @@ def write_report(output: str, out: str | None = None) -> Report:
 
 
 def _open_store(output: str):
-    if Path(output).exists() and not Path(output).is_dir():
+    if not is_remote(output) and Path(output).exists() and not Path(output).is_dir():
         raise UsageError(f"{output} is a file, not a run directory; give report a job's output.path")
-    return LocalStore(output)
+    return open_store(output)  # a URL's credentials and endpoint come from the environment, as for status
 
 
 def _matplotlib_figure():

@@ -48,6 +48,7 @@ from pipeline_core.output.claims import (
     worker_records,
 )
 from pipeline_core.output.identity import differences, fingerprint, identity
+from pipeline_core.output.lock import locking_records, refuse_if_locked
 from pipeline_core.output.metrics import RunMetrics, is_metrics, summary_line
 from pipeline_core.output.parts import (
     PartFacts,
@@ -96,7 +97,7 @@ def run_job(job: Job, options: RunOptions) -> int:
             if layout.rank == 0:
                 checked = prepare_output(store, run_identity, options.fresh, layout)
             else:
-                checked = wait_for_rank_0(store, run_identity, stop)
+                checked = wait_for_rank_0(store, run_identity, stop, layout)
         if stop.requested:  # also one that came while --fresh discarded OUTPUT: it completed, nothing more started
             log.warning("stopped by %s before starting; rerun the same command to resume", stop.signal_name)
             return EXIT_INTERRUPTED
@@ -143,8 +144,9 @@ def job_identity(job: Job, limit: int | None) -> tuple[dict, EmbeddingSettings |
 
 
 def prepare_output(store: Store, run_identity: dict, fresh: bool, layout: Layout) -> tuple[bool, dict]:
-    """Before any model loads: --fresh, leftovers, and the job's identity against OUTPUT's. (finished, the identity
-    in force: the one OUTPUT's run recorded, else this job's)."""
+    """Before any model loads: --fresh, leftovers, the job's identity against OUTPUT's, and batchrun's own lock: a
+    live process of another start at work on this share refuses this one with exit 75 (a finished job is still
+    reported as finished). (finished, the identity in force: the one OUTPUT's run recorded, else this job's)."""
     if fresh:
         if layout.num_shards > 1:
             raise UsageError("--fresh with --num-shards would discard the other shards' parts; "
@@ -152,6 +154,8 @@ def prepare_output(store: Store, run_identity: dict, fresh: bool, layout: Layout
         _discard(store)
     remove_leftovers(store)
     finished, recorded = _run_in_output(store, run_identity)
+    if not finished:
+        refuse_if_locked(store, layout.labels())
     if recorded is not None:
         return finished, recorded
     info = {"fingerprint": fingerprint(run_identity), "identity": run_identity, "started": _now()}
@@ -172,14 +176,23 @@ def finished_exit_code(store: Store, job: Job) -> int:
     return _exit_for_errors(failed_rows, rows, job.get("errors.max_error_rate"))
 
 
-def wait_for_rank_0(store: Store, run_identity: dict, stop: StopFlag) -> tuple[bool, dict] | None:
-    """Ranks other than 0 wait until rank 0 has prepared OUTPUT (its --fresh must not discard their parts): its
-    live worker record says so, or _SUCCESS when it found the job finished. Then the same identity check, and
-    prepare_output's answer. No collective operation: a rank 0 that fails makes the launcher stop the group. None
-    when stopped."""
+def wait_for_rank_0(store: Store, run_identity: dict, stop: StopFlag,
+                    layout: Layout | None = None) -> tuple[bool, dict] | None:
+    """Ranks other than 0 wait until rank 0 has prepared OUTPUT (its --fresh must not discard their parts): the
+    live worker record of their launch's rank 0 says so, or _SUCCESS when it found the job finished. Then the same
+    identity check, and prepare_output's answer. No collective operation: a rank 0 that fails makes the launcher
+    stop the group. Meanwhile another start's live process on this share refuses them as it refuses rank 0 (exit
+    75): on another node the launcher may not stop them at once. None when stopped."""
     deadline = time.monotonic() + RANK_0_TIMEOUT
-    while not (store.exists(SUCCESS) or any(record["live"] and record.get("rank") == 0
-                                            for record in worker_records(store))):
+    labels = layout.labels() if layout is not None else {}
+    while True:
+        records = worker_records(store)
+        if store.exists(SUCCESS) or any(record["live"] and record.get("rank") == 0
+                                        and record.get("launch") == labels.get("launch")
+                                        and record.get("attempt") == labels.get("attempt") for record in records):
+            break
+        if layout is not None and locking_records(records, labels):
+            refuse_if_locked(store, labels)
         if time.monotonic() > deadline:
             raise BatchrunError(f"rank 0 did not start writing {store} within {RANK_0_TIMEOUT:.0f}s; see its log")
         if stop.wait(0.2):
@@ -644,7 +657,7 @@ def _process_identity(worker: Worker, pipeline, command_started: float, loaded: 
             "started": round(now - (monotonic - command_started), 3), "loaded": round(now - (monotonic - loaded), 3)}
 
 
-def _log_finished_summary(store: LocalStore, options: RunOptions, code: int) -> None:
+def _log_finished_summary(store: Store, options: RunOptions, code: int) -> None:
     """The summary of a rerun that found the run finished: nothing computed here, the output as it was recorded."""
     info = read_run_info(store)
     wall = time.monotonic() - options.started

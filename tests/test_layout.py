@@ -48,7 +48,20 @@ def test_shards_and_ranks_compose():
     assert (layout.shard_index, layout.num_shards, layout.rank) == (2, 6, 0)
     assert layout.tag() == "shard 2/6 rank 0/2"
     assert layout.describe() == "rank 0 of 2 (local rank 0), shard 2 of 6"
-    assert layout.labels() == {"rank": 0, "world_size": 2, "local_rank": 0, "shard_index": 2, "num_shards": 6}
+    assert layout.labels() == {"rank": 0, "world_size": 2, "local_rank": 0, "shard_index": 2, "num_shards": 6,
+                               "launch": ":/", "attempt": 0}
+
+
+def test_ranks_of_one_launch_share_its_rendezvous_and_restart_count_and_a_single_process_has_none():
+    """torchrun gives every rank of a launch, on every node, the same rendezvous and run id; output/lock.py lets a
+    launch's own ranks (of any restart) through, and a rank waits for the rank 0 of its own restart."""
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "node-0", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "job-7",
+           "TORCHELASTIC_RESTART_COUNT": "1"}
+    layouts = [layout_from(None, None, env={**env, "RANK": rank}) for rank in ("0", "1")]
+    assert [(layout.launch, layout.attempt) for layout in layouts] == [("node-0:29500/job-7", 1)] * 2
+    assert layouts[1].labels()["launch"] == "node-0:29500/job-7" and layouts[1].labels()["attempt"] == 1
+    alone = layout_from("2", "1", env={"MASTER_ADDR": "node-0", "MASTER_PORT": "29500"})
+    assert alone.launch is None and "launch" not in alone.labels() and "attempt" not in alone.labels()
 
 
 @pytest.mark.parametrize("env, index", [({"JOB_COMPLETION_INDEX": "3"}, 3),
