@@ -660,11 +660,14 @@ def _process_identity(worker: Worker, pipeline, command_started: float, loaded: 
 def _log_finished_summary(store: Store, options: RunOptions, code: int) -> None:
     """The summary of a rerun that found the run finished: nothing computed here, the output as it was recorded."""
     info = read_run_info(store)
+    rows, failed_rows = info.get("rows"), info.get("failed_rows")
+    if not (isinstance(rows, int) and isinstance(failed_rows, int)):
+        rows = failed_rows = None  # finished by a batchrun that did not record them: the exit code counts the parts
     wall = time.monotonic() - options.started
     summary = {"rows": 0, "failed_rows": 0, "parts": 0, "wall_seconds": round(wall, 3), "load_seconds": 0.0,
                "rows_per_second": 0.0, "tokens_per_second": 0.0, "real_tokens": 0, "padded_tokens": 0,
                "padding_efficiency": None, "device": info.get("device"), "dtype": info.get("dtype"),
-               "output_rows": info.get("rows"), "output_failed_rows": info.get("failed_rows"), "exit_code": code}
+               "output_rows": rows, "output_failed_rows": failed_rows, "exit_code": code}
     log.info("%s", summary_line(summary), extra={"event": "summary", **summary})
 
 
