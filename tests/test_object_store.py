@@ -185,7 +185,8 @@ def test_a_run_into_s3_equals_a_local_run_and_writes_no_secret(tmp_path, moto, b
         assert run(job) == 0
     fs = moto_fs(moto)
     parts = [f"part-{index:06d}.parquet" for index in range(6)]
-    assert listing(fs, f"{bucket}/out") == ["_SUCCESS", "_batchrun.json", "_progress.json", *parts]
+    metrics = [f"_metrics-{index:06d}.json" for index in range(6)]
+    assert listing(fs, f"{bucket}/out") == ["_SUCCESS", "_batchrun.json", *metrics, "_progress.json", *parts]
     pd.testing.assert_frame_equal(read_s3(moto, url), expected)
     local = reference_job.parent / "out"
     assert all(fs.cat(f"{bucket}/out/{part}") == (local / part).read_bytes() for part in parts)
@@ -205,7 +206,7 @@ def test_a_run_into_s3_equals_a_local_run_and_writes_no_secret(tmp_path, moto, b
     assert "output.rows_per_part: 4 -> 3" in capfd.readouterr().err
     fs.pipe(f"{bucket}/out/part-000009.parquet", b"a stray part")
     assert run(job, "--fresh") == 0  # discards everything of the run, the stray part too, and starts over
-    assert listing(fs, f"{bucket}/out") == ["_SUCCESS", "_batchrun.json", "_progress.json", *parts]
+    assert listing(fs, f"{bucket}/out") == ["_SUCCESS", "_batchrun.json", *metrics, "_progress.json", *parts]
     pd.testing.assert_frame_equal(read_s3(moto, url), expected)
 
 
@@ -289,8 +290,10 @@ def test_server_cut_off_mid_upload_exits_1_leaves_nothing_partial_and_the_rerun_
         assert "Traceback" not in err and "internal error" not in err and took < 60
         # through moto's own port: the two committed parts, whole, and no part-000002 at all (moto saw half a body)
         names = listing(fs, f"{bucket}/out")
-        assert [name for name in names if not name.startswith(".")] == [
-            "_batchrun.json", "_progress.json", "part-000000.parquet", "part-000001.parquet"]
+        # part 2's metrics are written just before its upload, and count only once the part is committed
+        assert [name for name in names if not name.startswith(".") and name != "_metrics-000002.json"] == [
+            "_batchrun.json", "_metrics-000000.json", "_metrics-000001.json", "_progress.json",
+            "part-000000.parquet", "part-000001.parquet"]
         assert all(name.startswith((".claim-", ".worker-")) for name in names if name.startswith("."))  # no temporary
         for name in ("part-000000.parquet", "part-000001.parquet"):
             assert pq.read_table(fs.open(f"{bucket}/out/{name}")).num_rows == 4
@@ -322,7 +325,8 @@ def test_another_fsspec_filesystem_writes_a_temporary_then_moves_it_and_the_run_
     assert run(job, "--output", "memory://batchrun-test/run") == 0
     assert "has no exclusive create" in capfd.readouterr().err
     assert sorted(path.rsplit("/", 1)[1] for path in memory.ls("/batchrun-test/run", detail=False)) == [
-        "_SUCCESS", "_batchrun.json", "_progress.json", "part-000000.parquet", "part-000001.parquet"]
+        "_SUCCESS", "_batchrun.json", "_metrics-000000.json", "_metrics-000001.json", "_progress.json",
+        "part-000000.parquet", "part-000001.parquet"]
     memory.rm("/batchrun-test", recursive=True)
 
 

@@ -48,7 +48,8 @@ def test_the_output_holds_the_parts_and_the_other_files(finished):
     out, parts = finished
     assert sorted(path.name for path in out.iterdir()) == [
         ".claim-000001.0", ".part-000004.parquet.tmp-node-1-4242-0123abcd", ".worker-x.json", "_SUCCESS",
-        "_batchrun.json", "_eval.json", "_metrics-000000.json", "_progress.json", "_report",
+        "_batchrun.json", "_eval.json", "_metrics-000000.json", "_metrics-000001.json", "_metrics-000002.json",
+        "_metrics-000003.json", "_progress.json", "_report",
         "part-000000.parquet", "part-000001.parquet", "part-000002.parquet", "part-000003.parquet"]
     assert parts.column_names == COLUMNS and parts.column("row_id").to_pylist() == list(range(10))
 
