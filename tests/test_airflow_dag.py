@@ -110,7 +110,8 @@ def test_two_shards_each_failing_once_are_retried_and_the_days_output_is_complet
     assert "shard 1 of 2 exited 1: a run-time failure; retried" in log
     out = tmp_path / "out" / "day=2026-01-02"
     assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == [
-        "_SUCCESS", "_batchrun.json", "_progress.json", *(f"part-{index:06d}.parquet" for index in range(5))]
+        "_SUCCESS", "_batchrun.json", *(f"_metrics-{index:06d}.json" for index in range(5)), "_progress.json",
+        *(f"part-{index:06d}.parquet" for index in range(5))]
     result = pd.read_parquet(out)
     assert list(result["row_id"]) == list(range(20)) and list(result["id"]) == [row["id"] for row in data]
     print(f"dags test of two shards, each retried once: {seconds:.0f}s")
