@@ -48,7 +48,7 @@ from pipeline_core.output.claims import (
     worker_records,
 )
 from pipeline_core.output.identity import differences, fingerprint, identity
-from pipeline_core.output.lock import locking_records, refuse_if_locked
+from pipeline_core.output.lock import refuse_if_locked
 from pipeline_core.output.metrics import RunMetrics, is_metrics, summary_line
 from pipeline_core.output.parts import (
     PartFacts,
@@ -82,7 +82,7 @@ class RunOptions:
 
 def run_job(job: Job, options: RunOptions) -> int:
     store = open_store(job.get("output.path"), job.get("output.storage_options"))
-    if not getattr(store, "exclusive_create", True):
+    if not store.exclusive_create:
         log.warning("%s has no exclusive create, so claims cannot keep several processes apart: run one process at "
                     "a time on this OUTPUT (a local directory, s3://, gs:// and az:// have one)", store)
     layout = options.layout
@@ -169,8 +169,8 @@ def finished_exit_code(store: Store, job: Job) -> int:
     scheduler's retry of a run that exited 3 does not turn it green), else 0. The totals are those _batchrun.json
     recorded when the run finished; runs finished before it recorded them are counted from the part footers."""
     info = read_run_info(store)
-    rows, failed_rows = info.get("rows"), info.get("failed_rows")
-    if not (isinstance(rows, int) and isinstance(failed_rows, int)):
+    rows, failed_rows = _recorded_totals(info)
+    if rows is None:
         done = verified_parts(store, info.get("fingerprint"), job.get("output.rows_per_part"), split_start=None)
         rows, failed_rows = sum(f.rows for f in done.values()), sum(f.failed_rows for f in done.values())
     return _exit_for_errors(failed_rows, rows, job.get("errors.max_error_rate"))
@@ -191,8 +191,8 @@ def wait_for_rank_0(store: Store, run_identity: dict, stop: StopFlag,
                                         and record.get("launch") == labels.get("launch")
                                         and record.get("attempt") == labels.get("attempt") for record in records):
             break
-        if layout is not None and locking_records(records, labels):
-            refuse_if_locked(store, labels)
+        if layout is not None:
+            refuse_if_locked(store, labels, records)
         if time.monotonic() > deadline:
             raise BatchrunError(f"rank 0 did not start writing {store} within {RANK_0_TIMEOUT:.0f}s; see its log")
         if stop.wait(0.2):
@@ -657,12 +657,19 @@ def _process_identity(worker: Worker, pipeline, command_started: float, loaded: 
             "started": round(now - (monotonic - command_started), 3), "loaded": round(now - (monotonic - loaded), 3)}
 
 
+def _recorded_totals(info: dict) -> tuple[int | None, int | None]:
+    """(rows, failed rows) _batchrun.json recorded when the run finished; (None, None) for a run finished by a
+    batchrun that did not record them (its parts are counted instead)."""
+    rows, failed_rows = info.get("rows"), info.get("failed_rows")
+    if isinstance(rows, int) and isinstance(failed_rows, int):
+        return rows, failed_rows
+    return None, None
+
+
 def _log_finished_summary(store: Store, options: RunOptions, code: int) -> None:
     """The summary of a rerun that found the run finished: nothing computed here, the output as it was recorded."""
     info = read_run_info(store)
-    rows, failed_rows = info.get("rows"), info.get("failed_rows")
-    if not (isinstance(rows, int) and isinstance(failed_rows, int)):
-        rows = failed_rows = None  # finished by a batchrun that did not record them: the exit code counts the parts
+    rows, failed_rows = _recorded_totals(info)
     wall = time.monotonic() - options.started
     summary = {"rows": 0, "failed_rows": 0, "parts": 0, "wall_seconds": round(wall, 3), "load_seconds": 0.0,
                "rows_per_second": 0.0, "tokens_per_second": 0.0, "real_tokens": 0, "padded_tokens": 0,

@@ -42,9 +42,10 @@ def locking_records(records: list[dict], labels: dict) -> list[dict]:
     return sorted(found, key=lambda record: _number(record.get("started")))
 
 
-def refuse_if_locked(store, labels: dict) -> None:
-    """Exit 75 naming the live process when another start is at work on this start's share."""
-    found = locking_records(worker_records(store), labels)
+def refuse_if_locked(store, labels: dict, records: list[dict] | None = None) -> None:
+    """Exit 75 naming the live process when another start is at work on this start's share. `records`: OUTPUT's
+    worker records when the caller has just read them."""
+    found = locking_records(worker_records(store) if records is None else records, labels)
     if not found:
         return
     record = found[0]

@@ -38,6 +38,7 @@ WRITE_ADVICE = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise t
 class Store(Protocol):
     """What the rest of batchrun may ask of OUTPUT."""
 
+    exclusive_create: bool  # create is atomic: claims keep several processes apart
     def put(self, name: str, data: bytes) -> None: ...  # whole, atomically, replacing
     def create(self, name: str, data: bytes) -> bool: ...  # whole, only if absent: False when it exists
     def get(self, name: str) -> bytes | None: ...
@@ -61,6 +62,8 @@ def open_store(path: str, storage_options: dict | None = None, key: str = "outpu
 
 
 class LocalStore:
+    exclusive_create = True  # a hard link, or O_EXCL
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
