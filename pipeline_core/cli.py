@@ -15,7 +15,7 @@ import traceback
 import click
 
 from pipeline_core import __version__
-from pipeline_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BatchrunError, NotImplementedYet, UsageError
+from pipeline_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BatchrunError, UsageError
 from pipeline_core.logs import final_line, json_requested, route_datasets_logs, setup_logging
 from pipeline_core.manifest import Job, load_job
 from pipeline_core.output.store import os_reason
@@ -173,8 +173,10 @@ def report(output, out):
 @cli.command()
 @click.argument("output", metavar="OUTPUT")
 def evaluate(output):
-    """Recompute _eval.json from a finished run's parts."""
-    raise NotImplementedYet("`batchrun evaluate` is not implemented yet (planned)")
+    """Recompute _eval.json from a finished run's parts and print it."""
+    from pipeline_core.evaluation import evaluate_output  # deferred: reads Parquet
+
+    click.echo(json.dumps(evaluate_output(output), indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,9 +28,10 @@ from pipeline_core.data.loader import (
     part_loader,
     workers_started,
 )
-from pipeline_core.data.source import Split, broken_file_note, open_split, split_name
+from pipeline_core.data.source import Split, broken_file_note, kept_columns, open_split, split_name
 from pipeline_core.data.workers import WorkerChoice, usable_cores
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
+from pipeline_core.evaluation import EVAL, Evaluation, read_scores, score_parts, write_scores
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
 from pipeline_core.initializer import initialize, plan_summary
@@ -88,6 +89,7 @@ def run_job(job: Job, options: RunOptions) -> int:
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
     run_identity, embedding = job_identity(job, options.limit)  # a pattern that matches nothing: exit 2 now
+    evaluation = Evaluation.from_manifest(job.config)  # ROUGE without its package: exit 2 now
     with StopOnSignals() as stop:
         # the dataset is opened and every column the job reads checked before OUTPUT is touched and before any weights
         # load: a misspelt file or column exits 2 in seconds, whatever the model's size, and its fix needs no --fresh
@@ -105,12 +107,14 @@ def run_job(job: Job, options: RunOptions) -> int:
         if finished:
             log.info("%s already holds this finished run; nothing to do", store, extra={"event": "already_finished"})
             code = finished_exit_code(store, job)
+            if evaluation is not None and read_scores(store) is None:  # finished before it was scored, or removed
+                _score_finished_run(store, evaluation, run_identity)
             _log_finished_summary(store, options, code)
             return code
         # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
         with Worker(store, layout.labels()) as worker:
             try:
-                code = _run(job, options, store, split, run_identity, stop, worker, embedding)
+                code = _run(job, options, store, split, run_identity, stop, worker, embedding, evaluation)
             except BaseException:
                 _give_back_claims(worker)
                 worker.beat(state="stopped")
@@ -202,11 +206,13 @@ def wait_for_rank_0(store: Store, run_identity: dict, stop: StopFlag,
 
 
 def _run(job: Job, options: RunOptions, store: Store, split: Split, run_identity: dict, stop: StopFlag,
-         worker: Worker, embedding: EmbeddingSettings | None = None) -> int:
+         worker: Worker, embedding: EmbeddingSettings | None = None, evaluation: Evaluation | None = None) -> int:
     started = time.monotonic()
     layout = options.layout
     pipeline = initialize(job, embedding)
     loaded = time.monotonic()
+    if evaluation is not None:
+        evaluation = evaluation.with_labels(_label_names(pipeline))
     task = build_task(job, pipeline, should_stop=lambda: stop.requested)
     run_fingerprint = fingerprint(run_identity)
     rows_per_part = job.get("output.rows_per_part")
@@ -230,7 +236,8 @@ def _run(job: Job, options: RunOptions, store: Store, split: Split, run_identity
         heap.after_batch()
 
     runner = PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop, on_batch=after_batch)
-    work = Work(job, store, split, task, share, limits, runner, progress, stop, run_fingerprint, worker)
+    work = Work(job, store, split, task, share, limits, runner, progress, stop, run_fingerprint, worker,
+                evaluation=evaluation)
     worker.record.update(device=str(pipeline.device), round_robin=share.round_robin)
     worker.figures = progress.figures
     work.metrics = RunMetrics(_process_identity(worker, pipeline, options.started, loaded), run_fingerprint)
@@ -272,6 +279,7 @@ class Work:
     fingerprint: str
     worker: Worker
     metrics: RunMetrics | None = None  # what this process measures, written per part (output/metrics.py)
+    evaluation: Evaluation | None = None  # how parts are scored, when the job has an evaluate section
     output_totals: dict = field(default_factory=dict)  # rows and failed rows of OUTPUT's parts, once finished
     pending: dict = field(default_factory=dict)  # {part: {slice offset: computed table}} of parts in progress
     workers: int = 0  # DataLoader workers of the next pass
@@ -324,7 +332,7 @@ class Work:
     def _loader(self):
         done = committed_parts(self.store.names())
         parts = PreparedParts(self.split, self.task, self.job.get("output.rows_per_part"),
-                              self.job.get("dataset.keep_columns"), self.limits, self.share, self.worker.claims,
+                              kept_columns(self.job), self.limits, self.share, self.worker.claims,
                               frozenset(done))
         return part_loader(parts, self.workers, pin_memory=self.runner.device.type == "cuda")
 
@@ -368,7 +376,7 @@ class Work:
     def _commit(self, index: int, slices: dict[int, pa.Table]) -> None:
         # the part's metrics first: a part is never committed without them, and one killed in between is redone
         measured = self.metrics.write_part(self.store, index) if self.metrics is not None else {}
-        facts = _commit_whole_part(index, slices, self.job, self.store, self.fingerprint)
+        facts = _commit_whole_part(index, slices, self.job, self.store, self.fingerprint, self.evaluation)
         self.worker.claims.release(index, done=True)
         committed = committed_parts(self.store.names())  # one listing for both figures
         parts, rows, peers = self._share_figures(committed)
@@ -460,6 +468,10 @@ class Work:
         info["finished"] = _now()
         info["rows"], info["failed_rows"] = rows, progress.failed_rows  # what a rerun's exit code is judged by
         info["processes"] = _process_summaries(worker_records(self.store))
+        if self.evaluation is not None:  # before _SUCCESS: a finished run has its scores
+            scores = score_parts(self.evaluation, self.store, done)
+            write_scores(self.store, scores)
+            self.output_totals["evaluation"] = scores
         self.store.put(RUN_INFO, json.dumps(info, indent=2, default=str).encode())
         self.store.put(PROGRESS, json.dumps(progress.snapshot(complete=True), indent=2).encode())
         if self.store.create(SUCCESS, b""):
@@ -513,10 +525,12 @@ def _compute_slice(part, runner: PartRunner, job: Job, progress: Progress) -> pa
     return assemble_part(part, results, runner.task.columns)
 
 
-def _commit_whole_part(index: int, slices: dict[int, pa.Table], job: Job, store, run_fingerprint: str) -> PartFacts:
+def _commit_whole_part(index: int, slices: dict[int, pa.Table], job: Job, store, run_fingerprint: str,
+                       evaluation: Evaluation | None = None) -> PartFacts:
     table = pa.concat_tables([slices[offset] for offset in sorted(slices)])
-    commit_part(store, index, table, job.get("output.compression"), run_fingerprint)
-    return PartFacts(index, table.num_rows, table.num_rows - table.column("error").null_count)
+    statistics = evaluation.part_statistics(table) if evaluation is not None else None
+    commit_part(store, index, table, job.get("output.compression"), run_fingerprint, statistics)
+    return PartFacts(index, table.num_rows, table.num_rows - table.column("error").null_count, statistics)
 
 
 def verified_parts(store: Store, run_fingerprint: str, rows_per_part: int,
@@ -594,7 +608,7 @@ def _discard(store: Store) -> None:
         raise OutputBusy(f"--fresh would discard {store} while {len(live)} live process(es) write it, e.g. pid "
                          f"{live[0].get('pid')} on {live[0].get('host')}; retry when they have finished")
     names = store.names()
-    for name in (SUCCESS, PROGRESS):
+    for name in (SUCCESS, EVAL, PROGRESS):
         store.remove(name)
     for name in names:
         if committed_parts([name]) or CLAIM_PATTERN.fullmatch(name) or WORKER_PATTERN.fullmatch(name):
@@ -632,6 +646,7 @@ def _run_info(job: Job, run_identity: dict, pipeline) -> dict:
         "dtype": summary["dtype"],
         "generation_config": summary["generation_config"],
         "stages": summary["stages"],
+        "label_names": _label_names(pipeline),  # how integer references are named when the run is scored
         "host": platform.node(),
         "started": _now(),
         "finished": None,
@@ -675,7 +690,25 @@ def _log_finished_summary(store: Store, options: RunOptions, code: int) -> None:
                "rows_per_second": 0.0, "tokens_per_second": 0.0, "real_tokens": 0, "padded_tokens": 0,
                "padding_efficiency": None, "device": info.get("device"), "dtype": info.get("dtype"),
                "output_rows": rows, "output_failed_rows": failed_rows, "exit_code": code}
+    scores = read_scores(store)
+    if scores is not None:
+        summary["evaluation"] = scores
     log.info("%s", summary_line(summary), extra={"event": "summary", **summary})
+
+
+def _label_names(pipeline) -> dict | None:
+    """text-classification's id2label (other models' configs have a default one that names nothing)."""
+    if pipeline.task != "text-classification":
+        return None
+    return {str(key): value for key, value in (getattr(pipeline.model.config, "id2label", None) or {}).items()}
+
+
+def _score_finished_run(store: Store, evaluation: Evaluation, run_identity: dict) -> None:
+    """_eval.json of a finished run that lacks it, from its parts."""
+    info = read_run_info(store)
+    evaluation = evaluation.with_labels(info.get("label_names"))
+    done = verified_parts(store, info.get("fingerprint"), run_identity["output.rows_per_part"])
+    write_scores(store, score_parts(evaluation, store, done))
 
 
 def _share_rows(share: Share, total_rows: int | None, rows_per_part: int) -> int | None:

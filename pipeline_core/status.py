@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline_core.errors import UsageError
+from pipeline_core.evaluation import read_scores, score_line
 from pipeline_core.layout import Layout, Share
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.claims import held_claims, worker_records
@@ -58,6 +59,7 @@ def run_status(output: str) -> dict:
         "shards": _shards(records, progress.get("parts_total"), {fact.index for fact in good}),
         "started": info.get("started"),
         "finished": info.get("finished"),
+        "evaluation": read_scores(store) if complete else None,
     }
 
 
@@ -152,6 +154,8 @@ def render_status(status: dict) -> str:
     if status["rows_per_second"] is not None:
         eta = status["eta_seconds"]
         lines.append(f"  speed   {status['rows_per_second']:,.1f} rows/s" + (f", ETA {eta:,.0f}s" if eta else ""))
+    if status.get("evaluation"):
+        lines.append(f"  scores  {score_line(status['evaluation'])}")
     for process in status["processes"]:
         heartbeat = process["heartbeat"]
         lines.append(f"  process {_who(process)}: pid {process['pid']} on {process['host']}, "

@@ -51,16 +51,10 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "batchrun" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["evaluate", "outputs/x"], "`batchrun evaluate` is not implemented yet"),
-    ],
-)
-def test_commands_not_landed_refuse_instead_of_pretending(capsys, args, message):
-    assert run_cli(args) == 2
+def test_evaluate_of_a_directory_without_a_run_exits_2(capsys, tmp_path):
+    assert run_cli(["evaluate", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
-    assert message in err and out == ""
+    assert "holds no batchrun run (no _batchrun.json)" in err and out == ""
 
 
 SCHEDULER_VARIABLES = ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT",

@@ -38,6 +38,7 @@ def test_defaults_fill_every_key_in_table_order(tmp_path):
         "output": {"path": "outputs/nightly-eval", "storage_options": {}, "rows_per_part": 4096,
                    "compression": "zstd"},
         "errors": {"on_error": "record", "max_error_rate": 0.0},
+        "evaluate": {"reference_column": None, "metrics": None},
     }
     assert job.get("batching.max_tokens") == "auto"
 

@@ -124,8 +124,8 @@ def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(f
     info = json.loads(raw)
     assert raw == json.dumps(info, indent=2)
     assert list(info) == ["name", "fingerprint", "identity", "manifest", "versions", "device", "dtype",
-                          "generation_config", "stages", "host", "started", "finished", "rows", "failed_rows",
-                          "processes"]
+                          "generation_config", "stages", "label_names", "host", "started", "finished", "rows",
+                          "failed_rows", "processes"]
     loaded = load_job(job, [])
     run_identity = runner_module.job_identity(loaded, None)[0]
     expected_identity = json.loads(json.dumps(run_identity))
@@ -361,7 +361,7 @@ def test_fresh_discards_exactly_the_runs_files(tmp_path):
     worker_record(tmp_path, "node-1-abc123", state="stopped")
     worker_record(tmp_path, "node-2-def456", state="running", heartbeat_age=3600)
     _discard(LocalStore(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", ".claim-x", ".worker-.json", "_eval.json", "notes.txt",
+    assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", ".claim-x", ".worker-.json", "notes.txt",
                                             "part-1.parquet"]
 
 

@@ -44,8 +44,12 @@ def test_shipped_job_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch, tiny_m
     assert run_cli(args) == 0
     result = pd.read_parquet(out)
     assert result["row_id"].tolist() == list(range(6))
-    assert result["id"].tolist() == [row["id"] for row in articles()[:6]]
+    data = ROOT / load_job(job_file, environ={}).get("dataset.data_files")
+    assert result["id"].tolist() == [json.loads(line)["id"] for line in data.read_text().splitlines()[:6]]
     assert result["error"].isna().all()
+    if load_job(job_file, environ={}).get("evaluate.reference_column"):  # scored: the tiny model's labels differ
+        scores = json.loads((out / "_eval.json").read_text())
+        assert scores["rows"] == 6 and scores["metrics"] == {"accuracy": 0.0, "macro_f1": 0.0}
 
 
 def test_quickstart_embedding_job_on_the_real_model(tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ from pipeline_core.tasks.text import Encoded
 
 
 def make_job(data_files=None, path="parquet", split="train", streaming=True, input_column="text", keep=(),
-             prompt=None, task="text-classification", name=None, revision=None) -> Job:
+             prompt=None, task="text-classification", name=None, revision=None, reference=None) -> Job:
     """The keys source.py reads, as load_job would fill them."""
     return Job(Path("job.yaml"), {
         "task": task,
@@ -54,6 +54,7 @@ def make_job(data_files=None, path="parquet", split="train", streaming=True, inp
         "dataset": {"path": path, "name": name, "data_files": data_files, "split": split, "revision": revision,
                     "streaming": streaming, "input_column": input_column, "image_column": "image",
                     "keep_columns": list(keep), "storage_options": {}},
+        "evaluate": {"reference_column": reference, "metrics": None},
     })
 
 
@@ -215,7 +216,7 @@ def test_a_missing_column_is_named_with_the_columns_there_are(files):
         open_split(make_job(files.a, input_column="body", keep=["id", "title"]))
     assert str(raised.value) == (
         "dataset 'parquet' (train) has no column 'body', 'title'; its columns are id, text, extra "
-        "(check dataset.input_column, dataset.keep_columns and model.prompt)")
+        "(check dataset.input_column, dataset.keep_columns, model.prompt and evaluate.reference_column)")
 
 
 def test_columns_are_checked_only_when_the_source_knows_them():
@@ -231,6 +232,8 @@ def test_columns_are_checked_only_when_the_source_knows_them():
     (make_job(input_column="body", prompt="Review by {author}: {body} ({stars:.1f}) {{literal}}",
               keep=["id", "author"]), ["body", "author", "stars", "id"]),
     (make_job(task="image-classification", keep=["id"]), ["image", "id"]),
+    (make_job(keep=["id", "gold"], reference="gold"), ["text", "id", "gold"]),  # the reference column: read once
+    (make_job(keep=["id"], reference="label"), ["text", "id", "label"]),
 ])
 def test_input_columns_are_the_input_the_prompts_fields_and_the_kept_ones_once_each(job, columns):
     assert input_columns(job) == columns

@@ -73,8 +73,8 @@ class PreparedParts(torch.utils.data.IterableDataset):
     """The parts of this process's share that it claims, prepared. Worker w of W tries every W-th part of the
     share's order, so the workers of one process never meet; other processes are kept off by the claims."""
 
-    def __init__(self, split: Split, task, rows_per_part: int, keep_columns: list[str], limits: BatchLimits,
-                 share: Share, claims, skip: frozenset[int] = frozenset()):
+    def __init__(self, split: Split, task, rows_per_part: int, keep_columns: list[str] | dict[str, str],
+                 limits: BatchLimits, share: Share, claims, skip: frozenset[int] = frozenset()):
         self.split = split
         self.task = task
         self.rows_per_part = rows_per_part
@@ -170,8 +170,9 @@ class _PastShare(Exception):
     """A sequential read has passed the share's last part: the rest of the stream is not this process's."""
 
 
-def prepare_part(index: int, first_row: int, table: pa.Table, task, keep_columns: list[str],
+def prepare_part(index: int, first_row: int, table: pa.Table, task, keep_columns: list[str] | dict[str, str],
                  limits: BatchLimits) -> PreparedPart:
+    """`keep_columns`: the columns to carry, or {column: its name in the output}."""
     encoded = task.encode(table)
     valid = [row for row, ids in enumerate(encoded.ids) if ids is not None]
     lengths = [len(encoded.ids[row]) for row in valid]
@@ -180,7 +181,10 @@ def prepare_part(index: int, first_row: int, table: pa.Table, task, keep_columns
     for batch in packed:
         rows = [valid[position] for position in batch]
         batches.append({"rows": rows, "inputs": task.collate(encoded, rows)})
-    return PreparedPart(index, first_row, table.num_rows, table.select(keep_columns), encoded, batches, sum(lengths))
+    kept = table.select(list(keep_columns))
+    if isinstance(keep_columns, dict):
+        kept = kept.rename_columns(list(keep_columns.values()))
+    return PreparedPart(index, first_row, table.num_rows, kept, encoded, batches, sum(lengths))
 
 
 def _pass_through(item):

@@ -25,6 +25,7 @@ from pipeline_core.data.layouts import dataset_source, saved_split_name
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
+from pipeline_core.manifest.spec import reference_output_column
 
 _SLICE = re.compile(r"(?P<name>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d*)\]")
 _SPLIT_NAME = re.compile(r"(?P<name>[\w.-]+)(?:\[[^\]]*\])?")
@@ -80,7 +81,18 @@ def input_columns(job: Job) -> list[str]:
     main = job.get("dataset.image_column") if image else job.get("dataset.input_column")
     prompt = job.get("model.prompt")
     fields = [field for _, field, _, _ in string.Formatter().parse(prompt) if field] if prompt else []
-    return list(dict.fromkeys([main, *fields, *job.get("dataset.keep_columns")]))
+    return list(dict.fromkeys([main, *fields, *kept_columns(job)]))
+
+
+def kept_columns(job: Job) -> dict[str, str]:
+    """Columns copied to the output unchanged, {dataset name: output name}: dataset.keep_columns, then
+    evaluate.reference_column (scored from the output's own rows, so `batchrun evaluate` can recompute the scores
+    from the parts), renamed reference_<name> where the task's output has a column of that name."""
+    kept = {column: column for column in job.get("dataset.keep_columns")}
+    reference = job.get("evaluate.reference_column")
+    if reference is not None:
+        kept.setdefault(reference, reference_output_column(job.get("task"), reference))
+    return kept
 
 
 def open_split(job: Job, limit: int | None = None) -> Split:
@@ -273,7 +285,7 @@ def _check_columns(job: Job, available: list[str] | None, needed: list[str]) -> 
         raise UsageError(
             f"dataset {job.get('dataset.path')!r} ({job.get('dataset.split')}) has no column "
             f"{', '.join(repr(column) for column in missing)}; its columns are {', '.join(available)} "
-            "(check dataset.input_column, dataset.keep_columns and model.prompt)"
+            "(check dataset.input_column, dataset.keep_columns, model.prompt and evaluate.reference_column)"
         )
 
 

@@ -31,6 +31,20 @@ TASK_COLUMNS = {
     "image-classification": ("label", "score"),
 }
 RESERVED_COLUMNS = ("row_id", "error")
+# Metrics each task can be scored by against evaluate.reference_column (pipeline_core/evaluation.py).
+METRICS = {
+    "text-classification": ("accuracy", "macro_f1"),
+    "summarization": ("rouge1", "rouge2", "rougeL", "exact_match"),
+    "text-generation": ("rouge1", "rouge2", "rougeL", "exact_match"),
+}
+
+
+def reference_output_column(task: str, column: str) -> str:
+    """The output's name for evaluate.reference_column: its own, or reference_<name> where the task's output already
+    has that name (most classification datasets call their reference `label`, which is also the prediction's)."""
+    return f"reference_{column}" if column in (*TASK_COLUMNS[task], *RESERVED_COLUMNS) else column
+
+
 # sentence-transformers' pooling modes (initializer/embedding.py reads them from checkpoints)
 POOLING = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 
@@ -299,6 +313,14 @@ KEYS: tuple[Key, ...] = (
     Key("errors.on_error", Choice("record", "fail"), "record",
         "record: a failed row gets its reason in `error`; fail: stop at the first."),
     Key("errors.max_error_rate", Number(0, 1), 0.0, "Share of failed rows above which the run exits 3."),
+    # evaluate
+    Key("evaluate.reference_column", OPTIONAL_TEXT, None,
+        "Column holding each row's expected output: the run ends by scoring against it into _eval.json "
+        "(README: Evaluation); carried into the output like a kept column (as reference_<name> where the task's output "
+        "has that name)."),
+    Key("evaluate.metrics", AnyOf(Null(), TextList()), None,
+        "text-classification: accuracy, macro_f1; summarization and text-generation: rouge1, rouge2, rougeL, "
+        "exact_match; null = every metric that fits the task."),
 )
 
 KEYS_BY_PATH = {key.path: key for key in KEYS}

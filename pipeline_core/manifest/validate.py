@@ -15,9 +15,11 @@ from pipeline_core.manifest.spec import (
     DERIVED,
     KEYS,
     KEYS_BY_PATH,
+    METRICS,
     RESERVED_COLUMNS,
     SECTIONS,
     TASK_COLUMNS,
+    reference_output_column,
     show,
 )
 from pipeline_core.manifest.suggest import unknown_key_problem
@@ -86,12 +88,53 @@ def _check_together(job: dict) -> list[str]:
     duplicates = sorted({column for column in keep or [] if keep.count(column) > 1})
     if duplicates:
         problems.append(f"dataset.keep_columns lists {', '.join(duplicates)} more than once")
+    problems += _check_evaluate(job)
     _, prompt = lookup(job, "model.prompt")
     if prompt is not None:
         problems += _check_prompt(prompt)
     _, generation = lookup(job, "model.generation")
     if generation:
         problems += _check_generation(generation)
+    return problems
+
+
+def _check_evaluate(job: dict) -> list[str]:
+    """evaluate: metrics that exist and fit the task, and a name in the output for the reference column."""
+    task = job["task"]
+    _, reference = lookup(job, "evaluate.reference_column")
+    _, metrics = lookup(job, "evaluate.metrics")
+    fitting = METRICS.get(task, ())
+    if reference is None:
+        if metrics is not None:
+            return ["evaluate.metrics needs evaluate.reference_column, the dataset column holding each row's "
+                    "expected output"]
+        return []
+    if not fitting:
+        return [f"evaluate: the {task} task has no metrics; evaluation fits "
+                f"{', '.join(name for name in METRICS)}"]
+    problems = []
+    carried = reference_output_column(task, reference)
+    _, keep = lookup(job, "dataset.keep_columns")
+    if carried != reference and carried in (keep or []):
+        problems.append(f"evaluate.reference_column {show(reference)} is carried into the output as {carried} "
+                        f"(the {task} output has its own {reference}), which dataset.keep_columns also holds; "
+                        f"drop {carried} from dataset.keep_columns")
+    if metrics is not None and not metrics:
+        problems.append(f"evaluate.metrics is empty; list at least one of {', '.join(fitting)} (or leave it out "
+                        "for all of them)")
+    known = sorted({name for names in METRICS.values() for name in names})
+    for name in metrics or []:
+        if name not in known:
+            close = difflib.get_close_matches(name, fitting, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"evaluate.metrics: unknown metric {show(name)}; {hint}metrics that fit {task}: "
+                            f"{', '.join(fitting)}")
+        elif name not in fitting:
+            problems.append(f"evaluate.metrics: {name} does not fit {task}; metrics that fit it: "
+                            f"{', '.join(fitting)}")
+    duplicates = sorted({name for name in metrics or [] if metrics.count(name) > 1})
+    if duplicates:
+        problems.append(f"evaluate.metrics lists {', '.join(duplicates)} more than once")
     return problems
 
 

@@ -46,6 +46,9 @@ def identity(job: Job, limit: int | None, embedding: dict | None = None) -> dict
     values = {key: job.get(key) for key in IDENTITY_KEYS}
     values.update(embedding or {"model.pooling": "mean", "model.normalize": False})
     values["limit"] = limit
+    reference = job.get("evaluate.reference_column")
+    if reference is not None:  # carried into the output; absent otherwise, so runs without it keep their fingerprint
+        values["evaluate.reference_column"] = reference
     return values
 
 

@@ -140,6 +140,10 @@ def summary_line(summary: dict) -> str:
     line = "summary: " + ", ".join(words)
     if summary.get("output_rows") is not None and summary["output_rows"] != summary["rows"]:
         line += f"; the output holds {summary['output_rows']:,} rows, {summary['output_failed_rows']:,} failed"
+    if summary.get("evaluation"):
+        from pipeline_core.evaluation import score_line  # deferred: only scored runs need it
+
+        line += f"; scores: {score_line(summary['evaluation'])}"
     return line
 
 

@@ -6,6 +6,7 @@ row. A part's file appears only complete (store.put writes a hidden temporary, t
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -62,12 +63,22 @@ def encode_parquet(table: pa.Table, compression: str, facts: dict) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def commit_part(store, index: int, table: pa.Table, compression: str, fingerprint: str) -> None:
+def commit_part(store, index: int, table: pa.Table, compression: str, fingerprint: str,
+                evaluation: dict | None = None) -> None:
+    """`evaluation`: the part's statistics for the run's scores (evaluation.py), committed with its rows."""
     first_row = table.column("row_id")[0].as_py() if table.num_rows else -1
     failed = table.num_rows - table.column("error").null_count
     facts = {"fingerprint": fingerprint, "part": index, "first_row": first_row, "rows": table.num_rows,
              "failed_rows": failed}
+    if evaluation is not None:
+        facts["evaluation"] = json.dumps(evaluation, separators=(",", ":"))
     store.put(part_name(index), encode_parquet(table, compression, facts))
+
+
+def read_part_columns(store, index: int, columns: list[str]) -> pa.Table:
+    """Some columns of a committed part's rows."""
+    with store.open(part_name(index)) as file:
+        return pq.read_table(file, columns=columns)
 
 
 @dataclass
@@ -75,6 +86,15 @@ class PartFacts:
     index: int
     rows: int
     failed_rows: int
+    evaluation: dict | None = None  # the part's evaluation statistics, when the run is scored
+
+
+def _evaluation(raw: str | None) -> dict | None:
+    try:
+        stats = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None  # unreadable: the part's statistics are computed again from its rows
+    return stats if isinstance(stats, dict) else None
 
 
 def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int,
@@ -94,6 +114,8 @@ def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int,
         valid = (facts["fingerprint"] == fingerprint and int(facts["part"]) == index
                  and 0 < rows <= rows_per_part
                  and (split_start is None or first_row == split_start + index * rows_per_part))
-        return PartFacts(index, rows, int(facts["failed_rows"])) if valid else None
+        if not valid:
+            return None
+        return PartFacts(index, rows, int(facts["failed_rows"]), _evaluation(facts.get("evaluation")))
     except (KeyError, ValueError):
         return None
