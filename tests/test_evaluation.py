@@ -125,6 +125,79 @@ def test_part_statistics_and_scores_by_hand():
     assert numbered.result([numbered.part_statistics(ids)])["metrics"]["accuracy"] == 2 / 3
 
 
+def test_per_label_counts_within_one_part_by_hand():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    evaluation = Evaluation("text-classification", "gold", ("accuracy", "macro_f1"))
+    references = ["a", "a", "b", "b", "c", "c", "a", "a"]
+    predictions = ["a", "b", "b", "a", "a", "c", "a", "a"]
+    table = pa.table({"gold": references, "label": predictions, "error": pa.array([None] * 8, pa.string())})
+    stats = evaluation.part_statistics(table)
+    # a: right 3 times, predicted for b and c, missed once; b: right, predicted for a, missed once; c: right, missed
+    assert stats["labels"] == {"a": [3, 2, 1], "b": [1, 1, 1], "c": [1, 0, 1]} and stats["correct"] == 5
+    result = evaluation.result([stats])
+    precision, recall, f1, support = precision_recall_fscore_support(references, predictions, labels=["a", "b", "c"],
+                                                                     zero_division=0)
+    for position, label in enumerate(["a", "b", "c"]):
+        shown = result["labels"][label]
+        assert shown["precision"] == pytest.approx(precision[position], rel=1e-15)
+        assert shown["recall"] == pytest.approx(recall[position], rel=1e-15)
+        assert shown["f1"] == pytest.approx(f1[position], rel=1e-15)
+        assert shown["support"] == support[position]
+    assert result["metrics"]["macro_f1"] == pytest.approx(f1.mean(), rel=1e-15)
+    never_predicted = evaluation.result([evaluation.part_statistics(pa.table({
+        "gold": ["z"], "label": ["a"], "error": pa.array([None], pa.string())}))])
+    assert never_predicted["labels"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert never_predicted["labels"]["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_generation_statistics_over_two_parts_by_hand():
+    from rouge_score import rouge_scorer
+
+    evaluation = Evaluation("summarization", "gold", ("rouge1", "rouge2", "rougeL", "exact_match"))
+    first = pa.table({"gold": ["the cat sat on the mat", " a dog ", "x y z", None],
+                      "summary_text": ["the cat sat", "a dog", "z y x", "q"],
+                      "error": pa.array([None] * 4, pa.string())})
+    second = pa.table({"gold": ["red fish blue fish", "q", "one two"], "summary_text": ["red fish", None, "one two"],
+                       "error": [None, "failed", None]})
+    stats = [evaluation.part_statistics(first), evaluation.part_statistics(second)]
+    assert [(s["rows"], s["exact"], s["null_references"], s["skipped_rows"]) for s in stats] == [(3, 1, 1, 0),
+                                                                                                 (2, 1, 0, 1)]
+    result = evaluation.result(stats)
+    scored = [("the cat sat on the mat", "the cat sat"), (" a dog ", "a dog"), ("x y z", "z y x"),
+              ("red fish blue fish", "red fish"), ("one two", "one two")]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        expected = sum(scorer.score(gold, summary)[kind].fmeasure for gold, summary in scored) / 5
+        assert result["metrics"][kind] == pytest.approx(expected, rel=1e-12)
+    assert result["metrics"]["exact_match"] == 2 / 5  # surrounding whitespace does not count
+    assert (result["rows"], result["skipped_rows"], result["null_references"], result["parts"]) == (5, 1, 1, 2)
+    assert "labels" not in result
+    only_exact = Evaluation("summarization", "gold", ("exact_match",))
+    assert "rouge" not in only_exact.part_statistics(first)  # ROUGE is computed only when asked for
+
+
+def test_references_of_other_types_are_compared_as_text_by_hand():
+    evaluation = Evaluation("text-classification", "gold", ("accuracy",))
+    table = pa.table({"gold": [1.5, 2.0], "label": ["1.5", "2"], "error": pa.array([None] * 2, pa.string())})
+    assert evaluation.part_statistics(table)["correct"] == 1  # str(2.0) is "2.0"
+
+
+def test_footer_statistics_are_used_when_they_cover_the_metrics_by_hand():
+    from pipeline_core.evaluation import score_parts
+    from pipeline_core.output.parts import PartFacts
+
+    evaluation = Evaluation("text-classification", "gold", ("accuracy",))
+    stats = {"metrics": ["accuracy"], "rows": 4, "skipped_rows": 0, "null_references": 0, "correct": 3,
+             "labels": {"a": [3, 1, 1]}}
+    assert evaluation.covers(stats) and not evaluation.covers({**stats, "metrics": []}) and not evaluation.covers(None)
+    # covered: no part is read (no store is given)
+    assert score_parts(evaluation, None, {0: PartFacts(0, 4, 0, stats)})["metrics"]["accuracy"] == 0.75
+    with pytest.raises(AttributeError):  # not covered: the part's rows are read
+        score_parts(Evaluation("text-classification", "gold", ("accuracy", "macro_f1")), None,
+                    {0: PartFacts(0, 4, 0, stats)})
+
+
 def test_no_scored_row_gives_null_metrics():
     evaluation = Evaluation("summarization", "gold", ("exact_match",))
     table = pa.table({"gold": pa.array([None], pa.string()), "summary_text": ["x"],
