@@ -482,3 +482,18 @@ def test_a_finished_run_without_eval_json_gets_it_on_rerun_and_fresh_removes_it(
     (directory / "rows.jsonl").write_text("")  # an empty input: 0 rows, nothing scored
     assert jobs.run(job, "--fresh") == 0
     assert scores(directory / "out")["rows"] == 0 and scores(directory / "out")["metrics"]["accuracy"] is None
+
+
+def test_a_torchrun_launch_gives_the_scores_of_one_process(tmp_path, generation_reference):
+    reference_job, expected = generation_reference
+    directory = tmp_path / "launched"
+    directory.mkdir()
+    job = directory / "job.yaml"
+    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
+    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    torchrun = Path(sys.executable).parent / "torchrun"
+    process = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "pipeline_core", "run", str(job),
+                              "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert "as rank 0 of 2" in process.stderr
+    assert scores(directory / "out") == expected
