@@ -129,12 +129,13 @@ def test_per_label_counts_within_one_part_by_hand():
     from sklearn.metrics import precision_recall_fscore_support
 
     evaluation = Evaluation("text-classification", "gold", ("accuracy", "macro_f1"))
-    references = ["a", "a", "b", "b", "c", "c", "a", "a"]
-    predictions = ["a", "b", "b", "a", "a", "c", "a", "a"]
-    table = pa.table({"gold": references, "label": predictions, "error": pa.array([None] * 8, pa.string())})
+    references = ["a", "a", "b", "b", "c", "c", "a", "a", "c"]
+    predictions = ["a", "b", "b", "a", "a", "c", "a", "a", "b"]
+    table = pa.table({"gold": references, "label": predictions, "error": pa.array([None] * 9, pa.string())})
     stats = evaluation.part_statistics(table)
-    # a: right 3 times, predicted for b and c, missed once; b: right, predicted for a, missed once; c: right, missed
-    assert stats["labels"] == {"a": [3, 2, 1], "b": [1, 1, 1], "c": [1, 0, 1]} and stats["correct"] == 5
+    # a: right 3 times, predicted for b and c, missed once; b: right, predicted for a and c, missed once; c: right,
+    # missed twice
+    assert stats["labels"] == {"a": [3, 2, 1], "b": [1, 2, 1], "c": [1, 0, 2]} and stats["correct"] == 5
     result = evaluation.result([stats])
     precision, recall, f1, support = precision_recall_fscore_support(references, predictions, labels=["a", "b", "c"],
                                                                      zero_division=0)
@@ -158,14 +159,15 @@ def test_generation_statistics_over_two_parts_by_hand():
     first = pa.table({"gold": ["the cat sat on the mat", " a dog ", "x y z", None],
                       "summary_text": ["the cat sat", "a dog", "z y x", "q"],
                       "error": pa.array([None] * 4, pa.string())})
-    second = pa.table({"gold": ["red fish blue fish", "q", "one two"], "summary_text": ["red fish", None, "one two"],
-                       "error": [None, "failed", None]})
+    # no stemming (the default scorer's): "dogs" and "dog", "running" and "runs" differ
+    second = pa.table({"gold": ["the dogs were running", "q", "one two"],
+                       "summary_text": ["a dog runs", None, "one two"], "error": [None, "failed", None]})
     stats = [evaluation.part_statistics(first), evaluation.part_statistics(second)]
     assert [(s["rows"], s["exact"], s["null_references"], s["skipped_rows"]) for s in stats] == [(3, 1, 1, 0),
                                                                                                  (2, 1, 0, 1)]
     result = evaluation.result(stats)
     scored = [("the cat sat on the mat", "the cat sat"), (" a dog ", "a dog"), ("x y z", "z y x"),
-              ("red fish blue fish", "red fish"), ("one two", "one two")]
+              ("the dogs were running", "a dog runs"), ("one two", "one two")]
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     for kind in ("rouge1", "rouge2", "rougeL"):
         expected = sum(scorer.score(gold, summary)[kind].fmeasure for gold, summary in scored) / 5
@@ -191,6 +193,9 @@ def test_footer_statistics_are_used_when_they_cover_the_metrics_by_hand():
     stats = {"metrics": ["accuracy"], "rows": 4, "skipped_rows": 0, "null_references": 0, "correct": 3,
              "labels": {"a": [3, 1, 1]}}
     assert evaluation.covers(stats) and not evaluation.covers({**stats, "metrics": []}) and not evaluation.covers(None)
+    computed = evaluation.part_statistics(pa.table({"gold": ["a"], "label": ["a"],
+                                                    "error": pa.array([None], pa.string())}))
+    assert evaluation.covers(computed)  # what a part's footer records covers the metrics it was computed for
     # covered: no part is read (no store is given)
     assert score_parts(evaluation, None, {0: PartFacts(0, 4, 0, stats)})["metrics"]["accuracy"] == 0.75
     with pytest.raises(AttributeError):  # not covered: the part's rows are read
@@ -237,6 +242,7 @@ def test_classification_scores_equal_scikit_learns(classified):
     per_label = f1_score(references, predictions, labels=labels, average=None, zero_division=0)
     for label, f1 in zip(labels, per_label, strict=True):
         assert result["labels"][label]["f1"] == pytest.approx(f1, rel=1e-12)
+    assert (result["reference_column"], result["output_column"], result["parts"]) == ("label", "reference_label", 10)
     table = pd.read_parquet(out)
     assert table.columns.tolist() == ["row_id", "id", "reference_label", "label", "score", "error"]
     carried = pq.read_table(out, columns=["reference_label"]).column(0).to_pylist()
@@ -497,3 +503,25 @@ def test_a_torchrun_launch_gives_the_scores_of_one_process(tmp_path, generation_
     assert process.returncode == 0, process.stderr
     assert "as rank 0 of 2" in process.stderr
     assert scores(directory / "out") == expected
+
+
+def test_a_part_whose_footer_lacks_a_metric_is_scored_from_its_rows(tmp_path):
+    """A part committed by an attempt that scored exact_match only, scored when ROUGE is added on resume."""
+    from rouge_score import rouge_scorer
+
+    from pipeline_core.evaluation import score_parts
+    from pipeline_core.output.parts import commit_part, read_part_facts
+    from pipeline_core.output.store import LocalStore
+
+    store = LocalStore(tmp_path)
+    table = pa.table({"row_id": [0, 1], "gold": ["the cat sat", "a dog"], "summary_text": ["the cat", "a dog"],
+                      "error": pa.array([None, None], pa.string())})
+    earlier = Evaluation("summarization", "gold", ("exact_match",))
+    commit_part(store, 0, table, "zstd", "f" * 16, earlier.part_statistics(table))
+    facts = {0: read_part_facts(store, 0, "f" * 16, 4)}
+    assert facts[0].evaluation["metrics"] == ["exact_match"] and "rouge" not in facts[0].evaluation
+    now = Evaluation("summarization", "gold", ("rouge1", "exact_match"))
+    result = score_parts(now, store, facts)
+    scorer = rouge_scorer.RougeScorer(["rouge1"])
+    expected = (scorer.score("the cat sat", "the cat")["rouge1"].fmeasure + 1.0) / 2
+    assert result["metrics"] == {"rouge1": pytest.approx(expected, rel=1e-12), "exact_match": 0.5}
