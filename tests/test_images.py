@@ -395,3 +395,34 @@ def test_without_pillow_an_image_job_exits_2_naming_the_extra(tmp_path, tiny_mod
     assert run_cli(["plan", str(job)]) == 2
     assert 'image-classification reads images with Pillow, which is not installed: pip install "batchrun[images]"' in (
         capsys.readouterr().err)
+
+
+def test_out_of_memory_halves_the_images_per_batch_and_a_failing_image_fails_alone(tmp_path, tiny_models, pictures,
+                                                                                   monkeypatch, caplog):
+    forward = image_classification.ImageClassificationTask.forward
+    seen = []
+
+    def small_device(task, model, inputs):
+        pixels = inputs["pixel_values"]
+        seen.append(len(pixels))
+        if len(pixels) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        if (pixels[:, 0, 0, 0] == poison).any():
+            raise RuntimeError("this image breaks the model")
+        return forward(task, model, inputs)
+
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    poison = processor(images=load_image(Image.open(io.BytesIO(pictures[5]))), return_tensors="pt")[
+        "pixel_values"][0, 0, 0, 0].item()
+    monkeypatch.setattr(image_classification.ImageClassificationTask, "forward", small_device)
+    data = image_parquet(tmp_path / "images.parquet", pictures)
+    job = write_job(tmp_path, tiny_models.image_classifier, {"path": "parquet", "data_files": str(data)},
+                    rows_per_part=8)
+    assert run(job) == 0
+    expected = reference(tiny_models.image_classifier, pictures)
+    expected[5] = None
+    result = pd.read_parquet(tmp_path / "out")
+    assert_matches(result, expected)
+    assert result["error"][5] == "forward pass failed: RuntimeError: this image breaks the model"
+    assert seen[0] == 4 and max(seen[1:]) <= 2  # after the first OOM, batches of at most half as many images
+    assert "batching.max_tokens is now 2 for this run" in caplog.text
