@@ -64,10 +64,10 @@ class PartRunner:
     def _within_budget(self, batch: dict, part):
         """The batch as packed by the worker, or re-packed here if an OOM lowered the budget since."""
         rows, inputs = batch["rows"], batch["inputs"]
-        if inputs["input_ids"].numel() <= self.budget.max_tokens or len(rows) == 1:
+        if batch_cost(inputs, rows) <= self.budget.max_tokens or len(rows) == 1:
             yield rows, inputs
             return
-        lengths = [len(part.encoded.ids[row]) for row in rows]
+        lengths = [part.encoded.length(row) for row in rows]
         for group in pack_batches(lengths, self.budget.max_tokens, len(rows)):
             subset = [rows[position] for position in group]
             yield subset, self.task.collate(part.encoded, subset)
@@ -94,7 +94,7 @@ class PartRunner:
     def _recover(self, error: Exception, rows: list[int], inputs: dict, part, results: list) -> None:
         out_of_memory = is_out_of_memory(error)
         if out_of_memory:
-            self.budget.lower(inputs["input_ids"].numel())
+            self.budget.lower(batch_cost(inputs, rows))
             _empty_cache(self.device)
         if len(rows) == 1:
             reason = "out of device memory even alone" if out_of_memory else f"{type(error).__name__}: {error}"
@@ -105,6 +105,13 @@ class PartRunner:
         half = len(rows) // 2
         for subset in (rows[:half], rows[half:]):
             self._run_rows(subset, self.task.collate(part.encoded, subset), part, results)
+
+
+def batch_cost(inputs: dict, rows: list[int]) -> int:
+    """What a batch costs in the token budget: its padded tokens; a batch of images, one per image (every image is
+    resized to the same size, so the images in a batch are what its memory grows with)."""
+    ids = inputs.get("input_ids")
+    return ids.numel() if ids is not None else len(rows)
 
 
 def padding(inputs: dict) -> tuple[int, int]:

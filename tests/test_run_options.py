@@ -1,7 +1,6 @@
 """README claims about job options, each checked in a real run against a plain reference: token-budget batching,
 streamed and not streamed reading, split slicing, `model.pooling: none`, Parquet codecs, truncation by
-`batching.max_length`, batch sizes and workers that change between attempts, data_files forms, remote code, and
-the planned image task.
+`batching.max_length`, batch sizes and workers that change between attempts, data_files forms and remote code.
 """
 
 from __future__ import annotations
@@ -268,10 +267,3 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"model.name={str(model)!r} cannot be loaded" in err and "trust_remote_code=True" in err
     assert "Traceback" not in err
-
-
-def test_image_classification_is_refused_as_planned_before_any_row_is_written(tmp_path, tiny_models, capsys):
-    job = write_job(tmp_path, "image-classification", tiny_models.image_classifier, [{"id": "a", "image": "x.png"}])
-    assert run(job, tmp_path / "out") == 2
-    assert "task 'image-classification' is planned but `batchrun run` cannot run it yet" in capsys.readouterr().err
-    assert not part_files(tmp_path / "out")

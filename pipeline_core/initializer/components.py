@@ -6,6 +6,7 @@ Remote code stays off unless the manifest turns it on; `dtype: auto` keeps the c
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,8 @@ def model_class_for(task: str, config) -> type:
 
 def load_components(job: Job) -> Components:
     name = job.get("model.name")
+    if job.get("task") in IMAGE_TASKS:
+        require_pillow(job.get("task"))  # before the weights load
     common = {"revision": job.get("model.revision"), "trust_remote_code": job.get("model.trust_remote_code")}
     config = _load("model", name, lambda: AutoConfig.from_pretrained(name, **common))
     model_class = model_class_for(job.get("task"), config)
@@ -83,6 +86,12 @@ def load_components(job: Job) -> Components:
         # multimodal repositories ship one processor instead; stage 5 takes its parts
         parts.processor = _optional(lambda: transformers.AutoProcessor.from_pretrained(name, **common))
     return parts
+
+
+def require_pillow(task: str) -> None:
+    """Exit 2 naming the extra: without Pillow the image processor would not load, and no image could be read."""
+    if importlib.util.find_spec("PIL") is None:
+        raise UsageError(f"{task} reads images with Pillow, which is not installed: pip install \"batchrun[images]\"")
 
 
 def _load(what: str, name: str, load):

@@ -285,7 +285,8 @@ KEYS: tuple[Key, ...] = (
     Key("dataset.streaming", Flag(), True,
         "Stream rows instead of downloading and converting the whole split first."),
     Key("dataset.input_column", Text(), "text", "Column holding each row's input text."),
-    Key("dataset.image_column", Text(), "image", "image-classification: column holding each row's image."),
+    Key("dataset.image_column", Text(), "image",
+        "image-classification: column holding each row's image: a datasets Image (bytes and path), bytes or a path."),
     Key("dataset.keep_columns", TextList(), [], "Columns copied to the output unchanged."),
     Key("dataset.storage_options", STORAGE_OPTIONS, {},
         "fsspec options for s3://, gs:// or az:// data_files (key, secret, endpoint_url, ...), passed to datasets; "

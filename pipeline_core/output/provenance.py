@@ -60,8 +60,10 @@ def input_provenance(job: Job, split: str | None) -> dict | None:
             require_backend(pattern, "dataset.data_files")  # exit 2 naming the extra, not an unknown input
         return {"kind": "remote", "files": remote_files(remote, job.get("dataset.storage_options"))}
     if os.path.isdir(path):
+        # an image job's directory of data files is its images: they are not documentation there
+        ignored = (".md",) if job.get("task") == "image-classification" else IGNORED_SUFFIXES
         return saved_dataset(path, split) or {"kind": "files", "files": local_files(
-            [os.path.join(path, relative) for relative, _ in listed_files(path)])}
+            [os.path.join(path, relative) for relative, _ in listed_files(path, ignored)])}
     if os.path.isfile(path):  # an .arrow file
         return {"kind": "files", "files": local_files([path])}
     if path in _PACKAGED_DATASETS_MODULES:
@@ -69,13 +71,13 @@ def input_provenance(job: Job, split: str | None) -> dict | None:
     return {"kind": "hub", "commit": cached_commit(path, job.get("dataset.revision"), "dataset")}
 
 
-def listed_files(directory: str) -> list[tuple[str, str]]:
+def listed_files(directory: str, ignored: tuple[str, ...] = IGNORED_SUFFIXES) -> list[tuple[str, str]]:
     """(relative name, path) of a directory's files, subfolders included (2_Dense/), hidden ones and docs left out."""
     found = []
     for root, folders, names in os.walk(directory):
         folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
         for name in sorted(names):
-            if not name.startswith(".") and not name.lower().endswith(IGNORED_SUFFIXES):
+            if not name.startswith(".") and not name.lower().endswith(ignored):
                 path = os.path.join(root, name)
                 found.append((os.path.relpath(path, directory).replace(os.sep, "/"), path))
     return found

@@ -13,6 +13,7 @@ from pipeline_core.manifest import Job
 from pipeline_core.tasks.classification import TextClassificationTask
 from pipeline_core.tasks.feature_extraction import FeatureExtractionTask, prompt_length
 from pipeline_core.tasks.generation import GenerationTask
+from pipeline_core.tasks.image_classification import ImageClassificationTask, ImageEncoder
 from pipeline_core.tasks.text import TextEncoder
 from pipeline_core.tasks.token_classification import TokenClassificationTask
 
@@ -20,6 +21,9 @@ from pipeline_core.tasks.token_classification import TokenClassificationTask
 def build_task(job: Job, pipeline: InferencePipeline, should_stop=lambda: False):
     task = job.get("task")
     model = pipeline.model
+    if task == "image-classification":
+        encoder = ImageEncoder(pipeline.components.image_processor, job.get("dataset.image_column"), model.dtype)
+        return ImageClassificationTask(encoder, model.config)
     # CUDA kernels prefer shapes in multiples of 8; elsewhere padding is pure waste
     pad_multiple = 8 if pipeline.device.type == "cuda" else 1
     embedding = pipeline.embedding

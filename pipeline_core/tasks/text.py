@@ -24,6 +24,10 @@ class Encoded:
     offsets: list[list[tuple[int, int]] | None] | None = None
     texts: list[str | None] | None = None  # kept when a task needs the original text back (entity words)
 
+    def length(self, row: int) -> int:
+        """What the row costs in a batch's token budget: its tokens."""
+        return len(self.ids[row])
+
 
 class TextEncoder:
     def __init__(
