@@ -28,6 +28,15 @@ from pipeline_core.manifest import load_job
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def copy_job(reference_job: Path, directory: Path) -> Path:
+    """The reference job and its rows in `directory`, writing to directory/out."""
+    directory.mkdir()
+    job = directory / "job.yaml"
+    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
+    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    return job
+
+
 def add_evaluate(job: Path, section: str) -> Path:
     job.write_text(job.read_text() + f"evaluate: {section}\n")
     return job
@@ -419,11 +428,8 @@ def generation_reference(tmp_path_factory, tiny_models):
 
 def test_kill_9_then_resume_gives_the_same_eval_json(tmp_path, generation_reference):
     reference_job, expected = generation_reference
-    directory = tmp_path / "killed"
-    directory.mkdir()
-    job = directory / "job.yaml"
-    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
-    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    job = copy_job(reference_job, tmp_path / "killed")
+    directory = job.parent
     out = directory / "out"
     log = tmp_path / "killed.log"
     with open(log, "w") as stderr:
@@ -459,11 +465,8 @@ def test_metrics_added_on_resume_are_computed_for_the_parts_already_committed(tm
 
 def test_shards_give_the_scores_of_one_process(tmp_path, classified):
     reference_job, out, _ = classified
-    directory = tmp_path / "shards"
-    directory.mkdir()
-    job = directory / "job.yaml"
-    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
-    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    job = copy_job(reference_job, tmp_path / "shards")
+    directory = job.parent
     assert jobs.run(job, "--num-shards", "2", "--shard-index", "1") == 0
     assert not (directory / "out" / "_eval.json").exists()  # the job is not finished yet
     assert jobs.run(job, "--num-shards", "2", "--shard-index", "0") == 0
@@ -472,11 +475,8 @@ def test_shards_give_the_scores_of_one_process(tmp_path, classified):
 
 def test_a_finished_run_without_eval_json_gets_it_on_rerun_and_fresh_removes_it(tmp_path, classified):
     reference_job, out, _ = classified
-    directory = tmp_path / "again"
-    directory.mkdir()
-    job = directory / "job.yaml"
-    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
-    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    job = copy_job(reference_job, tmp_path / "again")
+    directory = job.parent
     assert jobs.run(job) == 0
     (directory / "out" / "_eval.json").unlink()
     assert jobs.run(job) == 0
@@ -492,11 +492,8 @@ def test_a_finished_run_without_eval_json_gets_it_on_rerun_and_fresh_removes_it(
 
 def test_a_torchrun_launch_gives_the_scores_of_one_process(tmp_path, generation_reference):
     reference_job, expected = generation_reference
-    directory = tmp_path / "launched"
-    directory.mkdir()
-    job = directory / "job.yaml"
-    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
-    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    job = copy_job(reference_job, tmp_path / "launched")
+    directory = job.parent
     torchrun = Path(sys.executable).parent / "torchrun"
     process = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "pipeline_core", "run", str(job),
                               "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
