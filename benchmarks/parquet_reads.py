@@ -53,6 +53,7 @@ def make_job(paths: list[str]) -> Job:
         "task": "text-classification", "model": {"prompt": None},
         "dataset": {"path": "parquet", "name": None, "data_files": paths, "split": "train", "revision": None,
                     "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": ["id"]},
+        "evaluate": {"reference_column": None, "metrics": None},
     })
 
 

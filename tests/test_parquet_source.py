@@ -25,6 +25,7 @@ def make_job(data_files, split="train", keep=("id",)) -> Job:
         "dataset": {"path": "parquet", "name": None, "data_files": data_files, "split": split, "revision": None,
                     "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": list(keep),
                     "storage_options": {}},
+        "evaluate": {"reference_column": None, "metrics": None},
     })
 
 
