@@ -687,7 +687,7 @@ def test_status_of_a_live_run_of_several_processes_lists_them_with_their_claims(
              "device": "cuda:0", "rows_per_second": None, "parts_done": None, "heartbeat": rank_1["heartbeat"],
              "claims": [4]},
         ],
-        "shards": None, "started": "2026-11-29T10:00:00+0000", "finished": None,
+        "shards": None, "started": "2026-11-29T10:00:00+0000", "finished": None, "evaluation": None,
     }
     assert status_of(out, capsys).splitlines() == [
         f"{out}: tiny ({FINGERPRINT}), running (2 processes)",
