@@ -107,8 +107,8 @@ def run_job(job: Job, options: RunOptions) -> int:
         if finished:
             log.info("%s already holds this finished run; nothing to do", store, extra={"event": "already_finished"})
             code = finished_exit_code(store, job)
-            if evaluation is not None and read_scores(store) is None:  # finished before it was scored, or removed
-                _score_finished_run(store, evaluation, run_identity)
+            if evaluation is not None and not _scored_as_asked(read_scores(store), evaluation):
+                _score_finished_run(store, evaluation, run_identity)  # unscored, removed, or other metrics asked for
             _log_finished_summary(store, options, code)
             return code
         # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
@@ -701,6 +701,10 @@ def _label_names(pipeline) -> dict | None:
     if pipeline.task != "text-classification":
         return None
     return {str(key): value for key, value in (getattr(pipeline.model.config, "id2label", None) or {}).items()}
+
+
+def _scored_as_asked(scores: dict | None, evaluation: Evaluation) -> bool:
+    return scores is not None and list(scores.get("metrics") or {}) == list(evaluation.metrics)
 
 
 def _score_finished_run(store: Store, evaluation: Evaluation, run_identity: dict) -> None:

@@ -473,7 +473,7 @@ def test_shards_give_the_scores_of_one_process(tmp_path, classified):
     assert scores(directory / "out") == scores(out)
 
 
-def test_a_finished_run_without_eval_json_gets_it_on_rerun_and_fresh_removes_it(tmp_path, classified):
+def test_a_finished_run_is_scored_again_on_rerun_when_unscored_or_asked_other_metrics(tmp_path, classified):
     reference_job, out, _ = classified
     job = copy_job(reference_job, tmp_path / "again")
     directory = job.parent
@@ -481,6 +481,13 @@ def test_a_finished_run_without_eval_json_gets_it_on_rerun_and_fresh_removes_it(
     (directory / "out" / "_eval.json").unlink()
     assert jobs.run(job) == 0
     assert scores(directory / "out") == scores(out)
+    # other metrics asked of the finished run: scored again, without computing any part
+    parts = {path.name: path.stat().st_mtime_ns for path in (directory / "out").glob("part-*.parquet")}
+    text = job.read_text()
+    job.write_text(text.replace("{reference_column: label}", "{reference_column: label, metrics: [accuracy]}"))
+    assert jobs.run(job) == 0
+    assert scores(directory / "out")["metrics"] == {"accuracy": scores(out)["metrics"]["accuracy"]}
+    assert {path.name: path.stat().st_mtime_ns for path in (directory / "out").glob("part-*.parquet")} == parts
     # --fresh discards the scores with the parts: a new run that stops before the end has none
     job.write_text(job.read_text().replace("errors: {max_error_rate: 1.0}", "errors: {on_error: fail}"))
     assert jobs.run(job, "--fresh") == 1  # row 4's null text fails the run
