@@ -45,6 +45,15 @@ def write_job(directory: Path, model: Path, data: list[dict], task: str = "text-
     return job
 
 
+def copy_job(reference_job: Path, directory: Path) -> Path:
+    """The reference job and its rows in `directory`, writing to directory/out."""
+    directory.mkdir()
+    job = directory / "job.yaml"
+    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
+    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
+    return job
+
+
 def run(job: Path, *args: str) -> int:
     return run_cli(["run", str(job), "--no-progress", *args])
 

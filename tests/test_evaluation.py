@@ -19,22 +19,13 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 import jobs
-from jobs import start
+from jobs import copy_job, start
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import ManifestError
 from pipeline_core.evaluation import Evaluation
 from pipeline_core.manifest import load_job
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def copy_job(reference_job: Path, directory: Path) -> Path:
-    """The reference job and its rows in `directory`, writing to directory/out."""
-    directory.mkdir()
-    job = directory / "job.yaml"
-    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
-    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
-    return job
 
 
 def add_evaluate(job: Path, section: str) -> Path:

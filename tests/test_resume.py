@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import jobs
-from jobs import WORDS, output, rows, run, start
+from jobs import WORDS, copy_job, output, rows, run, start
 from pipeline_core.cli import run_cli
 from pipeline_core.output.claims import held_claims
 from pipeline_core.output.store import LocalStore
@@ -50,15 +50,6 @@ def reference(tmp_path_factory, tiny_models):
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     return job, output(job), time.monotonic() - started
-
-
-def copy_job(reference_job: Path, directory: Path) -> Path:
-    """The reference job, writing to directory/out."""
-    directory.mkdir()
-    job = directory / "job.yaml"
-    job.write_text(reference_job.read_text().replace(str(reference_job.parent), str(directory)))
-    (directory / "rows.jsonl").write_text((reference_job.parent / "rows.jsonl").read_text())
-    return job
 
 
 def kill_when_committed(job: Path, parts: int, log: Path) -> subprocess.Popen:

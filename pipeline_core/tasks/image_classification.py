@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
+from pipeline_core.data.files import one_line
 from pipeline_core.tasks.classification import best_labels, class_labels
 
 # A slice is prepared, held and handed from a worker to the model's process whole: 256 images of 224x224 are 154 MB
@@ -96,7 +97,8 @@ class ImageEncoder:
                 try:
                     outputs[position] = self._process([image])[0]
                 except Exception as error:  # noqa: BLE001 - recorded on the row
-                    failed[position] = f"the image processor failed: {type(error).__name__}: {one_line(error)}"[:1000]
+                    reason = f"{type(error).__name__}: {one_line(str(error))}"
+                    failed[position] = f"the image processor failed: {reason}"[:1000]
         for position, pixels in list(outputs.items()):
             shape = shape or tuple(pixels.shape)  # the first image's, where this is the slice's first chunk
             if tuple(pixels.shape) != shape:
@@ -150,12 +152,8 @@ def open_image(value, column: str):
     except UnidentifiedImageError:
         return None, f"{what} holds no image PIL can read"
     except Exception as error:  # noqa: BLE001 - truncated data, a decompression bomb, ...: recorded on the row
-        return None, f"{what} cannot be decoded: {type(error).__name__}: {one_line(error)}"[:1000]
+        return None, f"{what} cannot be decoded: {type(error).__name__}: {one_line(str(error))}"[:1000]
     return image, None
-
-
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
 
 
 def size(shape) -> str:
