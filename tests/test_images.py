@@ -333,6 +333,102 @@ def test_pixels_take_the_models_dtype(tiny_models):
     assert result.pixels.dtype == torch.bfloat16 and result.pixels.shape == (1, 3, 32, 32)
 
 
+def processed(processor, images: list[bytes]) -> torch.Tensor:
+    """The processor's own pixels for these images, opened as the pipeline opens them."""
+    return processor(images=[load_image(Image.open(io.BytesIO(data))) for data in images],
+                     return_tensors="pt")["pixel_values"]
+
+
+def odd_pictures() -> list[bytes]:
+    """JPEGs and PNGs of every mode, sizes up and down, one rotated by EXIF."""
+    images = [encoded(picture(seed, size, mode)) for seed, (size, mode) in
+              enumerate([((40, 30), "RGB"), ((8, 8), "L"), ((90, 50), "RGBA"), ((17, 61), "P")])]
+    images.append(encoded(picture(5, (64, 48), "CMYK"), "JPEG"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    images.append(encoded(picture(7, (60, 20)), "JPEG", quality=85, exif=exif))
+    return images
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # the tiny ViT's: 32x32, bilinear, rescale, normalize with 0.5
+    {"resample": 3, "do_center_crop": True, "size": {"height": 40, "width": 36},
+     "crop_size": {"height": 31, "width": 32}, "image_mean": [0.485, 0.456, 0.406],
+     "image_std": [0.229, 0.224, 0.225]},  # DeiT's steps: bicubic, then an odd centre crop
+    {"do_rescale": False},
+    {"do_normalize": False},
+    {"do_rescale": False, "do_normalize": False, "resample": 0},
+])
+def test_the_direct_steps_give_the_processors_pixels_bit_for_bit(tiny_models, settings):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier, **settings)
+    encoder = ImageEncoder(processor, "image", torch.float32)
+    assert encoder.direct is not None
+    images = odd_pictures()
+    result = encoder(pa.table({"image": images}))
+    assert encoder.direct is not None  # its check passed: the rows went the direct way
+    assert torch.equal(result.pixels, processed(processor, images))
+
+
+def test_the_direct_steps_round_to_the_models_dtype_as_the_pipeline_does(tiny_models):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    images = odd_pictures()
+    result = ImageEncoder(processor, "image", torch.bfloat16)(pa.table({"image": images}))
+    assert result.pixels.dtype == torch.bfloat16
+    assert torch.equal(result.pixels, processed(processor, images).to(torch.bfloat16))
+
+
+def test_processors_whose_steps_are_not_known_run_as_they_are(tiny_models):
+    from transformers import CLIPImageProcessorPil, ConvNextImageProcessorPil
+
+    of = image_classification.DirectProcessing.of
+    assert of(ConvNextImageProcessorPil()) is None  # its own resize (crop_pct)
+    assert of(CLIPImageProcessorPil()) is None  # a shortest edge: the size follows the image
+    assert of(AutoImageProcessor.from_pretrained(tiny_models.image_classifier, do_resize=False)) is None
+    assert of(AutoImageProcessor.from_pretrained(tiny_models.image_classifier, do_pad=True)) is None
+    assert of(AutoImageProcessor.from_pretrained(tiny_models.image_classifier, do_center_crop=True,
+                                                 crop_size={"height": 40, "width": 40})) is None  # it pads
+    assert of(object()) is None
+
+
+def test_direct_steps_that_miss_the_processors_pixels_are_dropped_for_the_processor(tiny_models, monkeypatch,
+                                                                                    caplog):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    encoder = ImageEncoder(processor, "image", torch.float32)
+    encoder.direct.table[0] += 1e-6  # one channel off by a hair
+    images = odd_pictures()
+    with caplog.at_level("INFO", logger="batchrun"):
+        result = encoder(pa.table({"image": images}))
+    assert encoder.direct is None
+    assert torch.equal(result.pixels, processed(processor, images))
+    assert ("the image processor runs as it is: batchrun's direct steps for ViTImageProcessorPil did not give its "
+            "pixels") in caplog.text
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_threads_give_the_pixels_and_errors_of_one_thread(tiny_models, direct):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    images = [encoded(picture(seed, (20 + seed, 30))) for seed in range(70)]  # 5 chunks of 16
+    images[3], images[40], images[41] = None, b"not an image", encoded(picture(1))[:60]  # in three chunks
+    table = pa.table({"image": images})
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            encoder = ImageEncoder(processor, "image", torch.float32)
+            if not direct:
+                encoder.direct, encoder.checked = None, True
+            results[count] = encoder(table)
+    finally:
+        torch.set_num_threads(threads)
+    one, three = results[1], results[3]
+    assert three.errors == one.errors and three.positions == one.positions
+    assert [n for n, error in enumerate(one.errors) if error] == [3, 40, 41]
+    assert torch.equal(three.pixels, one.pixels) and len(one.pixels) == 67
+    good = [data for data in images if data is not None and data != b"not an image" and len(data) > 60]
+    assert torch.equal(one.pixels, processed(processor, good))
+
+
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_models):
     # 36 JPEGs of 800x600 in 12 parts of 3: decoding them takes long enough to kill the run between parts
     images = [encoded(picture(seed, (800, 600)), "JPEG", quality=90) for seed in range(36)]

@@ -9,6 +9,8 @@ cannot be read, or a null, fails its own row only. PIL is imported here lazily: 
 from __future__ import annotations
 
 import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -22,6 +24,8 @@ from pipeline_core.tasks.classification import best_labels, class_labels
 IMAGE_SLICE_ROWS = 256
 # Images are decoded and resized this many at a time: a decoded 12-megapixel photo takes 36 MB until it is resized.
 DECODE_ROWS = 16
+
+log = logging.getLogger("batchrun")
 
 
 @dataclass
@@ -38,34 +42,31 @@ class EncodedImages:
 
 
 class ImageEncoder:
+    """Decodes a slice's images and runs the image processor on them, DECODE_ROWS at a time, in as many threads as
+    torch may use in this process: one in a DataLoader worker, the cores in the model's process when it prepares
+    its own rows. Decoding and PIL's resize release the GIL, so the threads share the cores for real."""
+
     def __init__(self, image_processor, column: str, dtype: torch.dtype):
         self.processor = image_processor
         self.column = column
         self.dtype = dtype  # the model's: the pipeline casts pixel_values to it too
+        self.direct = DirectProcessing.of(image_processor)
+        self.checked = self.direct is None  # the direct steps are checked against the processor once per process
 
     def __call__(self, table: pa.Table) -> EncodedImages:
         values = table.column(self.column).to_pylist()
-        errors: list[str | None] = [None] * len(values)
-        stacks, good = [], []  # the pixels of each chunk, and the rows they hold in order
-        for start in range(0, len(values), DECODE_ROWS):
-            images = {}
-            for row in range(start, min(start + DECODE_ROWS, len(values))):
-                image, errors[row] = open_image(values[row], self.column)
-                if image is not None:
-                    images[row] = image
-            shape = tuple(stacks[0].shape[1:]) if stacks else None
-            pixels, failed = self._pixels(list(images.values()), shape)
-            rows = list(images)
-            for position, error in failed.items():
-                errors[rows[position]] = error
-            if pixels.numel():
-                stacks.append(pixels)
-                good += [row for row in rows if errors[row] is None]
-        positions: list[int | None] = [None] * len(values)
-        for index, row in enumerate(good):
-            positions[row] = index
-        pixels = torch.cat(stacks) if len(stacks) > 1 else stacks[0] if stacks else torch.empty(0)
-        return EncodedImages(errors, pixels, positions)
+        chunks = [range(start, min(start + DECODE_ROWS, len(values))) for start in range(0, len(values), DECODE_ROWS)]
+        stack = _Stack(len(values), self.dtype)
+        while chunks and (stack.pixels is None or not self.checked):  # one by one until the first image is seen
+            self._chunk(values, chunks.pop(0), stack)
+        threads = min(torch.get_num_threads(), len(chunks))
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="batchrun-images") as pool:
+                list(pool.map(lambda rows: self._chunk(values, rows, stack), chunks))
+        else:
+            for rows in chunks:
+                self._chunk(values, rows, stack)
+        return stack.encoded()
 
     def collate(self, encoded: EncodedImages, rows: list[int]) -> dict[str, torch.Tensor]:
         """The batch's pixel_values: a view of the slice's stack where its rows lie together (no copy), as they do
@@ -76,39 +77,185 @@ class ImageEncoder:
             return {"pixel_values": encoded.pixels[first:first + len(positions)]}
         return {"pixel_values": encoded.pixels[positions]}
 
-    def _pixels(self, images: list, shape: tuple | None) -> tuple[torch.Tensor, dict[int, str]]:
-        """The images' pixel_values stacked, and {position: why} for those the processor could not take, or that
-        came out at another size than `shape` (the slice's first image's, once there is one). One call for all:
-        the processor's per-call overhead is paid once per chunk. Should it fail, the images go one at a time, so
-        that one odd image (or a processor whose output size follows each image) fails alone."""
-        if not images:
-            return torch.empty(0), {}
+    def _chunk(self, values: list, rows: range, stack: _Stack) -> None:
+        images = {}
+        for row in rows:
+            image, error = open_image(values[row], self.column)
+            if error is not None:
+                stack.errors[row] = error
+                continue
+            if not self.checked:
+                self._check(image)
+            if self.direct is None:
+                images[row] = image
+                continue
+            try:  # resized at once, while the decoded image is still in the CPU's cache
+                images[row] = self.direct.resize(image)
+            except Exception as error:  # noqa: BLE001 - recorded on the row, as the processor's failures are
+                stack.errors[row] = processor_failed(error)
+        if self.direct is not None:
+            stack.put_direct(images, self.direct)
+        elif images:
+            self._process(images, stack)
+
+    def _process(self, images: dict, stack: _Stack) -> None:
+        """Every image of the chunk in one processor call, so that its per-call overhead is paid once per chunk.
+        Should that call fail, the images go one at a time, so that one odd image (or a processor whose output
+        size follows each image) fails alone."""
         try:
-            stacked = self._process(images)
+            stacked = self.processor(images=list(images.values()), return_tensors="pt")["pixel_values"]
         except Exception:  # noqa: BLE001 - found again, one image at a time
             stacked = None
-        if stacked is not None and shape in (None, tuple(stacked.shape[1:])):
-            return stacked, {}
-        outputs, failed = {}, {}
         if stacked is not None:
-            outputs = dict(enumerate(stacked))
-        else:
-            for position, image in enumerate(images):
-                try:
-                    outputs[position] = self._process([image])[0]
-                except Exception as error:  # noqa: BLE001 - recorded on the row
-                    reason = f"{type(error).__name__}: {one_line(str(error))}"
-                    failed[position] = f"the image processor failed: {reason}"[:1000]
-        for position, pixels in list(outputs.items()):
-            shape = shape or tuple(pixels.shape)  # the first image's, where this is the slice's first chunk
-            if tuple(pixels.shape) != shape:
-                failed[position] = (f"the image processor made a {size(pixels.shape)} image where the slice's first "
-                                    f"is {size(shape)}; batchrun needs an image processor with a fixed output size")
-                del outputs[position]
-        return (torch.stack(list(outputs.values())) if outputs else torch.empty(0)), failed
+            stack.put(list(images), stacked)
+            return
+        for row, image in images.items():
+            try:
+                stack.put([row], self.processor(images=[image], return_tensors="pt")["pixel_values"])
+            except Exception as error:  # noqa: BLE001 - recorded on the row
+                stack.errors[row] = processor_failed(error)
 
-    def _process(self, images: list) -> torch.Tensor:
-        return self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.dtype)
+    def _check(self, image) -> None:
+        """Keep the direct steps only if they give the processor's own pixels, bit for bit, on the first image."""
+        self.checked = True
+        try:
+            processed = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+            same = torch.equal(self.direct.pixels(self.direct.resize(image)), processed)
+        except Exception:  # noqa: BLE001 - the processor's own call decides what the rows get
+            same = False
+        if not same:
+            log.info("the image processor runs as it is: batchrun's direct steps for %s did not give its pixels",
+                     type(self.processor).__name__)
+            self.direct = None
+
+
+class _Stack:
+    """A slice's pixels, a place for every row, filled by the chunks (in threads) as they finish; and why rows
+    failed. Every image must come out at the size of the slice's first: one of another size fails its row."""
+
+    def __init__(self, rows: int, dtype: torch.dtype):
+        self.errors: list[str | None] = [None] * rows
+        self.pixels: torch.Tensor | None = None
+        self.dtype = dtype
+        self.filled: set[int] = set()
+
+    def put(self, rows: list[int], pixels: torch.Tensor) -> None:
+        if self.pixels is None:  # the first chunk is done alone: no other thread allocates meanwhile
+            self.pixels = torch.empty((len(self.errors), *pixels.shape[1:]), dtype=self.dtype)
+        shape = tuple(self.pixels.shape[1:])
+        if tuple(pixels.shape[1:]) != shape:
+            for row in rows:
+                self.errors[row] = (f"the image processor made a {size(pixels.shape)} image where the slice's first "
+                                    f"is {size(shape)}; batchrun needs an image processor with a fixed output size")
+            return
+        for row, image in zip(rows, pixels, strict=True):
+            self.pixels[row] = image  # copy_ casts to the model's dtype, as the pipeline's .to(dtype) does
+        self.filled.update(rows)
+
+    def put_direct(self, images: dict, direct: DirectProcessing) -> None:
+        if self.pixels is None:
+            self.pixels = torch.empty((len(self.errors), *direct.shape), dtype=self.dtype)
+        for row, image in images.items():
+            direct.pixels(image, out=self.pixels[row])
+        self.filled.update(images)
+
+    def encoded(self) -> EncodedImages:
+        """The good rows' pixels in row order: the stack as it is when no row failed, else its good rows copied."""
+        good = sorted(self.filled)
+        positions: list[int | None] = [None] * len(self.errors)
+        for index, row in enumerate(good):
+            positions[row] = index
+        if not good:
+            pixels = torch.empty(0)
+        elif len(good) == len(self.errors):
+            pixels = self.pixels
+        else:
+            pixels = self.pixels[good]
+        return EncodedImages(self.errors, pixels, positions)
+
+
+class DirectProcessing:
+    """A PIL-backend image processor's steps done the short way, for the common processors that resize to a fixed
+    size and may centre-crop, rescale and normalize (ViT's and DeiT's; Swin checkpoints use ViT's). The processor
+    turns each image into numpy, back into a PIL image to resize it and into numpy again, then rescales and
+    normalizes it in float64 and float32 arrays. Here PIL's same resize runs on the decoded image, and rescaling and
+    normalizing become a table of 256 values a channel, computed with the processor's own arithmetic: the pixels
+    are the same bit for bit at a fraction of the cost. Only a processor that overrides none of those steps
+    qualifies, and ImageEncoder checks the pixels against the processor's before using it."""
+
+    STEPS = ("preprocess", "_preprocess_image_like_inputs", "_prepare_image_like_inputs", "process_image",
+             "_preprocess", "resize", "center_crop", "rescale", "normalize")
+
+    def __init__(self, processor):
+        self.size = (processor.size.width, processor.size.height)  # PIL's order
+        self.resample = int(processor.resample if processor.resample is not None else 2)  # 2: PIL's BILINEAR
+        height, width = processor.size.height, processor.size.width
+        self.crop = None
+        if processor.do_center_crop:
+            crop = processor.crop_size
+            top, left = (height - crop.height) // 2, (width - crop.width) // 2  # the processor's own arithmetic
+            self.crop = (slice(top, top + crop.height), slice(left, left + crop.width))
+            height, width = crop.height, crop.width
+        self.shape = (3, height, width)
+        self.table = self._table(processor).numpy()  # (channels, 256) float32: a uint8 value's processed value
+
+    @staticmethod
+    def _table(processor) -> torch.Tensor:
+        """What the processor makes of each of the 256 values of a channel: rescale in float64 then float32,
+        normalize in float32, as its numpy code does."""
+        values = torch.arange(256, dtype=torch.float64).expand(3, 256)
+        if processor.do_rescale:
+            values = values * processor.rescale_factor
+        values = values.to(torch.float32)
+        if processor.do_normalize:
+            mean, std = (torch.tensor(value, dtype=torch.float32).reshape(-1, 1).expand(3, 1)
+                         for value in (processor.image_mean, processor.image_std))
+            values = (values - mean) / std
+        return values.contiguous()
+
+    @classmethod
+    def of(cls, processor) -> DirectProcessing | None:
+        """The direct steps for this processor, or None where they are not known to be its steps."""
+        try:
+            from transformers.image_processing_backends import PilBackend
+            from transformers.image_utils import PILImageResampling
+        except ImportError:  # another transformers: its processor runs as it is
+            return None
+        kind = type(processor)
+        if not isinstance(processor, PilBackend) or any(
+                getattr(kind, step, None) is not getattr(PilBackend, step, None) for step in cls.STEPS):
+            return None
+        size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+        if (not processor.do_resize or size is None or not (size.height and size.width)
+                or size.shortest_edge or size.longest_edge or size.max_height or size.max_width
+                or getattr(processor, "do_pad", None)
+                or not isinstance(processor.resample, (int, PILImageResampling, type(None)))):
+            return None
+        if processor.do_center_crop and (crop is None or not (crop.height and crop.width)
+                                         or crop.height > size.height or crop.width > size.width):
+            return None  # a crop larger than the image pads it: the processor's own way
+        if processor.do_normalize and (processor.image_mean is None or processor.image_std is None):
+            return None
+        return cls(processor)
+
+    def resize(self, image):
+        """An RGB PIL image resized (and cropped) as the processor does it: (height, width, 3) uint8."""
+        import numpy as np
+
+        pixels = np.asarray(image.resize(self.size, self.resample))
+        return pixels[self.crop] if self.crop is not None else pixels
+
+    def pixels(self, resized, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(3, height, width) processed pixels of a resized image, written into `out` when it is given."""
+        import numpy as np
+
+        target = out if out is not None and out.dtype == torch.float32 else torch.empty(self.shape)
+        array = target.numpy()
+        for channel in range(3):
+            np.take(self.table[channel], resized[..., channel], out=array[channel], mode="clip")
+        if out is not None and target is not out:
+            out.copy_(target)  # the model's dtype, rounded as the pipeline's .to(dtype) rounds
+        return out if out is not None else target
 
 
 class ImageClassificationTask:
@@ -154,6 +301,10 @@ def open_image(value, column: str):
     except Exception as error:  # noqa: BLE001 - truncated data, a decompression bomb, ...: recorded on the row
         return None, f"{what} cannot be decoded: {type(error).__name__}: {one_line(str(error))}"[:1000]
     return image, None
+
+
+def processor_failed(error: Exception) -> str:
+    return f"the image processor failed: {type(error).__name__}: {one_line(str(error))}"[:1000]
 
 
 def size(shape) -> str:
