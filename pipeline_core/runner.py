@@ -371,7 +371,7 @@ class Work:
             del self.pending[part.index]
             self._commit(part.index, slices)
         if self.choice is not None and self.choice.chosen is None:  # the commit too: it stays in this process
-            self.choice.measure(part.seconds, time.perf_counter() - started, part.num_rows)
+            self.choice.measure(part.seconds, time.perf_counter() - started, part.num_rows, part.cpu_seconds)
 
     def _commit(self, index: int, slices: dict[int, pa.Table]) -> None:
         # the part's metrics first: a part is never committed without them, and one killed in between is redone

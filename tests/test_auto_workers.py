@@ -38,6 +38,18 @@ def test_choose_workers(prepare, compute, cores, threads, device, chosen):
     assert choose_workers(prepare, compute, cores, threads, device) == chosen
 
 
+@pytest.mark.parametrize("prepare, cpu, compute, cores, threads, device, chosen", [
+    (0.2, 0.2, 0.8, 8, 8, "cpu", 1),  # max(0.2, 0.8 x 8/7 = 0.91) < 0.95
+    (0.2, 1.2, 0.8, 8, 8, "cpu", 0),  # prepared on 6 threads: one worker alone takes 1.2 > 1.0
+    (0.5, 0.5, 0.3, 16, 1, "cuda", 2),  # 2: max(0.25, 0.3) = 0.3; 3 workers are not 5% faster
+    (0.5, 2.0, 0.3, 16, 1, "cuda", 7),  # 2.0 / 7 = 0.29 < 0.3: the workers need 7 to keep up
+    (0.5, 0.1, 0.3, 16, 1, "cuda", 2),  # waiting on reads is no less in a worker: the wall time bounds it
+])
+def test_a_worker_prepares_in_the_cpu_time_the_main_process_spent(prepare, cpu, compute, cores, threads, device,
+                                                                  chosen):
+    assert choose_workers(prepare, compute, cores, threads, device, prepare_cpu_seconds=cpu) == chosen
+
+
 def test_usable_cores_are_shared_by_the_processes_launched_here(monkeypatch):
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
     assert [usable_cores(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
@@ -49,6 +61,9 @@ def test_a_choice_measures_until_enough_then_describes_itself():
     assert not choice.enough()
     choice.measure(0.1, 0.4, 28)
     assert choice.enough() and choice.decide(cores=2, model_threads=2, device_type="cpu") == 0
+    assert choice.prepare_cpu_seconds == pytest.approx(0.6)  # none measured: the wall time stands for it
+    choice.measure(0.0, 0.0, 0, 3.0)
+    assert choice.prepare_cpu_seconds == pytest.approx(3.6)
     assert choice.describe(2) == "num_workers auto: 0 (preparing rows took 30% of the time with none, 128 rows " \
                                  "measured, 2 cores)"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -425,6 +426,34 @@ def test_in_the_main_process_every_part_not_skipped_is_claimed_and_prepared_then
     assert all(type(item.first_row) is int for item in items[:-1])
     # each prepared part is held until its commit releases it; a skipped (committed) part is never claimed
     assert claim_files(claims.store) == {".claim-000000.0": ME, ".claim-000002.0": ME, ".claim-000003.0": ME}
+
+
+def test_a_slices_preparation_is_timed_in_wall_and_in_cpu_seconds(claims):
+    """num_workers auto weighs both: a worker prepares on one thread what this process may prepare on several."""
+
+    class Waiting(WordTask):
+        def encode(self, table):
+            time.sleep(0.3)  # wall time, no CPU
+            return super().encode(table)
+
+    class Threaded(WordTask):
+        def encode(self, table):
+            def spin():
+                end = time.thread_time() + 0.25
+                while time.thread_time() < end:
+                    pass
+
+            threads = [threading.Thread(target=spin) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return super().encode(table)
+
+    waited = next(iter(parts_of(in_memory(3, False), claims, task=Waiting())))
+    assert waited.seconds >= 0.3 and waited.cpu_seconds < 0.1
+    spun = next(iter(parts_of(in_memory(3, False), Claims(claims.store, "other-1"), task=Threaded())))
+    assert spun.cpu_seconds >= 0.5  # both threads' CPU time, however long the wall took
 
 
 @pytest.mark.parametrize("worker, workers, skip, expected", [

@@ -48,6 +48,7 @@ class PreparedPart:
     offset: int = 0  # the slice's first row within the part
     part_rows: int = 0  # rows of the whole part: it is complete when its slices hold that many
     seconds: float = 0.0  # preparing the slice (and, for a part read on its own, reading it): num_workers auto
+    cpu_seconds: float = 0.0  # the same in CPU time, all of this process's threads: one worker's time alone
 
 
 @dataclass
@@ -158,13 +159,15 @@ class PreparedParts(torch.utils.data.IterableDataset):
         prepared here too, on a rerun above all, which would make preparing look dearer than it is."""
         slice_rows = getattr(self.task, "slice_rows", None) or SLICE_ROWS  # images: fewer, each row is large
         for offset in range(0, max(table.num_rows, 1), slice_rows):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             piece = table.slice(offset, slice_rows)
             first_row = self.split.offset + index * self.rows_per_part + offset  # row ids count the unsliced split
             part = prepare_part(index, first_row, piece, self.task, self.keep_columns, self.limits)
             part.offset, part.part_rows = offset, table.num_rows
             part.read = read if offset == 0 else None
-            part.seconds = time.perf_counter() - started + (read_seconds if offset == 0 else 0.0)
+            reading = read_seconds if offset == 0 else 0.0
+            part.seconds = time.perf_counter() - started + reading
+            part.cpu_seconds = time.process_time() - cpu_started + reading
             yield part
 
 

@@ -16,22 +16,25 @@ MAX_WORKERS = 8
 
 
 def choose_workers(prepare_seconds: float, compute_seconds: float, cores: int, model_threads: int,
-                   device_type: str) -> int:
+                   device_type: str, prepare_cpu_seconds: float | None = None) -> int:
     """The worker count with the shortest estimated time per row, preferring fewer unless more are >5% faster.
 
     With no workers a row costs prepare + compute in one process. With k workers preparation runs beside the
-    model, so a row costs the slower of the two: prepare / k (the workers sharing it), and compute, which on a CPU
-    slows by the cores the workers take from the model's threads (each busy worker holds one core). An accelerator
-    barely uses the CPU, so there the model keeps its speed and only the cores bound the count."""
+    model, so a row costs the slower of the two: the preparation's CPU time / k (the workers sharing it, each on one
+    thread, where the model's process may have prepared on several: image decoding threads, the tokenizers' pool),
+    and compute, which on a CPU slows by the cores the workers take from the model's threads (each busy worker
+    holds one core). An accelerator barely uses the CPU, so there the model keeps its speed and only the cores
+    bound the count."""
     if prepare_seconds <= 0 or cores < 2:
         return 0
     threads = max(1, min(model_threads, cores))
+    one_worker = prepare_seconds if prepare_cpu_seconds is None else max(prepare_seconds, prepare_cpu_seconds)
 
     def estimate(workers: int) -> float:
         if workers == 0:
             return prepare_seconds + compute_seconds
         slowdown = 1.0 if device_type != "cpu" else threads / min(threads, cores - workers)
-        return max(prepare_seconds / workers, compute_seconds * slowdown)
+        return max(one_worker / workers, compute_seconds * slowdown)
 
     best = 0
     for workers in range(1, min(cores - 1, MAX_WORKERS) + 1):  # the model's process keeps a core
@@ -55,19 +58,23 @@ class WorkerChoice:
 
     prepare_seconds: float = 0.0
     compute_seconds: float = 0.0
+    prepare_cpu_seconds: float = 0.0
     rows: int = 0
     chosen: int | None = None
 
-    def measure(self, prepare_seconds: float, compute_seconds: float, rows: int) -> None:
+    def measure(self, prepare_seconds: float, compute_seconds: float, rows: int,
+                prepare_cpu_seconds: float | None = None) -> None:
         self.prepare_seconds += prepare_seconds
         self.compute_seconds += compute_seconds
+        self.prepare_cpu_seconds += prepare_seconds if prepare_cpu_seconds is None else prepare_cpu_seconds
         self.rows += rows
 
     def enough(self) -> bool:
         return self.prepare_seconds + self.compute_seconds >= MEASURE_SECONDS
 
     def decide(self, cores: int, model_threads: int, device_type: str) -> int:
-        self.chosen = choose_workers(self.prepare_seconds, self.compute_seconds, cores, model_threads, device_type)
+        self.chosen = choose_workers(self.prepare_seconds, self.compute_seconds, cores, model_threads, device_type,
+                                     self.prepare_cpu_seconds)
         return self.chosen
 
     def describe(self, cores: int) -> str:
