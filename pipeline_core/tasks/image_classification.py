@@ -57,6 +57,8 @@ class ImageEncoder:
         values = table.column(self.column).to_pylist()
         chunks = [range(start, min(start + DECODE_ROWS, len(values))) for start in range(0, len(values), DECODE_ROWS)]
         stack = _Stack(len(values), self.dtype)
+        if self.direct is not None and self.checked:
+            stack.allocate(self.direct.shape)  # known before any image: every chunk may go to the threads
         while chunks and (stack.pixels is None or not self.checked):  # one by one until the first image is seen
             self._chunk(values, chunks.pop(0), stack)
         threads = min(torch.get_num_threads(), len(chunks))
@@ -139,9 +141,12 @@ class _Stack:
         self.dtype = dtype
         self.filled: set[int] = set()
 
+    def allocate(self, shape: tuple) -> None:
+        self.pixels = torch.empty((len(self.errors), *shape), dtype=self.dtype)
+
     def put(self, rows: list[int], pixels: torch.Tensor) -> None:
         if self.pixels is None:  # the first chunk is done alone: no other thread allocates meanwhile
-            self.pixels = torch.empty((len(self.errors), *pixels.shape[1:]), dtype=self.dtype)
+            self.allocate(tuple(pixels.shape[1:]))
         shape = tuple(self.pixels.shape[1:])
         if tuple(pixels.shape[1:]) != shape:
             for row in rows:
@@ -154,7 +159,7 @@ class _Stack:
 
     def put_direct(self, images: dict, direct: DirectProcessing) -> None:
         if self.pixels is None:
-            self.pixels = torch.empty((len(self.errors), *direct.shape), dtype=self.dtype)
+            self.allocate(direct.shape)
         for row, image in images.items():
             direct.pixels(image, out=self.pixels[row])
         self.filled.update(images)
