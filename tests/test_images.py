@@ -388,6 +388,9 @@ def test_processors_whose_steps_are_not_known_run_as_they_are(tiny_models):
     assert of(AutoImageProcessor.from_pretrained(tiny_models.image_classifier, do_center_crop=True,
                                                  crop_size={"height": 40, "width": 40})) is None  # it pads
     assert of(object()) is None
+    odd = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    odd.size = {"height": 32, "width": 32}  # a plain dict, where transformers 5 keeps a SizeDict
+    assert of(odd) is None
 
 
 def test_direct_steps_that_miss_the_processors_pixels_are_dropped_for_the_processor(tiny_models, monkeypatch,

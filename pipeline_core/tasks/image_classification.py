@@ -230,18 +230,24 @@ class DirectProcessing:
         if not isinstance(processor, PilBackend) or any(
                 getattr(kind, step, None) is not getattr(PilBackend, step, None) for step in cls.STEPS):
             return None
-        size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+        try:
+            return cls(processor) if cls._fixed_size(processor, PILImageResampling) else None
+        except (AttributeError, TypeError, ValueError):  # settings not shaped as transformers 5 shapes them
+            return None
+
+    @staticmethod
+    def _fixed_size(processor, resampling) -> bool:
+        """Whether the processor resizes every image to one size with a PIL filter, crops within it, and pads not."""
+        size, crop = processor.size, processor.crop_size
         if (not processor.do_resize or size is None or not (size.height and size.width)
                 or size.shortest_edge or size.longest_edge or size.max_height or size.max_width
                 or getattr(processor, "do_pad", None)
-                or not isinstance(processor.resample, (int, PILImageResampling, type(None)))):
-            return None
+                or not isinstance(processor.resample, (int, resampling, type(None)))):
+            return False
         if processor.do_center_crop and (crop is None or not (crop.height and crop.width)
                                          or crop.height > size.height or crop.width > size.width):
-            return None  # a crop larger than the image pads it: the processor's own way
-        if processor.do_normalize and (processor.image_mean is None or processor.image_std is None):
-            return None
-        return cls(processor)
+            return False  # a crop larger than the image pads it: the processor's own way
+        return not processor.do_normalize or (processor.image_mean is not None and processor.image_std is not None)
 
     def resize(self, image):
         """An RGB PIL image resized (and cropped) as the processor does it: (height, width, 3) uint8."""
