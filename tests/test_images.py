@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import datasets
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from test_resume import committed, kill_when_committed
 from transformers import AutoImageProcessor, AutoModelForImageClassification
-from transformers.image_utils import load_image
+from transformers.image_utils import SizeDict, load_image
 
 from jobs import start
 from pipeline_core.cli import run_cli
@@ -244,6 +245,18 @@ def test_a_value_that_is_no_image_bytes_or_path_fails_its_row():
     assert open_image({"bytes": None, "path": None}, "image") == (None, "image column 'image' is null")
 
 
+def test_a_struct_is_read_from_its_bytes_when_it_holds_them_else_from_its_path(tmp_path):
+    picture(1, (9, 7)).save(tmp_path / "a.png")
+    image, error = open_image({"bytes": encoded(picture(2, (5, 4))), "path": str(tmp_path / "a.png")}, "image")
+    assert error is None and image.size == (5, 4)
+    image, error = open_image({"bytes": None, "path": str(tmp_path / "a.png")}, "image")
+    assert error is None and image.size == (9, 7) and image.mode == "RGB"
+    data = encoded(picture(3, (64, 48)), "JPEG")[:300]
+    with pytest.raises(OSError) as raised:
+        Image.open(io.BytesIO(data)).load()
+    assert open_image(data, "image") == (None, f"image column 'image' cannot be decoded: OSError: {raised.value}")
+
+
 def test_a_plain_struct_of_bytes_and_path_and_a_binary_column(tmp_path, tiny_models, pictures):
     path = tmp_path / "on-disk.png"
     path.write_bytes(pictures[3])
@@ -388,6 +401,22 @@ def test_processors_whose_steps_are_not_known_run_as_they_are(tiny_models):
     assert of(AutoImageProcessor.from_pretrained(tiny_models.image_classifier, do_center_crop=True,
                                                  crop_size={"height": 40, "width": 40})) is None  # it pads
     assert of(object()) is None
+    assert of(AutoImageProcessor.from_pretrained(tiny_models.image_classifier, resample=None)) is None
+
+    class OwnResize(type(AutoImageProcessor.from_pretrained(tiny_models.image_classifier))):
+        def resize(self, image, size, resample=None, **kwargs):
+            return super().resize(image, size, resample, **kwargs)[:, ::-1]
+
+    assert of(OwnResize(size={"height": 32, "width": 32})) is None  # a step of its own
+    both = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    both.size = SizeDict(height=32, width=32, shortest_edge=32)  # transformers resizes by the shortest edge then
+    assert of(both) is None
+    tall = AutoImageProcessor.from_pretrained(tiny_models.image_classifier, do_center_crop=True,
+                                              crop_size={"height": 40, "width": 20})  # taller than the image: pads
+    assert of(tall) is None
+    whole = AutoImageProcessor.from_pretrained(tiny_models.image_classifier, do_center_crop=True,
+                                               crop_size={"height": 32, "width": 32})  # the whole image: a crop
+    assert of(whole) is not None
     odd = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
     odd.size = {"height": 32, "width": 32}  # a plain dict, where transformers 5 keeps a SizeDict
     assert of(odd) is None
@@ -405,6 +434,135 @@ def test_direct_steps_that_miss_the_processors_pixels_are_dropped_for_the_proces
     assert torch.equal(result.pixels, processed(processor, images))
     assert ("the image processor runs as it is: batchrun's direct steps for ViTImageProcessorPil did not give its "
             "pixels") in caplog.text
+
+
+@pytest.fixture
+def spied(monkeypatch) -> dict:
+    """Which thread prepared each chunk (by its first row), and how often each row was opened."""
+    seen: dict = {"threads": {}, "opened": []}
+    chunk, opener = ImageEncoder._chunk, image_classification.open_image
+
+    def spy_chunk(self, values, rows, stack):
+        seen["threads"][rows[0]] = threading.current_thread().name
+        return chunk(self, values, rows, stack)
+
+    def spy_open(value, column):
+        seen["opened"].append(value)
+        return opener(value, column)
+
+    monkeypatch.setattr(ImageEncoder, "_chunk", spy_chunk)
+    monkeypatch.setattr(image_classification, "open_image", spy_open)
+    return seen
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_go_to_as_many_threads_as_torch_may_use_each_image_opened_once(tiny_models, spied, direct, threads):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    encoder = ImageEncoder(processor, "image", torch.float32)
+    if not direct:
+        encoder.direct, encoder.checked = None, True
+    images = [encoded(picture(seed, (20, 30))) for seed in range(70)]  # chunks at rows 0, 16, 32, 48, 64
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        encoder(pa.table({"image": images[:40]}))  # the first slice: the direct steps are checked on its first image
+        spied["threads"].clear()
+        spied["opened"].clear()
+        encoder(pa.table({"image": images}))
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(spied["opened"]) == sorted(images)  # each once
+    names = spied["threads"]
+    assert sorted(names) == [0, 16, 32, 48, 64]
+    main = threading.current_thread().name
+    if threads == 1:
+        assert set(names.values()) == {main}
+        return
+    # the first chunk alone where the stack's size comes from the processor; every chunk in threads where it is known
+    pooled = [row for row, name in names.items() if name.startswith("batchrun-images")]
+    assert pooled == ([0, 16, 32, 48, 64] if direct else [16, 32, 48, 64])
+    assert len({names[row] for row in pooled}) <= 2
+
+
+def test_a_slice_of_bad_rows_only(tiny_models):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    result = ImageEncoder(processor, "image", torch.float32)(pa.table({"image": [None] * 20 + [b"no image"]}))
+    assert result.errors == ["image column 'image' is null"] * 20 + ["image column 'image' holds no image PIL can read"]
+    assert result.positions == [None] * 21 and result.pixels.numel() == 0
+
+
+def test_the_processor_is_called_once_a_chunk_and_once_in_all_to_check_the_direct_steps(tiny_models, monkeypatch):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    calls = []
+
+    class Counting:
+        def __call__(self, images, return_tensors):
+            calls.append(len(images))
+            return processor(images=images, return_tensors=return_tensors)
+
+    images = [encoded(picture(seed, (20, 30))) for seed in range(20)]
+    direct = ImageEncoder(processor, "image", torch.float32)
+    direct.processor = Counting()
+    direct(pa.table({"image": images}))
+    direct(pa.table({"image": images}))
+    assert calls == [1]  # the check, on the first image; the direct steps for the rest
+    calls.clear()
+    plain = ImageEncoder(Counting(), "image", torch.float32)
+    assert plain.direct is None
+    plain(pa.table({"image": images}))
+    assert calls == [16, 4]
+
+
+def test_a_processor_that_takes_images_only_one_at_a_time_gives_their_pixels(tiny_models):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+
+    class OneAtATime:
+        def __call__(self, images, return_tensors):
+            if len(images) > 1:
+                raise ValueError("one image at a time")
+            return processor(images=images, return_tensors=return_tensors)
+
+    images = [encoded(picture(seed, (20 + seed, 30))) for seed in range(5)]
+    result = ImageEncoder(OneAtATime(), "image", torch.float32)(pa.table({"image": images}))
+    assert result.errors == [None] * 5
+    assert torch.equal(result.pixels, processed(processor, images))
+
+
+def test_an_image_the_direct_steps_cannot_resize_fails_alone(tiny_models, monkeypatch):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    encoder = ImageEncoder(processor, "image", torch.float32)
+    resize = encoder.direct.resize
+
+    def fussy(image):
+        if image.size == (13, 13):
+            raise ValueError("no 13x13 images")
+        return resize(image)
+
+    monkeypatch.setattr(encoder.direct, "resize", fussy)
+    images = [encoded(picture(1, (20, 30))), encoded(picture(2, (13, 13))), encoded(picture(3, (30, 20)))]
+    result = encoder(pa.table({"image": images}))
+    assert result.errors == [None, "the image processor failed: ValueError: no 13x13 images", None]
+    assert torch.equal(result.pixels, processed(processor, [images[0], images[2]]))
+
+
+def test_direct_steps_that_raise_when_checked_are_dropped(tiny_models, monkeypatch):
+    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
+    encoder = ImageEncoder(processor, "image", torch.float32)
+    monkeypatch.setattr(encoder.direct, "pixels", lambda *args, **kwargs: 1 / 0)
+    images = [encoded(picture(seed, (20, 30))) for seed in range(3)]
+    result = encoder(pa.table({"image": images}))
+    assert encoder.direct is None and torch.equal(result.pixels, processed(processor, images))
+
+
+def test_a_processor_without_direct_steps_is_not_checked(caplog):
+    class Processor:
+        def __call__(self, images, return_tensors):
+            return {"pixel_values": torch.zeros(len(images), 3, 2, 2)}
+
+    with caplog.at_level("INFO", logger="batchrun"):
+        result = ImageEncoder(Processor(), "image", torch.float32)(pa.table({"image": [encoded(picture(1))]}))
+    assert result.pixels.shape == (1, 3, 2, 2) and "direct steps" not in caplog.text
 
 
 @pytest.mark.parametrize("direct", [True, False])

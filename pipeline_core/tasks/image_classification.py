@@ -193,7 +193,7 @@ class DirectProcessing:
 
     def __init__(self, processor):
         self.size = (processor.size.width, processor.size.height)  # PIL's order
-        self.resample = int(processor.resample if processor.resample is not None else 2)  # 2: PIL's BILINEAR
+        self.resample = int(processor.resample)
         height, width = processor.size.height, processor.size.width
         self.crop = None
         if processor.do_center_crop:
@@ -242,7 +242,7 @@ class DirectProcessing:
         if (not processor.do_resize or size is None or not (size.height and size.width)
                 or size.shortest_edge or size.longest_edge or size.max_height or size.max_width
                 or getattr(processor, "do_pad", None)
-                or not isinstance(processor.resample, (int, resampling, type(None)))):
+                or not isinstance(processor.resample, (int, resampling))):  # None: transformers refuses it
             return False
         if processor.do_center_crop and (crop is None or not (crop.height and crop.width)
                                          or crop.height > size.height or crop.width > size.width):
@@ -319,5 +319,5 @@ def processor_failed(error: Exception) -> str:
 
 
 def size(shape) -> str:
-    """'HxW' of a (channels, height, width) shape."""
-    return f"{shape[-2]}x{shape[-1]}" if shape else "none"
+    """'HxW' of an (images, channels, height, width) shape."""
+    return f"{shape[-2]}x{shape[-1]}"
