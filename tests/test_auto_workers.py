@@ -64,6 +64,10 @@ def test_a_choice_measures_until_enough_then_describes_itself():
     assert choice.prepare_cpu_seconds == pytest.approx(0.6)  # none measured: the wall time stands for it
     choice.measure(0.0, 0.0, 0, 3.0)
     assert choice.prepare_cpu_seconds == pytest.approx(3.6)
+
+    threaded = WorkerChoice()
+    threaded.measure(0.4, 1.6, 100, 2.4)  # prepared on several threads: 6x its wall time in CPU time
+    assert threaded.decide(cores=8, model_threads=8, device_type="cpu") == 0  # by wall time alone it would be 1
     assert choice.describe(2) == "num_workers auto: 0 (preparing rows took 30% of the time with none, 128 rows " \
                                  "measured, 2 cores)"
 
