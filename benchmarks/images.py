@@ -12,7 +12,7 @@ Both run with the same torch threads: the environment's (OMP_NUM_THREADS), inher
 batchrun's DataLoader workers take one thread each whatever it says.
 
 Setup: `pip install -e ".[images]"`.
-    python benchmarks/images.py                      # 512 images, batch 32, best of 3, ~6 minutes on 2 cores
+    python benchmarks/images.py                      # 1024 images, batch 32, best of 3, ~9 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/images.py    # one torch thread for both
     python benchmarks/images.py --images 64 --repeats 1   # smoke run
     python benchmarks/images.py --workers 0,1,auto   # batchrun once per batching.num_workers setting
@@ -139,7 +139,8 @@ def interleaved(methods: dict, repeats: int) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--images", type=int, default=1024,
+                        help="fixed costs (importing datasets, two model loads' spread) weigh less the more images")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each method's best counts")
     parser.add_argument("--workers", default="auto", help="batchrun's batching.num_workers, comma-separated")
