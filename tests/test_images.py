@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -436,6 +437,24 @@ def test_direct_steps_that_miss_the_processors_pixels_are_dropped_for_the_proces
             "pixels") in caplog.text
 
 
+@contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def encoder_of(processor, direct: bool) -> ImageEncoder:
+    """An encoder with its direct steps, or made to call the processor as it is."""
+    encoder = ImageEncoder(processor, "image", torch.float32)
+    if not direct:
+        encoder.direct, encoder.checked = None, True
+    return encoder
+
+
 @pytest.fixture
 def spied(monkeypatch) -> dict:
     """Which thread prepared each chunk (by its first row), and how often each row was opened."""
@@ -458,20 +477,13 @@ def spied(monkeypatch) -> dict:
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_chunks_go_to_as_many_threads_as_torch_may_use_each_image_opened_once(tiny_models, spied, direct, threads):
-    processor = AutoImageProcessor.from_pretrained(tiny_models.image_classifier)
-    encoder = ImageEncoder(processor, "image", torch.float32)
-    if not direct:
-        encoder.direct, encoder.checked = None, True
+    encoder = encoder_of(AutoImageProcessor.from_pretrained(tiny_models.image_classifier), direct)
     images = [encoded(picture(seed, (20, 30))) for seed in range(70)]  # chunks at rows 0, 16, 32, 48, 64
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
         encoder(pa.table({"image": images[:40]}))  # the first slice: the direct steps are checked on its first image
         spied["threads"].clear()
         spied["opened"].clear()
         encoder(pa.table({"image": images}))
-    finally:
-        torch.set_num_threads(before)
     assert sorted(spied["opened"]) == sorted(images)  # each once
     names = spied["threads"]
     assert sorted(names) == [0, 16, 32, 48, 64]
@@ -572,16 +584,9 @@ def test_threads_give_the_pixels_and_errors_of_one_thread(tiny_models, direct):
     images[3], images[40], images[41] = None, b"not an image", encoded(picture(1))[:60]  # in three chunks
     table = pa.table({"image": images})
     results = {}
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, 3):
-            torch.set_num_threads(count)
-            encoder = ImageEncoder(processor, "image", torch.float32)
-            if not direct:
-                encoder.direct, encoder.checked = None, True
-            results[count] = encoder(table)
-    finally:
-        torch.set_num_threads(threads)
+    for count in (1, 3):
+        with torch_threads(count):
+            results[count] = encoder_of(processor, direct)(table)
     one, three = results[1], results[3]
     assert three.errors == one.errors and three.positions == one.positions
     assert [n for n, error in enumerate(one.errors) if error] == [3, 40, 41]

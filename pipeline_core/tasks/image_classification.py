@@ -13,6 +13,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -122,7 +123,9 @@ class ImageEncoder:
         self.checked = True
         try:
             processed = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
-            same = torch.equal(self.direct.pixels(self.direct.resize(image)), processed)
+            mine = torch.empty(self.direct.shape)
+            self.direct.pixels(self.direct.resize(image), mine)
+            same = torch.equal(mine, processed)
         except Exception:  # noqa: BLE001 - the processor's own call decides what the rows get
             same = False
         if not same:
@@ -139,7 +142,6 @@ class _Stack:
         self.errors: list[str | None] = [None] * rows
         self.pixels: torch.Tensor | None = None
         self.dtype = dtype
-        self.filled: set[int] = set()
 
     def allocate(self, shape: tuple) -> None:
         self.pixels = torch.empty((len(self.errors), *shape), dtype=self.dtype)
@@ -155,18 +157,17 @@ class _Stack:
             return
         for row, image in zip(rows, pixels, strict=True):
             self.pixels[row] = image  # copy_ casts to the model's dtype, as the pipeline's .to(dtype) does
-        self.filled.update(rows)
 
     def put_direct(self, images: dict, direct: DirectProcessing) -> None:
         if self.pixels is None:
             self.allocate(direct.shape)
         for row, image in images.items():
-            direct.pixels(image, out=self.pixels[row])
-        self.filled.update(images)
+            direct.pixels(image, self.pixels[row])
 
     def encoded(self) -> EncodedImages:
-        """The good rows' pixels in row order: the stack as it is when no row failed, else its good rows copied."""
-        good = sorted(self.filled)
+        """The good rows' pixels in row order: the stack as it is when no row failed, else its good rows copied.
+        Every row has its pixels put or its error set."""
+        good = [row for row, error in enumerate(self.errors) if error is None]
         positions: list[int | None] = [None] * len(self.errors)
         for index, row in enumerate(good):
             positions[row] = index
@@ -192,9 +193,9 @@ class DirectProcessing:
              "_preprocess", "resize", "center_crop", "rescale", "normalize")
 
     def __init__(self, processor):
-        self.size = (processor.size.width, processor.size.height)  # PIL's order
-        self.resample = int(processor.resample)
         height, width = processor.size.height, processor.size.width
+        self.size = (width, height)  # PIL's order
+        self.resample = int(processor.resample)
         self.crop = None
         if processor.do_center_crop:
             crop = processor.crop_size
@@ -249,24 +250,19 @@ class DirectProcessing:
             return False  # a crop larger than the image pads it: the processor's own way
         return not processor.do_normalize or (processor.image_mean is not None and processor.image_std is not None)
 
-    def resize(self, image):
+    def resize(self, image) -> np.ndarray:
         """An RGB PIL image resized (and cropped) as the processor does it: (height, width, 3) uint8."""
-        import numpy as np
-
         pixels = np.asarray(image.resize(self.size, self.resample))
         return pixels[self.crop] if self.crop is not None else pixels
 
-    def pixels(self, resized, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(3, height, width) processed pixels of a resized image, written into `out` when it is given."""
-        import numpy as np
-
-        target = out if out is not None and out.dtype == torch.float32 else torch.empty(self.shape)
+    def pixels(self, resized: np.ndarray, out: torch.Tensor) -> None:
+        """A resized image's processed pixels, written into `out` (channels, height, width)."""
+        target = out if out.dtype == torch.float32 else torch.empty(self.shape)  # numpy has no bfloat16
         array = target.numpy()
-        for channel in range(3):
+        for channel in range(3):  # mode clip: no bounds check, a uint8 is always within the table
             np.take(self.table[channel], resized[..., channel], out=array[channel], mode="clip")
-        if out is not None and target is not out:
+        if target is not out:
             out.copy_(target)  # the model's dtype, rounded as the pipeline's .to(dtype) rounds
-        return out if out is not None else target
 
 
 class ImageClassificationTask:
