@@ -456,6 +456,20 @@ def test_a_slices_preparation_is_timed_in_wall_and_in_cpu_seconds(claims):
     assert spun.cpu_seconds >= 0.5  # both threads' CPU time, however long the wall took
 
 
+def test_a_part_is_prepared_in_slices_and_only_its_first_carries_the_reading(claims):
+    class Sliced(WordTask):
+        slice_rows = 2
+
+    parts = parts_of(in_memory(5, False), claims, rows_per_part=5, task=Sliced())
+    table = pa.table({"id": list(range(5)), "text": ["a b", "c", "d e f", "g", "h i"]})
+    slices = list(parts._prepare(0, table, read="the read", read_seconds=10.0))
+    assert [(piece.offset, piece.first_row, piece.num_rows, piece.part_rows) for piece in slices] == [
+        (0, 0, 2, 5), (2, 2, 2, 5), (4, 4, 1, 5)]
+    assert [piece.read for piece in slices] == ["the read", None, None]
+    assert 10.0 <= slices[0].seconds < 11.0 and 10.0 <= slices[0].cpu_seconds < 11.0
+    assert all(piece.seconds < 1.0 and piece.cpu_seconds < 1.0 for piece in slices[1:])
+
+
 @pytest.mark.parametrize("worker, workers, skip, expected", [
     (0, 2, frozenset(), [0, 2]),
     (1, 2, frozenset(), [1, 3]),

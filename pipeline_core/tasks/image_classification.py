@@ -224,7 +224,6 @@ class DirectProcessing:
         """The direct steps for this processor, or None where they are not known to be its steps."""
         try:
             from transformers.image_processing_backends import PilBackend
-            from transformers.image_utils import PILImageResampling
         except ImportError:  # another transformers: its processor runs as it is
             return None
         kind = type(processor)
@@ -232,18 +231,18 @@ class DirectProcessing:
                 getattr(kind, step, None) is not getattr(PilBackend, step, None) for step in cls.STEPS):
             return None
         try:
-            return cls(processor) if cls._fixed_size(processor, PILImageResampling) else None
+            return cls(processor) if cls._fixed_size(processor) else None
         except (AttributeError, TypeError, ValueError):  # settings not shaped as transformers 5 shapes them
             return None
 
     @staticmethod
-    def _fixed_size(processor, resampling) -> bool:
+    def _fixed_size(processor) -> bool:
         """Whether the processor resizes every image to one size with a PIL filter, crops within it, and pads not."""
         size, crop = processor.size, processor.crop_size
         if (not processor.do_resize or size is None or not (size.height and size.width)
                 or size.shortest_edge or size.longest_edge or size.max_height or size.max_width
                 or getattr(processor, "do_pad", None)
-                or not isinstance(processor.resample, (int, resampling))):  # None: transformers refuses it
+                or not isinstance(processor.resample, int)):  # PIL's filters are ints; transformers refuses None
             return False
         if processor.do_center_crop and (crop is None or not (crop.height and crop.width)
                                          or crop.height > size.height or crop.width > size.width):
