@@ -659,6 +659,22 @@ def test_without_pillow_an_image_job_exits_2_naming_the_extra(tmp_path, tiny_mod
         capsys.readouterr().err)
 
 
+def test_max_tokens_counts_each_image_as_one(tmp_path, tiny_models, pictures, monkeypatch):
+    forward = image_classification.ImageClassificationTask.forward
+    seen = []
+
+    def counting(task, model, inputs):
+        seen.append(len(inputs["pixel_values"]))
+        return forward(task, model, inputs)
+
+    monkeypatch.setattr(image_classification.ImageClassificationTask, "forward", counting)
+    data = image_parquet(tmp_path / "images.parquet", pictures[:8])
+    job = write_job(tmp_path, tiny_models.image_classifier, {"path": "parquet", "data_files": str(data)},
+                    rows_per_part=8, max_batch_size=64, max_tokens=3)
+    assert run(job) == 0
+    assert seen == [3, 3, 2]
+
+
 def test_out_of_memory_halves_the_images_per_batch_and_a_failing_image_fails_alone(tmp_path, tiny_models, pictures,
                                                                                    monkeypatch, caplog):
     forward = image_classification.ImageClassificationTask.forward
