@@ -364,7 +364,8 @@ class Work:
         slices[part.offset] = _compute_slice(part, self.runner, self.job, self.progress)
         if self.metrics is not None:
             self.metrics.slice_done(part.index, slices[part.offset], self.runner.take_measured(),
-                                    time.perf_counter() - started, part.seconds if not self.workers else 0.0)
+                                    time.perf_counter() - started, part.seconds if not self.workers else 0.0,
+                                    part.encoded.truncated_rows)
         if part.read is not None:
             self.progress.input_read(part.read)
         if sum(table.num_rows for table in slices.values()) >= part.part_rows:
@@ -686,9 +687,9 @@ def _log_finished_summary(store: Store, options: RunOptions, code: int) -> None:
     info = read_run_info(store)
     rows, failed_rows = _recorded_totals(info)
     wall = time.monotonic() - options.started
-    summary = {"rows": 0, "failed_rows": 0, "parts": 0, "wall_seconds": round(wall, 3), "load_seconds": 0.0,
-               "rows_per_second": 0.0, "tokens_per_second": 0.0, "real_tokens": 0, "padded_tokens": 0,
-               "padding_efficiency": None, "device": info.get("device"), "dtype": info.get("dtype"),
+    summary = {"rows": 0, "failed_rows": 0, "truncated_rows": 0, "parts": 0, "wall_seconds": round(wall, 3),
+               "load_seconds": 0.0, "rows_per_second": 0.0, "tokens_per_second": 0.0, "real_tokens": 0,
+               "padded_tokens": 0, "padding_efficiency": None, "device": info.get("device"), "dtype": info.get("dtype"),
                "output_rows": rows, "output_failed_rows": failed_rows, "exit_code": code}
     scores = read_scores(store)
     if scores is not None:

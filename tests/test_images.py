@@ -242,7 +242,7 @@ def test_a_column_of_paths(tmp_path, tiny_models, pictures):
 
 
 def test_a_value_that_is_no_image_bytes_or_path_fails_its_row():
-    assert open_image(7, "image") == (None, "image column 'image' holds int, not an image, its bytes or a path")
+    assert open_image(7, "image") == (None, "image column 'image' holds a number, not an image, its bytes or a path")
     assert open_image({"bytes": None, "path": None}, "image") == (None, "image column 'image' is null")
 
 

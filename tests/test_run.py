@@ -242,7 +242,7 @@ def test_a_column_that_is_not_text_fails_its_rows(tmp_path, tiny_models):
     rows = [{**row, "number": index} for index, row in enumerate(sample_rows(4))]
     job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)
     assert run(job, "--set", "dataset.input_column=number", "--set", "errors.max_error_rate=1") == 0
-    assert read(tmp_path / "out")["error"].tolist() == ["input column 'number' holds int, not text"] * 4
+    assert read(tmp_path / "out")["error"].tolist() == ["input column 'number' holds a number, not text"] * 4
 
 
 def test_error_rate_over_the_threshold_exits_3(tmp_path, tiny_models):

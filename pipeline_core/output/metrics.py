@@ -63,6 +63,7 @@ class PartMeter:
     prepare_seconds: float = 0.0  # preparing its slices, where that happened in this process (no workers)
     rows: int = 0
     failed_rows: int = 0
+    truncated_rows: int = 0  # rows whose input was cut to max_length
     failures: dict = field(default_factory=dict)
     batches: list = field(default_factory=list)  # (ended, seconds, rows, real tokens, padded tokens) per batch
 
@@ -74,11 +75,13 @@ class RunMetrics:
         self.process = process  # worker, host, pid, rank, world_size, shard_index, num_shards, device, dtype, ...
         self.fingerprint = fingerprint
         self.meters: dict[int, PartMeter] = {}
-        self.parts = self.rows = self.failed_rows = self.real_tokens = self.padded_tokens = 0
+        self.parts = self.rows = self.failed_rows = self.truncated_rows = self.real_tokens = self.padded_tokens = 0
         self.failures: dict[str, int] = {}
 
-    def slice_done(self, index: int, table: pa.Table, batches: list, seconds: float, prepare_seconds: float) -> None:
-        """A computed slice of part `index` (its assembled rows, with their `error` column) and its batches."""
+    def slice_done(self, index: int, table: pa.Table, batches: list, seconds: float, prepare_seconds: float,
+                   truncated_rows: int = 0) -> None:
+        """A computed slice of part `index` (its assembled rows, with their `error` column), its batches, and how
+        many of its rows were truncated."""
         meter = self.meters.get(index)
         if meter is None:
             meter = self.meters[index] = PartMeter(started=time.time() - seconds)
@@ -86,6 +89,7 @@ class RunMetrics:
         meter.prepare_seconds += prepare_seconds
         meter.rows += table.num_rows
         meter.failed_rows += table.num_rows - table.column("error").null_count
+        meter.truncated_rows += truncated_rows
         for reason, count in failure_counts(table.column("error")).items():
             meter.failures[reason] = meter.failures.get(reason, 0) + count
         meter.batches.extend(batches)
@@ -99,7 +103,8 @@ class RunMetrics:
         batches["seconds"] = [round(value, 5) for value in batches["seconds"]]
         real, padded = sum(batches["real_tokens"]), sum(batches["padded_tokens"])
         record = {"version": METRICS_VERSION, "part": index, "fingerprint": self.fingerprint,
-                  "rows": meter.rows, "failed_rows": meter.failed_rows, "failures": meter.failures,
+                  "rows": meter.rows, "failed_rows": meter.failed_rows, "truncated_rows": meter.truncated_rows,
+                  "failures": meter.failures,
                   "started": round(meter.started, 3), "ended": round(time.time(), 3),
                   "seconds": round(meter.seconds, 4), "prepare_seconds": round(meter.prepare_seconds, 4),
                   "real_tokens": real, "padded_tokens": padded, "batches": batches, "process": self.process}
@@ -107,6 +112,7 @@ class RunMetrics:
         self.parts += 1
         self.rows += meter.rows
         self.failed_rows += meter.failed_rows
+        self.truncated_rows += meter.truncated_rows
         self.real_tokens += real
         self.padded_tokens += padded
         for reason, count in meter.failures.items():
@@ -116,7 +122,8 @@ class RunMetrics:
     def summary(self, wall_seconds: float, load_seconds: float) -> dict:
         """The figures of the summary line: this process's committed parts over its time after the model loaded."""
         busy = max(wall_seconds - load_seconds, 1e-9)
-        return {"rows": self.rows, "failed_rows": self.failed_rows, "parts": self.parts,
+        return {"rows": self.rows, "failed_rows": self.failed_rows, "truncated_rows": self.truncated_rows,
+                "parts": self.parts,
                 "wall_seconds": round(wall_seconds, 3), "load_seconds": round(load_seconds, 3),
                 "rows_per_second": round(self.rows / busy, 3), "tokens_per_second": round(self.real_tokens / busy, 1),
                 "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
@@ -133,6 +140,7 @@ def summary_line(summary: dict) -> str:
     """The run's last line for people: `summary: 40 rows, 2 failed, ...`."""
     efficiency = summary.get("padding_efficiency")
     words = [f"{summary['rows']:,} rows", f"{summary['failed_rows']:,} failed",
+             *([f"{summary['truncated_rows']:,} truncated"] if summary.get("truncated_rows") else []),
              f"wall {summary['wall_seconds']:,.1f}s (load {summary['load_seconds']:,.1f}s)",
              f"{summary['rows_per_second']:,.1f} rows/s", f"{summary['tokens_per_second']:,.0f} tokens/s",
              f"padding efficiency {efficiency:.1%}" if efficiency is not None else "padding efficiency -",

@@ -27,6 +27,7 @@ def build_task(job: Job, pipeline: InferencePipeline, should_stop=lambda: False)
     # CUDA kernels prefer shapes in multiples of 8; elsewhere padding is pure waste
     pad_multiple = 8 if pipeline.device.type == "cuda" else 1
     embedding = pipeline.embedding
+    decoder_generation = task in GENERATIVE and not model.config.is_encoder_decoder
     encoder = TextEncoder(
         pipeline.tokenizer,
         job.get("dataset.input_column"),
@@ -36,13 +37,13 @@ def build_task(job: Job, pipeline: InferencePipeline, should_stop=lambda: False)
         prompt=job.get("model.prompt"),
         chat_template=job.get("model.chat_template"),
         offsets=task == "token-classification",
-        left_padding=task in GENERATIVE and not model.config.is_encoder_decoder,
+        left_padding=decoder_generation,
         pad_multiple=pad_multiple,
+        keep_template=decoder_generation,
     )
     if task in GENERATIVE:
         column = "summary_text" if task == "summarization" else "generated_text"
-        decoder_only = not model.config.is_encoder_decoder
-        return GenerationTask(encoder, pipeline.generation_config, column, decoder_only, should_stop)
+        return GenerationTask(encoder, pipeline.generation_config, column, decoder_generation, should_stop)
     if task == "text-classification":
         return TextClassificationTask(encoder, model.config)
     if task == "token-classification":

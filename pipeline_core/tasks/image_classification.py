@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from pipeline_core.data.files import one_line
+from pipeline_core.data.values import column_values, kind_of
 from pipeline_core.tasks.classification import best_labels, class_labels
 
 # A slice is prepared, held and handed from a worker to the model's process whole: 256 images of 224x224 are 154 MB
@@ -36,6 +37,7 @@ class EncodedImages:
     errors: list[str | None]
     pixels: torch.Tensor  # (good rows, channels, height, width)
     positions: list[int | None]  # row -> its index in `pixels`; None for a failed row
+    truncated_rows = 0  # images are resized, never truncated
 
     def length(self, row: int) -> int:
         """Every image is resized to one size, so each costs the same: one in the batch budget."""
@@ -55,7 +57,7 @@ class ImageEncoder:
         self.checked = self.direct is None  # the direct steps are checked against the processor once per process
 
     def __call__(self, table: pa.Table) -> EncodedImages:
-        values = table.column(self.column).to_pylist()
+        values = column_values(table, self.column)  # paths in a JSON column of mixed types: decoded, as for text
         chunks = [range(start, min(start + DECODE_ROWS, len(values))) for start in range(0, len(values), DECODE_ROWS)]
         stack = _Stack(len(values), self.dtype)
         if self.direct is not None and self.checked:
@@ -293,7 +295,7 @@ def open_image(value, column: str):
     elif isinstance(value, bytes):
         source, what = io.BytesIO(value), f"image column {column!r}"
     else:
-        return None, f"image column {column!r} holds {type(value).__name__}, not an image, its bytes or a path"
+        return None, f"image column {column!r} holds {kind_of(value)}, not an image, its bytes or a path"
     try:
         image = Image.open(source)
         image.load()  # Image.open reads the header only: a truncated file fails here
