@@ -252,7 +252,7 @@ def evaluate_output(output: str) -> dict:
     """`batchrun evaluate OUTPUT`: the scores of a finished run computed again from its parts' rows, written to
     _eval.json. A usage error (exit 2) for a run that is not finished or has no evaluate section."""
     from pipeline_core.output import SUCCESS
-    from pipeline_core.output.parts import committed_parts, read_part_facts
+    from pipeline_core.output.parts import changed_since_finished, committed_parts, read_part_facts
     from pipeline_core.output.store import open_store
     from pipeline_core.status import status_run_info
 
@@ -268,6 +268,10 @@ def evaluate_output(output: str) -> dict:
     if not store.exists(SUCCESS):
         raise UsageError(f"{output} holds an unfinished run ({len(indices)} parts committed, no _SUCCESS); rerun "
                          "the job to finish it, then evaluate it")
+    changed = changed_since_finished(store, info)
+    if changed:
+        raise UsageError(f"{output}: parts {', '.join(map(str, changed[:5]))} went missing or changed since the run "
+                         "finished; rerun the job to compute them again, then evaluate it")
     rows_per_part = info["identity"]["output.rows_per_part"]
     facts = {index: read_part_facts(store, index, info["fingerprint"], rows_per_part, split_start=None)
              for index in indices}

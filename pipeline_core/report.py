@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline_core.errors import UsageError
 from pipeline_core.output import SUCCESS
 from pipeline_core.output.metrics import BATCH_COLUMNS, padding_efficiency, read_metrics
-from pipeline_core.output.parts import committed_parts
+from pipeline_core.output.parts import changed_since_finished, committed_parts
 from pipeline_core.output.run_info import read_run_info
 from pipeline_core.output.store import open_store
 from pipeline_core.remote import is_remote
@@ -60,7 +60,8 @@ def write_report(output: str, out: str | None = None) -> Report:
                "rerun the job with --fresh to record them" if committed else "no part is committed yet")
         raise UsageError(f"{output} has no metrics to report: {why}")
     figure_class = _matplotlib_figure()
-    facts = run_facts(records, info, complete=SUCCESS in names, committed=len(committed_parts(names)))
+    complete = SUCCESS in names and not changed_since_finished(store, info)
+    facts = run_facts(records, info, complete=complete, committed=len(committed_parts(names)))
     charts = draw_charts(facts, figure_class)
     directory = Path(out) if out is not None else default_directory(output)
     directory.mkdir(parents=True, exist_ok=True)

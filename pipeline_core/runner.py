@@ -36,6 +36,7 @@ from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
 from pipeline_core.heap import HeapTrimmer
 from pipeline_core.initializer import initialize, plan_summary
 from pipeline_core.initializer.embedding import EmbeddingSettings, resolve_embedding
+from pipeline_core.initializer.preview import ModelPreview, preview_model
 from pipeline_core.layout import Layout, Share, check_device_map
 from pipeline_core.manifest import Job
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
@@ -54,9 +55,11 @@ from pipeline_core.output.metrics import RunMetrics, is_metrics, summary_line
 from pipeline_core.output.parts import (
     PartFacts,
     assemble_part,
+    changed_since_finished,
     commit_part,
     committed_parts,
     part_name,
+    part_sizes,
     read_part_facts,
 )
 from pipeline_core.output.progress import Progress
@@ -94,6 +97,7 @@ def run_job(job: Job, options: RunOptions) -> int:
         # the dataset is opened and every column the job reads checked before OUTPUT is touched and before any weights
         # load: a misspelt file or column exits 2 in seconds, whatever the model's size, and its fix needs no --fresh
         split = open_split(job, options.limit)
+        preview = preview_model(job)  # the model's files, its chat template and length limit, before OUTPUT too
         checked = None
         if not stop.requested:  # a signal during start-up (imports, reading the manifest) stops before OUTPUT
             if layout.rank == 0:
@@ -114,7 +118,7 @@ def run_job(job: Job, options: RunOptions) -> int:
         # the record comes before the model loads: rank 0's tells the other ranks that OUTPUT is ready
         with Worker(store, layout.labels()) as worker:
             try:
-                code = _run(job, options, store, split, run_identity, stop, worker, embedding, evaluation)
+                code = _run(job, options, store, split, run_identity, stop, worker, embedding, evaluation, preview)
             except BaseException:
                 _give_back_claims(worker)
                 worker.beat(state="stopped")
@@ -206,10 +210,12 @@ def wait_for_rank_0(store: Store, run_identity: dict, stop: StopFlag,
 
 
 def _run(job: Job, options: RunOptions, store: Store, split: Split, run_identity: dict, stop: StopFlag,
-         worker: Worker, embedding: EmbeddingSettings | None = None, evaluation: Evaluation | None = None) -> int:
+         worker: Worker, embedding: EmbeddingSettings | None = None, evaluation: Evaluation | None = None,
+         preview: ModelPreview | None = None) -> int:
     started = time.monotonic()
     layout = options.layout
-    pipeline = initialize(job, embedding)
+    _check_still_ours(store, run_identity)
+    pipeline = initialize(job, embedding, preview)
     loaded = time.monotonic()
     if evaluation is not None:
         evaluation = evaluation.with_labels(_label_names(pipeline))
@@ -468,6 +474,7 @@ class Work:
         info = read_run_info(self.store)
         info["finished"] = _now()
         info["rows"], info["failed_rows"] = rows, progress.failed_rows  # what a rerun's exit code is judged by
+        info["part_bytes"] = part_sizes(self.store, total)  # what a rerun and status check the parts against
         info["processes"] = _process_summaries(worker_records(self.store))
         if self.evaluation is not None:  # before _SUCCESS: a finished run has its scores
             scores = score_parts(self.evaluation, self.store, done)
@@ -589,13 +596,54 @@ def _run_in_output(store: Store, run_identity: dict) -> tuple[bool, dict | None]
                              "(use --fresh to discard it, or another output.path)")
         return False, None
     changed = differences(previous["identity"], run_identity)
+    if changed and _abandoned_start(store):
+        log.warning("%s holds the start of another job (fingerprint %s) that committed no part; it is replaced "
+                    "(what differed: %s)", store, previous.get("fingerprint"), "; ".join(changed),
+                    extra={"event": "abandoned_start_replaced"})
+        _discard(store)
+        return False, None
     if changed:
         raise UsageError(
             f"{store} holds a run of a different job (fingerprint {previous.get('fingerprint')}); what differs:\n"
             + "\n".join(f"  - {change}" for change in changed)
             + "\nuse --fresh to discard it, or another output.path"
         )
-    return store.exists(SUCCESS), previous["identity"]
+    return _still_finished(store, previous), previous["identity"]
+
+
+def _abandoned_start(store: Store) -> bool:
+    """A start that committed no part, and whose processes are gone, is not a run to protect: a job that failed
+    before its first part (a model that would not load, a device out of memory) must not block the fixed job."""
+    names = store.names()
+    return (not committed_parts(names) and SUCCESS not in names
+            and not any(record["live"] for record in worker_records(store)))
+
+
+def _still_finished(store: Store, info: dict) -> bool:
+    """Whether OUTPUT holds the finished run it says it does: _SUCCESS, and every part as the run recorded it when
+    it finished (one listing of names and sizes, no part read). A part deleted or changed since is computed again:
+    _SUCCESS goes first, so that no reader takes the output for whole meanwhile, then the changed parts."""
+    if not store.exists(SUCCESS):
+        return False
+    changed = changed_since_finished(store, info)
+    if not changed:
+        return True
+    log.warning("%s was finished, but parts are missing or changed since (%s): removing %s and computing them "
+                "again", store, _first_few(changed), SUCCESS,
+                extra={"event": "finished_run_incomplete", "parts": changed[:100]})
+    store.remove(SUCCESS)
+    for index in changed:
+        store.remove(part_name(index))
+    return False
+
+
+def _check_still_ours(store: Store, run_identity: dict) -> None:
+    """Once this process's record is live, OUTPUT must still hold its job's start: a start of another job that
+    found the start abandoned just before (between its create and this record) replaced it."""
+    info = read_run_info(store)
+    if not info or differences(info["identity"], run_identity):
+        raise UsageError(f"{store} was taken by another job starting at the same moment (fingerprint "
+                         f"{info.get('fingerprint')}); use another output.path for this job")
 
 
 def _discard(store: Store) -> None:

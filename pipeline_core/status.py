@@ -19,7 +19,7 @@ from pipeline_core.evaluation import read_scores, score_line
 from pipeline_core.layout import Layout, Share
 from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
 from pipeline_core.output.claims import held_claims, worker_records
-from pipeline_core.output.parts import committed_parts, read_part_facts
+from pipeline_core.output.parts import changed_since_finished, committed_parts, read_part_facts
 from pipeline_core.output.run_info import not_a_run, read_run_info
 from pipeline_core.output.store import Store, open_store
 from pipeline_core.remote import is_remote
@@ -39,7 +39,9 @@ def run_status(output: str) -> dict:
     held = held_claims(store)
     processes = [_process(record, held.get(record["worker"], []) if record["worker"] else [])
                  for record in records if record["live"]]
-    complete = store.exists(SUCCESS)
+    # a finished run is complete only while its parts are as it recorded them (a listing; a rerun recomputes them)
+    changed = changed_since_finished(store, info) if store.exists(SUCCESS) else []
+    complete = store.exists(SUCCESS) and not changed
     return {
         "output": output,
         "name": info.get("name"),
@@ -49,6 +51,7 @@ def run_status(output: str) -> dict:
         "done": ranges(sorted(fact.index for fact in good)),
         "parts_total": progress.get("parts_total"),
         "damaged_parts": len(facts) - len(good),
+        "changed_since_finished": changed,
         "rows_done": sum(fact.rows for fact in good),
         "rows_total": progress.get("rows_total"),
         "failed_rows": sum(fact.failed_rows for fact in good),
@@ -141,6 +144,11 @@ def render_status(status: dict) -> str:
     rows_total = f"/{status['rows_total']:,}" if status["rows_total"] is not None else ""
     if status["complete"]:
         state = "complete"
+    elif status["changed_since_finished"]:
+        several = len(status["changed_since_finished"]) > 1
+        state = (f"incomplete: it finished, but part{'s' if several else ''} {ranges(status['changed_since_finished'])}"
+                 f" went missing or changed since; rerun the same command to compute {'them' if several else 'it'} "
+                 "again")
     elif status["running"]:
         state = f"running ({len(status['processes'])} process{'es' if len(status['processes']) > 1 else ''})"
     else:

@@ -677,7 +677,8 @@ def test_status_of_a_live_run_of_several_processes_lists_them_with_their_claims(
     assert found == {
         "output": str(out), "name": "tiny", "fingerprint": FINGERPRINT, "complete": False, "parts_done": 2,
         "done": "0-1",
-        "parts_total": 6, "damaged_parts": 0, "rows_done": 8, "rows_total": 22, "failed_rows": 1,
+        "parts_total": 6, "damaged_parts": 0, "changed_since_finished": [], "rows_done": 8, "rows_total": 22,
+        "failed_rows": 1,
         "rows_per_second": 25.0, "eta_seconds": 8.0, "running": True,
         "processes": [
             {"host": HOST, "pid": live_process.pid, "rank": 0, "world_size": 2, "shard_index": 0, "num_shards": 1,

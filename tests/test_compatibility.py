@@ -26,6 +26,7 @@ from transformers import (
 )
 
 import pipeline_core.initializer as initializer_stage
+import pipeline_core.initializer.preview as preview_stage
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.initializer import components as components_stage
 from pipeline_core.initializer import initialize, plan_summary
@@ -382,9 +383,10 @@ def test_a_config_of_an_unknown_architecture_is_refused_naming_the_model(tmp_pat
 def test_a_model_the_tasks_auto_class_does_not_map_is_refused_naming_the_model(tmp_path, tiny_models):
     with pytest.raises(UsageError) as caught:
         initialize(job(tmp_path, "text-classification", tiny_models.image_classifier))
-    assert str(caught.value).startswith(
-        f"model.name={str(tiny_models.image_classifier)!r} cannot be loaded as this task's model: Unrecognized "
-        "configuration class <class 'transformers.models.vit.configuration_vit.ViTConfig'>")
+    assert str(caught.value) == (  # from the config alone, before any weights load (initializer/preview.py)
+        f"model.name={str(tiny_models.image_classifier)!r} is a 'vit' checkpoint, which "
+        "AutoModelForSequenceClassification cannot load for text-classification: choose a model made for "
+        "text-classification")
 
 
 def test_a_config_that_does_not_say_follows_the_decoder_only_path():
@@ -417,11 +419,12 @@ def test_the_manifests_model_settings_reach_every_loader(tmp_path, monkeypatch, 
     pipeline = initialize(job(tmp_path, "feature-extraction", name, extra))
     common = {"revision": "main", "trust_remote_code": False}
     assert calls == [
+        # read once each, before any weights, to check the job against them (initializer/preview.py)
         ("AutoConfig", name, common),
+        ("AutoTokenizer", name, common),  # found: no processor is looked for
         # the config already read picks the model class, and the model is built from that same config
         ("AutoModel", name, {"config": pipeline.components.config, "dtype": torch.float32, "device_map": "sequential",
                              **common}),
-        ("AutoTokenizer", name, common),  # found: no processor is looked for
     ]
     assert pipeline.components.config.model_type == "bert"
 
@@ -462,12 +465,14 @@ def machine(monkeypatch):
     placed = []
 
     def install(accelerators: dict, local_rank=None, after_loading=None):
-        monkeypatch.setattr(initializer_stage, "available_accelerators", lambda: dict(accelerators))
+        for stage_module in (initializer_stage, preview_stage):  # the preview checks a named device before OUTPUT
+            monkeypatch.setattr(stage_module, "available_accelerators", lambda: dict(accelerators))
         monkeypatch.setattr(initializer_stage, "distributed_local_rank", lambda: local_rank)
         monkeypatch.setattr(initializer_stage, "place_model", lambda model, device: placed.append(device))
         if after_loading is not None:
             load = initializer_stage.load_components
-            monkeypatch.setattr(initializer_stage, "load_components", lambda job: after_loading(load(job)))
+            monkeypatch.setattr(initializer_stage, "load_components",
+                                lambda job, preview=None: after_loading(load(job, preview)))
         return placed
 
     return install

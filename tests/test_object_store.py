@@ -202,6 +202,13 @@ def test_a_run_into_s3_equals_a_local_run_and_writes_no_secret(tmp_path, moto, b
     assert (status["complete"], status["parts_done"], status["rows_done"], status["failed_rows"]) == (True, 6, 24, 0)
     assert run(job) == 0  # finished: nothing to do
     assert "already holds this finished run" in capfd.readouterr().err
+    fs.rm(f"{bucket}/out/part-000002.parquet")  # lost after the run finished: found by one listing of S3
+    assert run_cli(["status", url, "--json"]) == 0
+    assert json.loads(capfd.readouterr().out)["complete"] is False
+    assert run(job) == 0
+    assert "computed 1 parts (4 rows) here" in capfd.readouterr().err
+    assert fs.cat(f"{bucket}/out/part-000002.parquet") == (local / "part-000002.parquet").read_bytes()
+    assert fs.exists(f"{bucket}/out/_SUCCESS")
     assert run(job, "--set", "output.rows_per_part=3") == 2  # another job's identity: refused, naming the key
     assert "output.rows_per_part: 4 -> 3" in capfd.readouterr().err
     fs.pipe(f"{bucket}/out/part-000009.parquet", b"a stray part")

@@ -125,7 +125,7 @@ def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(f
     assert raw == json.dumps(info, indent=2)
     assert list(info) == ["name", "fingerprint", "identity", "manifest", "versions", "device", "dtype",
                           "generation_config", "stages", "label_names", "host", "started", "finished", "rows",
-                          "failed_rows", "processes"]
+                          "failed_rows", "part_bytes", "processes"]
     loaded = load_job(job, [])
     run_identity = runner_module.job_identity(loaded, None)[0]
     expected_identity = json.loads(json.dumps(run_identity))
@@ -397,10 +397,20 @@ def test_prepare_output_creates_the_run_info_once_and_a_second_process_joins_it(
     assert (info["fingerprint"], info["identity"]) == (fingerprint(run_identity()), run_identity())
     assert prepare_output(store, run_identity(), False, Layout(shard_index=1, num_shards=2)) == (False, run_identity())
     assert (tmp_path / "_batchrun.json").read_text() == first  # not rewritten: created exclusively
+    store.put("part-000000.parquet", b"a committed part: a run to protect")
     with pytest.raises(UsageError, match="holds a run of a different job"):
         prepare_output(store, run_identity(limit=3), False, Layout(shard_index=1, num_shards=2))
     store.put("_SUCCESS", b"")
     assert prepare_output(store, run_identity(), False, Layout()) == (True, run_identity())
+
+
+def test_prepare_output_replaces_another_jobs_start_that_committed_no_part(tmp_path):
+    store = LocalStore(tmp_path)
+    prepare_output(store, run_identity(), False, Layout())
+    store.put(".claim-000000.0", b'{"worker": "gone"}')
+    assert prepare_output(store, run_identity(limit=3), False, Layout()) == (False, run_identity(limit=3))
+    assert json.loads((tmp_path / "_batchrun.json").read_text())["identity"] == run_identity(limit=3)
+    assert store.names() == ["_batchrun.json"]  # the abandoned start's claim went with it
 
 
 def test_fresh_run_over_another_jobs_output_starts_over_and_keeps_other_files(tmp_path, finished):

@@ -119,6 +119,29 @@ def test_torchrun_two_processes_equal_one_process_and_compute_each_part_once(job
     assert not list((job.parent / "out").glob(".worker-*"))  # every process retired its record
 
 
+def test_a_finished_run_that_lost_a_part_is_made_whole_by_torchrun(job, reference, tmp_path):
+    """The rerun is in another layout: each rank checks the finished run's parts by one listing, the missing part is
+    computed once, by one of them, and _SUCCESS is written again (issue 28)."""
+    first = start(batchrun(job), tmp_path / "first")
+    assert finish(first, tmp_path / "first") and first.returncode == 0
+    (job.parent / "out" / "part-000005.parquet").unlink()
+    process = start(torchrun(job), tmp_path / "log")
+    log = finish(process, tmp_path / "log")
+    assert process.returncode == 0, log
+    assert "was finished, but parts are missing or changed since (parts 5): removing _SUCCESS" in log
+    assert computed(log) == 1 and log.count("wrote _SUCCESS") == 1
+    pd.testing.assert_frame_equal(output(job), reference)
+
+
+def test_a_job_that_cannot_work_exits_2_on_every_rank_before_output(job, tmp_path):
+    job.write_text(job.read_text().replace("  generation:", "  device: 'cuda:7'\n  generation:"))
+    process = start(torchrun(job), tmp_path / "log")
+    log = finish(process, tmp_path / "log")
+    assert process.returncode != 0, log
+    assert log.count("error: model.device='cuda:7', but CUDA is not available on this machine") == 2, log
+    assert not (job.parent / "out").exists()
+
+
 def test_accelerate_launch_two_processes_equal_one_process(job, reference, tmp_path):
     command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline_core", "run", str(job),

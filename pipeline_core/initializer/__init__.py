@@ -18,7 +18,6 @@ from pipeline_core.initializer.compat import check_compatibility
 from pipeline_core.initializer.components import Components, load_components, model_input_limit
 from pipeline_core.initializer.device import (
     available_accelerators,
-    check_device_request,
     distributed_local_rank,
     resolve_device,
 )
@@ -30,6 +29,7 @@ from pipeline_core.initializer.generation import (
     isolate_generation_config,
 )
 from pipeline_core.initializer.placement import place_model
+from pipeline_core.initializer.preview import ModelPreview, check_chat_template, check_max_length, preview_model
 from pipeline_core.initializer.processors import infer_processor_parts
 from pipeline_core.manifest import Job
 
@@ -67,15 +67,18 @@ def stage(name: str, stages: list):
     log.info("stage %-20s %.2fs", name, seconds, extra={"event": "stage", "stage": name, "seconds": round(seconds, 4)})
 
 
-def initialize(job: Job, embedding: EmbeddingSettings | None = None) -> InferencePipeline:
-    """`embedding`: the feature-extraction settings when the caller resolved them already (for the fingerprint)."""
+def initialize(job: Job, embedding: EmbeddingSettings | None = None,
+               preview: ModelPreview | None = None) -> InferencePipeline:
+    """`embedding`: the feature-extraction settings when the caller resolved them already (for the fingerprint);
+    `preview`: the checkpoint's config and tokenizer when the caller checked them already (before OUTPUT)."""
     task, stages = job.get("task"), []
     if task == "feature-extraction" and embedding is None:
         embedding = resolve_embedding(job)  # before the weights: an unsupported module is refused at once
+    if preview is None:
+        preview = preview_model(job)  # the template, the length limit, the model's files: exit 2 before weights
     accelerators = available_accelerators()
-    check_device_request(job.get("model.device"), job.get("model.device_map"), accelerators)
     with stage("components", stages):
-        components = load_components(job)
+        components = load_components(job, preview)
     model = components.model
     # accelerate records hf_device_map only when it spreads a model; on one device the map is implicit
     placed_by_accelerate = job.get("model.device_map") is not None
@@ -109,6 +112,9 @@ def initialize(job: Job, embedding: EmbeddingSettings | None = None) -> Inferenc
         set_inference_state(model)
     with stage("compatibility", stages):
         check_compatibility(task, components, generation_config)
+        if preview.tokenizer is None and components.tokenizer is not None:  # a processor's: not previewed
+            check_chat_template(job, components.tokenizer)
+            check_max_length(job, components.tokenizer, components.config)
     return InferencePipeline(task, components, device, generation_config, prefix, stages, embedding, dense)
 
 

@@ -58,12 +58,28 @@ def model_class_for(task: str, config) -> type:
     }[task]
 
 
-def load_components(job: Job) -> Components:
+def _common(job: Job) -> dict:
+    return {"revision": job.get("model.revision"), "trust_remote_code": job.get("model.trust_remote_code")}
+
+
+def load_config(job: Job):
+    name = job.get("model.name")
+    return _load("model", name, lambda: AutoConfig.from_pretrained(name, **_common(job)))
+
+
+def load_tokenizer(job: Job):
+    """The checkpoint's tokenizer, or None when it has none of its own (a processor may hold one)."""
+    name = job.get("model.name")
+    return _optional(lambda: transformers.AutoTokenizer.from_pretrained(name, **_common(job)))
+
+
+def load_components(job: Job, preview=None) -> Components:
+    """`preview`: the config and tokenizer the preview stage loaded already (initializer/preview.py)."""
     name = job.get("model.name")
     if job.get("task") in IMAGE_TASKS:
         require_pillow(job.get("task"))  # before the weights load
-    common = {"revision": job.get("model.revision"), "trust_remote_code": job.get("model.trust_remote_code")}
-    config = _load("model", name, lambda: AutoConfig.from_pretrained(name, **common))
+    common = _common(job)
+    config = preview.config if preview is not None else load_config(job)
     model_class = model_class_for(job.get("task"), config)
     dtype = job.get("model.dtype")
     model = _load(
@@ -81,7 +97,7 @@ def load_components(job: Job) -> Components:
     if job.get("task") in IMAGE_TASKS:
         parts.image_processor = _optional(lambda: transformers.AutoImageProcessor.from_pretrained(name, **common))
     else:
-        parts.tokenizer = _optional(lambda: transformers.AutoTokenizer.from_pretrained(name, **common))
+        parts.tokenizer = preview.tokenizer if preview is not None else load_tokenizer(job)
     if parts.tokenizer is None and parts.image_processor is None:
         # multimodal repositories ship one processor instead; stage 5 takes its parts
         parts.processor = _optional(lambda: transformers.AutoProcessor.from_pretrained(name, **common))
@@ -105,6 +121,9 @@ def _load(what: str, name: str, load):
         if looks_local and not os.path.exists(os.path.expanduser(name)):
             raise UsageError(f"model.name={name!r}: no such directory") from error
         raise BatchrunError(f"model.name={name!r} could not be loaded: {_first_line(error)}") from error
+    except Exception as error:  # noqa: BLE001 - a damaged weights file (SafetensorError), out of memory: named
+        raise BatchrunError(f"model.name={name!r} could not be loaded: {type(error).__name__}: "
+                            f"{_first_line(error)}") from error
 
 
 def _optional(load):

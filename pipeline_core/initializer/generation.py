@@ -27,10 +27,26 @@ TASK_DEFAULTS = {
 
 def isolate_generation_config(model, task: str, manifest_settings: dict) -> tuple[GenerationConfig, str | None]:
     """The merged settings for this pipeline and the input prefix from task_specific_params."""
-    config = copy.deepcopy(model.generation_config) if model.generation_config is not None else GenerationConfig()
+    return merge_generation_config(model.generation_config, model.config, task, manifest_settings)
+
+
+def preview_generation_config(job, model_config) -> GenerationConfig:
+    """The settings isolate_generation_config will give, before the weights load: from the checkpoint's
+    generation_config.json, else from its config, as from_pretrained makes the model's."""
+    name, revision = job.get("model.name"), job.get("model.revision")
+    try:
+        base = GenerationConfig.from_pretrained(name, revision=revision)
+    except (OSError, ValueError):
+        base = GenerationConfig.from_model_config(model_config)
+    return merge_generation_config(base, model_config, job.get("task"), job.get("model.generation"))[0]
+
+
+def merge_generation_config(base: GenerationConfig | None, model_config, task: str,
+                            manifest_settings: dict) -> tuple[GenerationConfig, str | None]:
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
     if config.max_length is None and config.max_new_tokens is None:
         config.update(**TASK_DEFAULTS[task])
-    task_params = dict((getattr(model.config, "task_specific_params", None) or {}).get(task) or {})
+    task_params = dict((getattr(model_config, "task_specific_params", None) or {}).get(task) or {})
     prefix = task_params.pop("prefix", None) or None
     unused = config.update(**task_params)
     if unused:

@@ -1,4 +1,4 @@
-"""OUTPUT on an object store or another fsspec filesystem: LocalStore's eight methods and guarantees over a URL.
+"""OUTPUT on an object store or another fsspec filesystem: LocalStore's nine methods and guarantees over a URL.
 
 On S3, GCS and Azure Blob a part is one whole-object upload, which the service makes visible only once complete:
 no temporary and rename (a rename there is a copy and a delete, and not atomic). `create`, the primitive behind
@@ -168,15 +168,19 @@ class FsspecStore:
             raise self._failed(f"read {name} in {self}", error) from error
 
     def names(self) -> list[str]:
+        return sorted(self.sizes())
+
+    def sizes(self) -> dict[str, int]:
         try:
             self.fs.invalidate_cache(self.root)  # whatever a backend keeps, a listing here is always fresh
             entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
-            return []  # nothing written yet (a missing bucket is named by the first write)
+            return {}  # nothing written yet (a missing bucket is named by the first write)
         except Exception as error:  # noqa: BLE001
             raise self._failed(f"list {self}", error) from error
-        names = (posixpath.basename(entry["name"].rstrip("/")) for entry in entries if entry.get("type") == "file")
-        return sorted(name for name in names if name)
+        files = ((posixpath.basename(entry["name"].rstrip("/")), entry.get("size")) for entry in entries
+                 if entry.get("type") == "file")
+        return {name: size for name, size in files if name}
 
     def age(self, name: str) -> float:
         """Seconds since `name` was last written (0 when it is gone), from the store's LastModified."""

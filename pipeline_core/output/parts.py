@@ -25,6 +25,26 @@ def committed_parts(names: list[str]) -> set[int]:
     return {int(match[1]) for name in names if (match := PART_PATTERN.fullmatch(name))}
 
 
+def part_sizes(store, total: int) -> list[int]:
+    """The bytes of parts 0 to total-1, from one listing: what a finished run records, to be checked on reruns."""
+    sizes = store.sizes()
+    return [sizes[part_name(index)] for index in range(total)]
+
+
+def changed_since_finished(store, info: dict) -> list[int]:
+    """Parts of a finished run that are missing, or whose size differs, from what `_batchrun.json` recorded when it
+    finished: one listing, no part read. A run finished by a batchrun that recorded no sizes is checked by name,
+    for the parts its recorded rows fill."""
+    sizes = store.sizes()
+    recorded = info.get("part_bytes")
+    if isinstance(recorded, list):
+        return [index for index, size in enumerate(recorded) if sizes.get(part_name(index)) != size]
+    rows, rows_per_part = info.get("rows"), (info.get("identity") or {}).get("output.rows_per_part")
+    if not isinstance(rows, int) or not isinstance(rows_per_part, int) or rows_per_part < 1:
+        return []
+    return [index for index in range(-(-rows // rows_per_part)) if part_name(index) not in sizes]
+
+
 def assemble_part(part, results: list[tuple[list[int], dict]], columns: dict[str, pa.DataType]) -> pa.Table:
     """row_id, kept columns, task columns, error: one row per input row, sorted by row_id.
 

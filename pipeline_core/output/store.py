@@ -3,7 +3,7 @@
 Everything in a run directory (parts, _batchrun.json, _progress.json, _SUCCESS) goes through `put`, which writes
 under a hidden temporary name and renames into place, so a reader or a killed run never sees half a file.
 `open_store` picks the store for output.path: LocalStore for a directory (or a file:// URL), FsspecStore
-(fsspec_store.py) for s3://, gs://, az:// and other fsspec URLs, with the same eight methods and guarantees.
+(fsspec_store.py) for s3://, gs://, az:// and other fsspec URLs, with the same nine methods and guarantees.
 
 An OSError other than "not found" becomes a StorageError (exit 1) naming the store, the file and the system's
 reason: a full disk or a read-only OUTPUT is a run-time failure a person fixes, not a crash. A failed write removes
@@ -45,6 +45,7 @@ class Store(Protocol):
     def open(self, name: str) -> IO[bytes]: ...
     def exists(self, name: str) -> bool: ...
     def names(self) -> list[str]: ...  # fresh: what other processes wrote a moment ago is listed
+    def sizes(self) -> dict[str, int]: ...  # {name: bytes} of every file, from one listing (fresh too)
     def age(self, name: str) -> float: ...
     def remove(self, name: str) -> None: ...
 
@@ -146,6 +147,15 @@ class LocalStore:
             return sorted(entry.name for entry in self.root.iterdir() if entry.is_file())
         except FileNotFoundError:
             return []  # not created yet
+        except OSError as error:
+            raise self._failed(f"list {self.root}", error) from error
+
+    def sizes(self) -> dict[str, int]:
+        try:
+            with os.scandir(self.root) as entries:
+                return {entry.name: entry.stat().st_size for entry in entries if entry.is_file()}
+        except FileNotFoundError:
+            return {}
         except OSError as error:
             raise self._failed(f"list {self.root}", error) from error
 
