@@ -217,6 +217,11 @@ class _ActiveClock:
 
 def draw_charts(facts: dict, figure_class) -> dict[str, bytes]:
     """{name: PNG bytes}: throughput, batches, failures (when rows failed), processes (when several ran)."""
+    return {name: png(figure) for name, figure in chart_figures(facts, figure_class).items()}
+
+
+def chart_figures(facts: dict, figure_class) -> dict:
+    """{name: matplotlib Figure}, before they are saved: what draw_charts turns into PNGs."""
     charts = {"throughput": _throughput(facts, figure_class), "batches": _batches(facts, figure_class)}
     if facts["failures"]:
         charts["failures"] = _failures(facts, figure_class)
@@ -232,13 +237,13 @@ def _integers(axis) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _png(figure) -> bytes:
+def png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
-def _throughput(facts: dict, figure_class) -> bytes:
+def _throughput(facts: dict, figure_class):
     """Rows/s over processing time, each batch's rows spread over the seconds it ran, with the run's mean."""
     figure = figure_class(figsize=(8, 3.4), layout="constrained")
     axes = figure.subplots()
@@ -264,7 +269,7 @@ def _throughput(facts: dict, figure_class) -> bytes:
     axes.set_title(f"Throughput: {facts['rows']:,} rows in {total:,.1f}s of processing")
     axes.legend(loc="upper right", fontsize="small", ncols=3)
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return figure
 
 
 def spread(spans: list[tuple[float, float, int]], total: float, bins: int) -> list[float]:
@@ -283,7 +288,7 @@ def spread(spans: list[tuple[float, float, int]], total: float, bins: int) -> li
     return rows
 
 
-def _batches(facts: dict, figure_class) -> bytes:
+def _batches(facts: dict, figure_class):
     """Rows per batch, and how much of each batch's padded tokens were real ones."""
     figure = figure_class(figsize=(8, 3.4), layout="constrained")
     sizes_axes, padding_axes = figure.subplots(1, 2)
@@ -309,10 +314,10 @@ def _batches(facts: dict, figure_class) -> bytes:
         axes.grid(alpha=0.3)
         _integers(axes.yaxis)
     _integers(sizes_axes.xaxis)
-    return _png(figure)
+    return figure
 
 
-def _failures(facts: dict, figure_class) -> bytes:
+def _failures(facts: dict, figure_class):
     reasons = list(facts["failures"].items())
     if len(reasons) > MAX_REASONS:
         rest = sum(count for _, count in reasons[MAX_REASONS - 1:])
@@ -329,10 +334,10 @@ def _failures(facts: dict, figure_class) -> bytes:
     _integers(axes.xaxis)
     axes.set_title(f"Failed rows by reason: {facts['failed_rows']:,} of {facts['rows']:,}")
     axes.grid(axis="x", alpha=0.3)
-    return _png(figure)
+    return figure
 
 
-def _per_process(facts: dict, figure_class) -> bytes:
+def _per_process(facts: dict, figure_class):
     """Each process's committed rows over processing time: who did how much, and when."""
     figure = figure_class(figsize=(8, 3.4), layout="constrained")
     axes = figure.subplots()
@@ -351,7 +356,7 @@ def _per_process(facts: dict, figure_class) -> bytes:
     axes.set_title(f"Per process: {len(facts['processes'])} processes, each dot a committed part")
     axes.legend(loc="upper left", fontsize="small")
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return figure
 
 
 def _shorten(text: str, limit: int) -> str:
