@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,12 @@ def _integers(axis) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _legend_below(figure, ncols: int = 1, loc: str = "outside lower center") -> None:
+    """The figure's legend under its axes, never in them: inside, it hid the lines and bars that reached its corner
+    (each process's line in processes.png). Constrained layout makes room for it, so the PNG holds it whole."""
+    figure.legend(loc=loc, fontsize="small", ncols=ncols)
+
+
 def png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
@@ -263,11 +270,11 @@ def _throughput(facts: dict, figure_class):
     if facts["resumed_at"]:
         axes.plot([], [], color="grey", linestyle=":", label="a later attempt starts")
     axes.set_xlim(0, total)
-    axes.set_ylim(0, max(rates, default=1.0) * 1.3 or 1.0)  # room for the legend above the bars
+    axes.set_ylim(0, max(rates, default=1.0) * 1.05 or 1.0)
     axes.set_xlabel("processing time (s, from the first model loaded; idle gaps between attempts cut)")
     axes.set_ylabel("rows/s")
     axes.set_title(f"Throughput: {facts['rows']:,} rows in {total:,.1f}s of processing")
-    axes.legend(loc="upper right", fontsize="small", ncols=3)
+    _legend_below(figure, ncols=3)
     axes.grid(alpha=0.3)
     return figure
 
@@ -305,7 +312,7 @@ def _batches(facts: dict, figure_class):
     if facts["padding_efficiency"] is not None:
         padding_axes.axvline(facts["padding_efficiency"], color="tab:orange", linestyle="--",
                              label=f"overall {facts['padding_efficiency']:.1%}")
-        padding_axes.legend(loc="upper left", fontsize="small")
+        _legend_below(figure, loc="outside lower right")  # under the padding chart, whose line it names
     padding_axes.set_xlim(0, 1.0)
     padding_axes.set_xlabel("padding efficiency (real / padded tokens)")
     padding_axes.set_ylabel("batches")
@@ -339,7 +346,8 @@ def _failures(facts: dict, figure_class):
 
 def _per_process(facts: dict, figure_class):
     """Each process's committed rows over processing time: who did how much, and when."""
-    figure = figure_class(figsize=(8, 3.4), layout="constrained")
+    legend_rows = math.ceil(len(facts["processes"]) / 2)
+    figure = figure_class(figsize=(8, 3.2 + 0.2 * legend_rows), layout="constrained")  # the axes keep their height
     axes = figure.subplots()
     for process in facts["processes"]:
         moments, done = [0.0], [0]
@@ -354,7 +362,7 @@ def _per_process(facts: dict, figure_class):
     axes.set_ylabel("rows committed")
     _integers(axes.yaxis)
     axes.set_title(f"Per process: {len(facts['processes'])} processes, each dot a committed part")
-    axes.legend(loc="upper left", fontsize="small")
+    _legend_below(figure, ncols=2)
     axes.grid(alpha=0.3)
     return figure
 
