@@ -23,8 +23,20 @@ from pipeline_core.output.store import os_reason
 SET_HELP = "Override one manifest key by its dotted path; VALUE is YAML (batching.max_tokens=8192). Repeatable."
 
 
+class _WholeSentence(click.Command):
+    """A command listed in `batchrun --help` by the whole first sentence of its docstring, which click wraps.
+
+    Click's default cuts it to fit one line and ends it with "...", which hid the end of most descriptions.
+    """
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return super().get_short_help_str(limit=sys.maxsize)
+
+
 class _RunByDefault(click.Group):
     """Treat `batchrun JOB.yaml ...` as `batchrun run JOB.yaml ...`."""
+
+    command_class = _WholeSentence
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and not args[0].startswith("-"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,11 @@ class _ActiveClock:
 
 def draw_charts(facts: dict, figure_class) -> dict[str, bytes]:
     """{name: PNG bytes}: throughput, batches, failures (when rows failed), processes (when several ran)."""
+    return {name: png(figure) for name, figure in chart_figures(facts, figure_class).items()}
+
+
+def chart_figures(facts: dict, figure_class) -> dict:
+    """{name: matplotlib Figure}, before they are saved: what draw_charts turns into PNGs."""
     charts = {"throughput": _throughput(facts, figure_class), "batches": _batches(facts, figure_class)}
     if facts["failures"]:
         charts["failures"] = _failures(facts, figure_class)
@@ -233,13 +239,19 @@ def _integers(axis) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _png(figure) -> bytes:
+def _legend_below(figure, ncols: int = 1, loc: str = "outside lower center") -> None:
+    """The figure's legend under its axes, never in them: inside, it hid the lines and bars that reached its corner
+    (each process's line in processes.png). Constrained layout makes room for it, so the PNG holds it whole."""
+    figure.legend(loc=loc, fontsize="small", ncols=ncols)
+
+
+def png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
-def _throughput(facts: dict, figure_class) -> bytes:
+def _throughput(facts: dict, figure_class):
     """Rows/s over processing time, each batch's rows spread over the seconds it ran, with the run's mean."""
     figure = figure_class(figsize=(8, 3.4), layout="constrained")
     axes = figure.subplots()
@@ -259,13 +271,13 @@ def _throughput(facts: dict, figure_class) -> bytes:
     if facts["resumed_at"]:
         axes.plot([], [], color="grey", linestyle=":", label="a later attempt starts")
     axes.set_xlim(0, total)
-    axes.set_ylim(0, max(rates, default=1.0) * 1.3 or 1.0)  # room for the legend above the bars
+    axes.set_ylim(0, max(rates, default=1.0) * 1.05 or 1.0)
     axes.set_xlabel("processing time (s, from the first model loaded; idle gaps between attempts cut)")
     axes.set_ylabel("rows/s")
     axes.set_title(f"Throughput: {facts['rows']:,} rows in {total:,.1f}s of processing")
-    axes.legend(loc="upper right", fontsize="small", ncols=3)
+    _legend_below(figure, ncols=3)
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return figure
 
 
 def spread(spans: list[tuple[float, float, int]], total: float, bins: int) -> list[float]:
@@ -284,7 +296,7 @@ def spread(spans: list[tuple[float, float, int]], total: float, bins: int) -> li
     return rows
 
 
-def _batches(facts: dict, figure_class) -> bytes:
+def _batches(facts: dict, figure_class):
     """Rows per batch, and how much of each batch's padded tokens were real ones."""
     figure = figure_class(figsize=(8, 3.4), layout="constrained")
     sizes_axes, padding_axes = figure.subplots(1, 2)
@@ -301,7 +313,7 @@ def _batches(facts: dict, figure_class) -> bytes:
     if facts["padding_efficiency"] is not None:
         padding_axes.axvline(facts["padding_efficiency"], color="tab:orange", linestyle="--",
                              label=f"overall {facts['padding_efficiency']:.1%}")
-        padding_axes.legend(loc="upper left", fontsize="small")
+        _legend_below(figure, loc="outside lower right")  # under the padding chart, whose line it names
     padding_axes.set_xlim(0, 1.0)
     padding_axes.set_xlabel("padding efficiency (real / padded tokens)")
     padding_axes.set_ylabel("batches")
@@ -310,10 +322,10 @@ def _batches(facts: dict, figure_class) -> bytes:
         axes.grid(alpha=0.3)
         _integers(axes.yaxis)
     _integers(sizes_axes.xaxis)
-    return _png(figure)
+    return figure
 
 
-def _failures(facts: dict, figure_class) -> bytes:
+def _failures(facts: dict, figure_class):
     reasons = list(facts["failures"].items())
     if len(reasons) > MAX_REASONS:
         rest = sum(count for _, count in reasons[MAX_REASONS - 1:])
@@ -330,12 +342,13 @@ def _failures(facts: dict, figure_class) -> bytes:
     _integers(axes.xaxis)
     axes.set_title(f"Failed rows by reason: {facts['failed_rows']:,} of {facts['rows']:,}")
     axes.grid(axis="x", alpha=0.3)
-    return _png(figure)
+    return figure
 
 
-def _per_process(facts: dict, figure_class) -> bytes:
+def _per_process(facts: dict, figure_class):
     """Each process's committed rows over processing time: who did how much, and when."""
-    figure = figure_class(figsize=(8, 3.4), layout="constrained")
+    legend_rows = math.ceil(len(facts["processes"]) / 2)
+    figure = figure_class(figsize=(8, 3.2 + 0.2 * legend_rows), layout="constrained")  # the axes keep their height
     axes = figure.subplots()
     for process in facts["processes"]:
         moments, done = [0.0], [0]
@@ -350,9 +363,9 @@ def _per_process(facts: dict, figure_class) -> bytes:
     axes.set_ylabel("rows committed")
     _integers(axes.yaxis)
     axes.set_title(f"Per process: {len(facts['processes'])} processes, each dot a committed part")
-    axes.legend(loc="upper left", fontsize="small")
+    _legend_below(figure, ncols=2)
     axes.grid(alpha=0.3)
-    return _png(figure)
+    return figure
 
 
 def _shorten(text: str, limit: int) -> str:

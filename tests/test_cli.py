@@ -150,11 +150,32 @@ def test_output_option_is_a_manifest_override(capsys):
     assert "output.path must be a non-empty string" in capsys.readouterr().err
 
 
-def test_help_lists_every_command(capsys):
+COMMANDS = ("run", "validate", "plan", "status", "report", "evaluate")
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_help_lists_every_command_by_its_whole_first_sentence(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert set(cli.cli.commands) == set(COMMANDS)
     assert run_cli(["--help"]) == 0
+    listing = capsys.readouterr().out.partition("\nCommands:\n")[2]
+    lines = listing.splitlines()
+    assert lines and not [line for line in lines if line.rstrip().endswith("...") or len(line) > 80]
+    for name in COMMANDS:
+        first_sentence = re.match(r".+?\.(?=\s|$)", cli.cli.commands[name].help, re.DOTALL).group()
+        assert f"{name} {_words(first_sentence)}" in _words(listing)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_command_help_shows_its_whole_docstring(name, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run_cli([name, "--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("run", "validate", "plan", "status", "evaluate"):
-        assert f"  {command} " in out
+    assert out.startswith(f"Usage: batchrun {name} [OPTIONS]")
+    assert _words(cli.cli.commands[name].help) in _words(out)
 
 
 def test_internal_error_is_one_line_unless_debugging(monkeypatch, capsys):

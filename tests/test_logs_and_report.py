@@ -2,13 +2,14 @@
 sharded run all parse and carry their fields; the summary line matches the output and a padding efficiency
 computed here from the rows' token lengths; text logs stay human; one metrics file per committed part, invisible to
 Parquet readers, counted once after a failed commit and a resume, removed by `--fresh`; `batchrun report` writes an
-HTML page embedding its PNG charts for one process and for two shards, and refuses plainly without metrics or
-without matplotlib.
+HTML page embedding its PNG charts for one process and for two shards, whose legends cover no line or bar, and
+refuses plainly without metrics or without matplotlib.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from pipeline_core.errors import StorageError
 from pipeline_core.logs import setup_logging
 from pipeline_core.output.metrics import failure_reason, read_metrics
 from pipeline_core.output.store import LocalStore
-from pipeline_core.report import run_facts, spread
+from pipeline_core.report import chart_figures, png, run_facts, spread
 
 ROWS, ROWS_PER_PART, MAX_TOKENS, MAX_BATCH = 40, 8, 256, 8
 NULL_ROWS = (5, 17, 30)  # their text is null: each fails with "input column 'text' is null"
@@ -302,6 +303,80 @@ def test_report_of_two_shards_shows_each_process(job, capsys):
     assert "<th scope='row'>processes</th><td>2</td>" in page
     assert re.search(r"<td>shard 0/2 pid \d+</td>.*<td>3</td><td>24</td><td>2</td></tr>", page)
     assert re.search(r"<td>shard 1/2 pid \d+</td>.*<td>2</td><td>16</td><td>1</td></tr>", page)
+
+
+def four_processes_records() -> list[dict]:
+    """Metrics of 2 shards x 2 ranks loaded at the same moment, whose lines in processes.png reach every corner: one
+    commits all its rows at once (top left), one steadily until the end (top right), one 2 rows at the end (bottom
+    right). The batches of the first two are mostly padding: the padding chart's tallest bar is at its left."""
+    loaded = 1_000.0
+    parts = {0: [(0.2, 100)], 1: [(second, 10) for second in range(1, 11)], 2: [(10.0, 2)],
+             3: [(second, 12) for second in (2, 4, 6, 8)]}
+    records = []
+    for worker, committed in parts.items():
+        process = {"worker": f"w{worker}", "pid": 100 + worker, "rank": worker % 2, "world_size": 2,
+                   "shard_index": worker // 2, "num_shards": 2, "device": "cpu", "dtype": "float32",
+                   "started": loaded - 1, "loaded": loaded}
+        for moment, rows in committed:
+            batch_rows = [10] * (rows // 10) + [rows % 10] * (rows % 10 > 0)
+            padded = [64 * count for count in batch_rows]
+            real = [tokens // 50 if worker < 2 else tokens * 3 // 4 for tokens in padded]
+            ended = [loaded + moment] * len(batch_rows)
+            records.append({
+                "part": len(records), "rows": rows, "failed_rows": 1, "failures": {"input column 'text' is null": 1},
+                "started": loaded + moment - 0.1, "ended": loaded + moment, "real_tokens": sum(real),
+                "padded_tokens": sum(padded), "process": process,
+                "batches": {"ended": ended, "seconds": [0.1 / len(batch_rows)] * len(batch_rows), "rows": batch_rows,
+                            "real_tokens": real, "padded_tokens": padded}})
+    return records
+
+
+def covered_by(box, figure) -> list[str]:
+    """The lines and bars of `figure` that cross `box` (display pixels): their points, and the segments between
+    them where they are drawn (steps as drawn, axhline/axvline through their own transforms)."""
+    from matplotlib.cbook import STEP_LOOKUP_MAP
+    from matplotlib.path import Path
+
+    covered = []
+    for axes in figure.axes:
+        for line in axes.lines:
+            if not len(line.get_xydata()):
+                continue  # a legend entry without data
+            drawn = STEP_LOOKUP_MAP[line.get_drawstyle()](*line.get_xydata().T)
+            points = line.get_transform().transform(list(zip(*drawn, strict=True)))
+            joined = line.get_linestyle() not in ("None", "", " ")
+            if box.count_contains(points) or joined and Path(points).intersects_bbox(box, filled=False):
+                label = line.get_label()
+                covered.append(f"{axes.get_title()}: " + (f"line {label}" if not label.startswith("_") else "dots"))
+        for patch in axes.patches:
+            outline = patch.get_transform().transform_path(patch.get_path())
+            if outline.intersects_bbox(box, filled=patch.get_fill()):
+                covered.append(f"{axes.get_title()}: a {type(patch).__name__}")
+    return covered
+
+
+def test_report_legends_cover_no_data_and_lie_within_the_png():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    figures = chart_figures(run_facts(four_processes_records(), {}), Figure)
+    assert list(figures) == ["throughput", "batches", "failures", "processes"]
+    problems = []
+    for name, figure in figures.items():
+        canvas = FigureCanvasAgg(figure)
+        image = Image.open(io.BytesIO(png(figure)))
+        assert image.size == (round(figure.bbox.width), round(figure.bbox.height))
+        renderer = canvas.get_renderer()  # the one that drew the PNG: the legends where the PNG shows them
+        legends = [*figure.legends, *(axes.get_legend() for axes in figure.axes if axes.get_legend())]
+        assert len(legends) == (name != "failures"), name
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            width, height = image.size
+            if not (0 <= box.x0 and 0 <= box.y0 and box.x1 <= width and box.y1 <= height):
+                problems.append(f"{name}: the legend is cut off the PNG")
+            problems += [f"{name}: the legend covers {artist}" for artist in covered_by(box, figure)]
+    assert not problems, "\n".join(problems)
 
 
 def test_report_without_metrics_or_without_a_run_exits_2_saying_why(job, capsys, tmp_path):
