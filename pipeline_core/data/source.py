@@ -25,6 +25,7 @@ from pipeline_core.data.layouts import dataset_source, saved_split_name
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
+from pipeline_core.manifest.options import unknown_option_in
 from pipeline_core.manifest.spec import reference_output_column
 
 _SLICE = re.compile(r"(?P<name>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d*)\]")
@@ -115,7 +116,9 @@ def open_split(job: Job, limit: int | None = None) -> Split:
             return _empty_split(job, columns, f"its {len(local.files)} data file(s) hold no rows")
         data_files = {split_name(split_spec): local.with_rows}
     storage_options = job.get("dataset.storage_options") or {}
-    parquet = find_parquet(source.path, data_files, base_split, storage_options) if streaming else None
+    # the row-group reader knows no builder options (columns, filters, ...): with options, datasets reads the files
+    by_row_group = streaming and not job.get("dataset.options")
+    parquet = find_parquet(source.path, data_files, base_split, storage_options) if by_row_group else None
     parquet_rows = parquet.rows() if parquet else None
     if parquet_rows is not None:
         _check_columns(job, parquet_rows.column_names, columns)
@@ -223,7 +226,8 @@ def _streaming_slice(split: str) -> tuple[str, int | None, int | None]:
 
 
 def _load(job: Job, path: str, split: str, streaming: bool, data_files, storage_options: dict):
-    """The split through datasets; None when it holds no rows at all (its JSON builder then stops at once)."""
+    """The split through datasets, with dataset.options for its builder; None when it holds no rows at all (its JSON
+    builder then stops at once)."""
     try:
         return datasets.load_dataset(
             path,
@@ -233,20 +237,27 @@ def _load(job: Job, path: str, split: str, streaming: bool, data_files, storage_
             revision=job.get("dataset.revision"),
             streaming=streaming,
             storage_options=storage_options or None,
+            **job.get("dataset.options"),
         )
     except StopIteration:  # files batchrun cannot look into first (remote ones): datasets found no table in them
         return None
     except FileNotFoundError as error:  # a missing directory or file, a hub id the hub does not have: not for a retry
         raise UsageError(f"dataset.data_files / dataset.path: {one_line(str(error))}") from error
-    except (pa.ArrowException, DatasetGenerationError) as error:  # a damaged file (ArrowInvalid is a ValueError)
-        message = f"dataset {path!r}: a data file cannot be read: {one_line(str(reader_error(error)))}"
-        raise BatchrunError(message + broken_file_note(job, message)) from error
-    except ValueError as error:  # unknown split, bad data_files pattern, bad config name
+    except (pa.ArrowException, DatasetGenerationError, ValueError) as error:  # ArrowInvalid is a ValueError
         if "corresponds to no data" in str(error):  # a converted split of files without rows (a JSON `[]`)
             return None
-        raise UsageError(f"dataset {path!r}: {error}") from error
+        raise _load_failure(job, path, error) from error
     except (OSError, ConnectionError) as error:
         raise BatchrunError(f"dataset {path!r} could not be opened: {error}") from error
+
+
+def _load_failure(job: Job, path: str, error: Exception) -> BatchrunError:
+    """A damaged file: exit 1, naming the file where the local files tell; an option its builder lacks, or any
+    other ValueError (an unknown split, a bad data_files pattern or config name): exit 2."""
+    if isinstance(error, (pa.ArrowException, DatasetGenerationError)):
+        message = f"dataset {path!r}: a data file cannot be read: {one_line(str(reader_error(error)))}"
+        return BatchrunError(message + broken_file_note(job, message))
+    return UsageError(unknown_option_in(str(error)) or f"dataset {path!r}: {error}")
 
 
 def require_data_backends(job: Job) -> None:
@@ -268,7 +279,8 @@ def broken_file_note(job: Job, message: str) -> str:
     files are not local or none is."""
     split = split_name(job.get("dataset.split"))
     local = split_data_files(job, split)
-    return blame(dataset_source(job, split).path, local.with_rows, message) if local else ""
+    options = job.get("dataset.options")
+    return blame(dataset_source(job, split).path, local.with_rows, message, options) if local else ""
 
 
 def _empty_split(job: Job, columns: list[str], why: str) -> Split:
