@@ -1,5 +1,7 @@
-"""`dataset.options` reach the builder (a `;` CSV), are checked against its config class at validate and at run
-time, are refused for a save_to_disk directory, and are part of the run's identity.
+"""Data files batchrun cannot parse exit 2 naming the file and the 1-based line (a retry would read the same bytes),
+streamed or converted, keeping the parts committed before; `dataset.options` reach the builder (a `;` CSV), are
+checked against its config class at validate and at run time, are refused for a save_to_disk directory, and are part
+of the run's identity.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from datasets.exceptions import DatasetGenerationError
+from pandas.errors import ParserError
 
 from jobs import run
 from pipeline_core.cli import run_cli
 from pipeline_core.data.files import holds_no_rows
+from pipeline_core.data.parse_errors import InvalidText, check_text, is_parse_error
 from pipeline_core.output.parts import part_name
 
 STREAMING = pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
@@ -48,10 +53,112 @@ def json_lines(path: Path, count: int, prefix: str = "r", bad: dict[int, bytes] 
     return path
 
 
+def committed(out: Path) -> list[str]:
+    """The parts a reader of OUTPUT sees."""
+    return sorted(path.name for path in out.glob("*.parquet") if not path.name.startswith((".", "_")))
+
+
 def error_line(err: str) -> str:
     [line] = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in err
     return line
+
+
+# --- a file that cannot be parsed ------------------------------------------------------------------------------------
+
+BAD_JSON_LINES = {  # line 12's bytes -> why the message gives
+    "lone surrogate": (b'{"id": "r11", "text": "\\ud800"}',
+                       "a lone surrogate \\ud800 in a string, which is not valid Unicode"),
+    "cut in half": (b'{"id": "r11", "text": "the qu', "not valid JSON (Unterminated string starting at column 23)"),
+    "not UTF-8": (b'{"id": "r11", "text": "the \xff\xfe fox"}', "bytes that are not valid utf-8 (b'\\xff' at byte 28)"),
+}
+
+
+@STREAMING
+@pytest.mark.parametrize("case", list(BAD_JSON_LINES))
+def test_a_json_line_that_cannot_be_parsed_exits_2_naming_the_file_and_line(tmp_path, tiny_models, capsys,
+                                                                            streaming, case):
+    raw, why = BAD_JSON_LINES[case]
+    data = json_lines(tmp_path / "data.jsonl", 20, bad={12: raw})
+    assert run(data_job(tmp_path, tiny_models.text_classifier, "json", str(data), streaming=streaming)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: dataset 'json': {data}, line 12: {why}; fix or remove that line (a retry would "
+                           "read the same bytes)")
+    # whatever was committed holds rows before the bad one only: Arrow's JSON reader fails a whole block at once, and
+    # lets bytes that are not UTF-8 through to the part check, which stops at part 2 (rows 8-11)
+    parts = committed(tmp_path / "out")
+    assert parts == ([part_name(0), part_name(1)] if case == "not UTF-8" else [])
+    if parts:
+        assert pq.read_table(tmp_path / "out")["id"].to_pylist() == [f"r{i}" for i in range(8)]
+
+
+def test_a_bad_line_in_a_later_file_keeps_the_parts_committed_before_it(tmp_path, tiny_models, capsys):
+    json_lines(tmp_path / "a.jsonl", 8, prefix="a")
+    bad = json_lines(tmp_path / "b.jsonl", 20, prefix="b", bad={12: b'{"id": "b11", "text": "cut'})
+    job = data_job(tmp_path, tiny_models.text_classifier, "json", str(tmp_path / "*.jsonl"))
+    assert run(job) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"error: dataset 'json': {bad}, line 12: not valid JSON (Unterminated string starting at column 23); fix or "
+        "remove that line (a retry would read the same bytes); committed parts are kept")
+    out = tmp_path / "out"
+    assert committed(out) == [part_name(0), part_name(1)]
+    assert pq.read_table(out).to_pandas().sort_values("row_id")["id"].tolist() == [f"a{i}" for i in range(8)]
+    # fixing the file changes the input: the rerun names it rather than mixing parts of two inputs
+    json_lines(bad, 20, prefix="b")
+    assert run(job) == 2
+    assert f"input files changed: {bad}" in capsys.readouterr().err
+    assert run(job, "--fresh") == 0
+
+
+def test_bytes_that_are_not_utf8_in_a_kept_column_never_reach_a_part(tmp_path, tiny_models, capsys):
+    data = json_lines(tmp_path / "data.jsonl", 20, bad={12: b'{"id": "r\xff", "text": "the quick fox"}'})
+    assert run(data_job(tmp_path, tiny_models.text_classifier, "json", str(data))) == 2
+    assert f"{data}, line 12: bytes that are not valid utf-8 (b'\\xff' at byte 10)" in capsys.readouterr().err
+    assert pq.read_table(tmp_path / "out")["id"].to_pylist() == [f"r{i}" for i in range(8)]
+
+
+BAD_CSV = {  # the file's lines (a quoted field spans lines 3-4, so pandas' record count differs from the line)
+    "a field too many": ('r9,the lazy dog,extra', "Expected 2 fields, saw 3"),
+    "a quote never closed": ('r9,"the lazy dog', "EOF inside string"),
+}
+
+
+@STREAMING
+@pytest.mark.parametrize("case", list(BAD_CSV))
+def test_a_csv_line_the_parser_rejects_exits_2_naming_the_file_and_line(tmp_path, tiny_models, capsys, streaming,
+                                                                        case):
+    bad, why = BAD_CSV[case]
+    data = tmp_path / "data.csv"
+    data.write_text("id,text\nr0,the quick fox\nr1,\"the quick\nbrown fox\"\n"
+                    + "".join(f"r{i},the quick fox\n" for i in range(2, 9)) + bad + "\nr10,the end\n")
+    assert run(data_job(tmp_path, tiny_models.text_classifier, "csv", str(data), streaming=streaming)) == 2
+    assert error_line(capsys.readouterr().err).startswith(
+        f"error: dataset 'csv': {data}, line 12: {why}; fix or remove that line (a retry would read the same bytes)")
+
+
+@pytest.mark.parametrize("error, unparsable", [
+    (pa.ArrowInvalid("JSON parse error: Missing a closing quotation mark in string. in row 1"), True),
+    (ParserError("Error tokenizing data. C error: Expected 2 fields in line 3, saw 4"), True),
+    (InvalidText("column 'text' of row_id 3 holds bytes that are not valid UTF-8"), True),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), True),  # a CSV's bytes, or JSON's encoding
+    (pa.ArrowInvalid("Parquet magic bytes not found in footer"), False),  # damaged, maybe still being written
+    (OSError("connection reset"), False),
+    (ConnectionError("refused"), False),
+])
+def test_only_errors_of_the_bytes_themselves_are_not_for_a_retry(error, unparsable):
+    assert is_parse_error(error) is unparsable
+    wrapped = DatasetGenerationError("An error occurred while generating the dataset")
+    wrapped.__cause__ = error
+    assert is_parse_error(wrapped) is unparsable  # a converted split's reader errors come wrapped
+
+
+def test_the_part_check_names_the_first_row_and_column_that_are_not_utf8():
+    good = pa.array(["a", "b", "c", "d", "e"])
+    bad = pa.Array.from_buffers(pa.string(), 5, pa.array([b"a", b"b", b"c", b"\xff", b"e"], pa.binary()).buffers())
+    table = pa.table({"id": good, "text": bad})
+    with pytest.raises(InvalidText, match=r"^column 'text' of row_id 13 holds bytes that are not valid UTF-8$"):
+        check_text(table, first_row=10)
+    assert check_text(table.select(["id"]), 0).equals(table.select(["id"]))
 
 
 # --- dataset.options -------------------------------------------------------------------------------------------------
