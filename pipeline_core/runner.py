@@ -28,7 +28,7 @@ from pipeline_core.data.loader import (
     part_loader,
     workers_started,
 )
-from pipeline_core.data.source import Split, broken_file_note, kept_columns, open_split, split_name
+from pipeline_core.data.source import Split, kept_columns, open_split, split_name
 from pipeline_core.data.workers import WorkerChoice, usable_cores
 from pipeline_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, BatchrunError, UsageError
 from pipeline_core.evaluation import EVAL, Evaluation, read_scores, score_parts, write_scores
@@ -315,8 +315,7 @@ class Work:
                             self.share.total_parts = item.parts  # a stream of unknown length has been read through
                         continue
                     if isinstance(item, SourceFailure):
-                        raise BatchrunError(f"dataset {self.job.get('dataset.path')!r}: {item.message}"
-                                            f"{broken_file_note(self.job, item.message)}; committed parts are kept")
+                        raise item.error(self.job)
                     self._take(item)
                     if self._choose_workers():
                         switched = True

@@ -1,6 +1,7 @@
 """Inputs a nightly job meets: an empty partition is a run of 0 rows (exit 0, `_SUCCESS`), a glob that matches no
-file is exit 2 naming it before any model loads, a broken file is exit 1 naming the file; for every builder batchrun
-documents (JSON lines, CSV, Parquet), streamed or not, with `--limit` and split slices.
+file is exit 2 naming it before any model loads, a file that cannot be parsed is exit 2 naming the file and line
+(more in test_data_options_and_parse_errors.py); for every builder batchrun documents (JSON lines, CSV, Parquet),
+streamed or not, with `--limit` and split slices.
 """
 
 from __future__ import annotations
@@ -168,13 +169,14 @@ def test_files_whose_column_types_differ_exit_1_naming_the_file_and_column(tmp_p
 # --- a broken file ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
-def test_a_json_line_cut_in_the_middle_exits_1_naming_the_file(tmp_path, tiny_models, capsys, streaming):
+def test_a_json_line_cut_in_the_middle_exits_2_naming_the_file_and_line(tmp_path, tiny_models, capsys, streaming):
     write_rows(tmp_path / "a.jsonl", "json", [{"id": "r0", "text": "the quick brown fox"}])
     (tmp_path / "b.jsonl").write_text('{"id": "r1", "text": "the lazy dog"}\n{"id": "r2", "text": "cut in the mid')
     job = nightly_job(tmp_path, tiny_models.text_classifier, "json", str(tmp_path / "*.jsonl"), streaming)
-    assert run(job) == 1
+    assert run(job) == 2  # a retry would read the same bytes
     err = capsys.readouterr().err
-    assert "JSON parse error" in err and f"(in {tmp_path / 'b.jsonl'})" in err
+    assert (f"error: dataset 'json': {tmp_path / 'b.jsonl'}, line 2: not valid JSON (Unterminated string starting at "
+            "column 22); fix or remove that line (a retry would read the same bytes)") in err
     assert "Traceback" not in err and "internal error" not in err
 
 

@@ -24,7 +24,7 @@ def make_job(data_files, split="train", keep=("id",)) -> Job:
         "model": {"prompt": None},
         "dataset": {"path": "parquet", "name": None, "data_files": data_files, "split": split, "revision": None,
                     "streaming": True, "input_column": "text", "image_column": "image", "keep_columns": list(keep),
-                    "storage_options": {}},
+                    "storage_options": {}, "options": {}},
         "evaluate": {"reference_column": None, "metrics": None},
     })
 

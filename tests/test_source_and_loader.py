@@ -47,14 +47,15 @@ from pipeline_core.tasks.text import Encoded
 
 
 def make_job(data_files=None, path="parquet", split="train", streaming=True, input_column="text", keep=(),
-             prompt=None, task="text-classification", name=None, revision=None, reference=None) -> Job:
+             prompt=None, task="text-classification", name=None, revision=None, reference=None,
+             options=None) -> Job:
     """The keys source.py reads, as load_job would fill them."""
     return Job(Path("job.yaml"), {
         "task": task,
         "model": {"prompt": prompt},
         "dataset": {"path": path, "name": name, "data_files": data_files, "split": split, "revision": revision,
                     "streaming": streaming, "input_column": input_column, "image_column": "image",
-                    "keep_columns": list(keep), "storage_options": {}},
+                    "keep_columns": list(keep), "storage_options": {}, "options": options or {}},
         "evaluate": {"reference_column": reference, "metrics": None},
     })
 

@@ -220,6 +220,7 @@ IDENTITY_CHANGES = {
     "dataset.path": "dataset.path=csv",
     "dataset.name": "dataset.name=another-configuration",
     "dataset.data_files": "dataset.data_files=other.jsonl",
+    "dataset.options": "dataset.options.encoding=latin-1",  # how the files are parsed
     "dataset.split": "dataset.split=test",
     "dataset.revision": "dataset.revision=v2",
     "dataset.input_column": "dataset.input_column=body",

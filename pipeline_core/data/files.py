@@ -23,6 +23,7 @@ from pipeline_core.errors import UsageError
 from pipeline_core.manifest import Job
 
 _GLOB = re.compile(r"[*?\[]")
+ASCII_BLANKS = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: a line of other characters holds a value
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def split_data_files(job: Job, split: str | None) -> DataFiles | None:
     files = resolve_data_files(job, split)
     if files is None:
         return None
-    builder = dataset_source(job, split).path
-    return DataFiles(files, [file for file in files if holds_no_rows(builder, file)])
+    builder, options = dataset_source(job, split).path, job.get("dataset.options")
+    return DataFiles(files, [file for file in files if holds_no_rows(builder, file, options)])
 
 
 def resolve_data_files(job: Job, split: str | None) -> list[str] | None:
@@ -81,10 +82,13 @@ def _searched(path: str) -> str:
     return os.path.dirname(_GLOB.split(path, maxsplit=1)[0])  # "/data/2026-*/x" and "/data/" look in /data
 
 
-def holds_no_rows(builder: str, file: str) -> bool:
+def holds_no_rows(builder: str, file: str, options: dict | None = None) -> bool:
     """Whether a file holds no rows, where datasets would fail on it rather than read nothing: an empty file, a
     Parquet file whose footer counts no rows, JSON lines that are all blank (a streamed split of them has no
-    columns), a CSV header alone (beside other files, its columns of no type break the cast of theirs)."""
+    columns), a CSV header alone (beside other files, its columns of no type break the cast of theirs). `options`:
+    dataset.options, which say where a CSV's rows start; with options this cannot follow, a file is not called
+    empty (datasets then reads it): leaving out a file that has rows would lose them silently."""
+    options = options or {}
     if os.path.getsize(file) == 0:
         return True
     if builder == "parquet":
@@ -92,24 +96,46 @@ def holds_no_rows(builder: str, file: str) -> bool:
             return pq.ParquetFile(file).metadata.num_rows == 0
         except Exception:  # noqa: BLE001 - a damaged file is for datasets to report when it reads it
             return False
-    if builder in ("json", "csv"):  # (a blank line is a row of the text builder)
-        header = 1 if builder == "csv" else 0
-        return _lines_with_text(file, stop_after=header + 1) <= header
+    if builder == "json" and options.get("field") is None:  # (with a field, the file is one JSON document)
+        return _lines_with_text(file, 1, options) == 0
+    if builder == "csv":  # (a blank line is a row of the text builder)
+        header = _csv_lines_before_rows(options)
+        return header is not None and _lines_with_text(file, header + 1, options) <= header
     return False
 
 
-def _lines_with_text(file: str, stop_after: int) -> int:
-    """Lines holding more than blanks, counted up to `stop_after`: reads no further than the line that decides."""
+def _csv_lines_before_rows(options: dict) -> int | None:
+    """How many lines with text a CSV has before its rows (pandas' header counts lines with text only); None where
+    the options make lines and rows differ in ways not followed here (another line terminator, blank rows)."""
+    if options.get("lineterminator") is not None or options.get("skip_blank_lines") is False:
+        return None
+    header = options.get("header", "infer")
+    if header == "infer":
+        return 0 if options.get("names") or options.get("column_names") else 1
+    if header is None:
+        return 0
+    if isinstance(header, int) and not isinstance(header, bool):
+        return header + 1
+    if isinstance(header, list) and header and all(isinstance(row, int) for row in header):
+        return max(header) + 1
+    return None
+
+
+def _lines_with_text(file: str, stop_after: int, options: dict) -> int:
+    """Lines holding more than blanks, counted up to `stop_after`: reads no further than the line that decides.
+    The lines a CSV's `skiprows` names are not counted, whatever they hold."""
+    skip = options.get("skiprows") or 0
+    skipped = (lambda number: number < skip) if isinstance(skip, int) else set(skip).__contains__
     count = 0
-    with open(file, "rb") as handle:
-        for line in handle:
-            count += bool(line.strip())
+    with open(file, encoding=options.get("encoding") or "utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle):
+            count += not skipped(number) and bool(line.strip(ASCII_BLANKS))
             if count >= stop_after:
                 break
     return count
 
 
-def blame(builder: str, files: list[str], message: str) -> str:
+def blame(builder: str, files: list[str], message: str, options: dict | None = None) -> str:
     """After reading `files` failed with `message`, which file is to blame, for the message: the first that fails
     on its own (' (in F)', or ' (F: its error)' where `message` does not say it), else the first whose columns'
     types differ from the first file's (' (F has n: double where G has n: int64)'); '' when none is.
@@ -117,7 +143,7 @@ def blame(builder: str, files: list[str], message: str) -> str:
     schemas = []
     for file in files:
         try:
-            schemas.append(_first_rows(builder, file).schema)
+            schemas.append(read_alone(builder, file, options).schema)
         except Exception as error:  # noqa: BLE001 - any failure to read this file alone names it
             why = one_line(str(error.__cause__ or error))  # the reader's own error under any wrapper
             return f" (in {file})" if why in message else f" ({file}: {type(error).__name__}: {why})"
@@ -131,12 +157,14 @@ def blame(builder: str, files: list[str], message: str) -> str:
     return ""
 
 
-def _first_rows(builder: str, file: str) -> pa.Table:
-    """The file read alone through datasets, to its end; its first batch's table (its schema as datasets sees it)."""
+def read_alone(builder: str, file: str, options: dict | None = None) -> pa.Table:
+    """The file read alone through datasets, with the job's dataset.options, to its end; its first batch's table
+    (its schema as datasets sees it)."""
     import datasets
 
     first = None
-    stream = datasets.load_dataset(builder, data_files=[file], split="train", streaming=True).with_format("arrow")
+    stream = datasets.load_dataset(builder, data_files=[file], split="train", streaming=True,
+                                   **(options or {})).with_format("arrow")
     for table in stream.iter(batch_size=10_000):
         first = table if first is None else first
     return first if first is not None else pa.table({})

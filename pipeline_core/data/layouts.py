@@ -81,8 +81,9 @@ def _file_builder(job: Job, path: str, split: str | None) -> tuple[str, dict | l
 
 
 def file_builders() -> dict[str, str]:
-    """extension -> builder for a single data file, from datasets' own table. A .tsv is not among them: it needs
-    datasets' `sep` option, which a manifest cannot pass."""
+    """extension -> builder for a single data file, from datasets' own table. A .tsv is not among them: datasets
+    reads it with a `sep` of its own; name it in dataset.data_files with dataset.path: csv and dataset.options:
+    {sep: "\\t"} instead."""
     return {extension: builder for extension, (builder, options) in _EXTENSION_TO_MODULE.items()
             if builder in FILE_BUILDERS and not options and extension.islower()}
 
@@ -93,3 +94,6 @@ def _refuse_with_saved(job: Job, path: str) -> None:
         if job.get(key):
             raise UsageError(f"{key} cannot be used with dataset.path={path!r}, a directory written by "
                              "save_to_disk (it holds its own files); remove the key")
+    if job.get("dataset.options"):
+        raise UsageError(f"dataset.options cannot be used with dataset.path={path!r}, a directory written by "
+                         "save_to_disk: it is read as saved, with no builder to pass options to; remove the key")

@@ -20,8 +20,11 @@ import torch
 from pipeline_core.data.batching import pack_batches
 from pipeline_core.data.files import one_line
 from pipeline_core.data.parquet import ReadStats
-from pipeline_core.data.source import Split
+from pipeline_core.data.parse_errors import is_parse_error
+from pipeline_core.data.source import Split, broken_file_note, unparsable
+from pipeline_core.errors import BatchrunError
 from pipeline_core.layout import Share
+from pipeline_core.manifest import Job
 from pipeline_core.output.parts import part_name
 from pipeline_core.signals import STOP_SIGNALS
 from pipeline_core.tasks.text import Encoded
@@ -62,6 +65,20 @@ class SourceFailure:
     exception it would reach the user wrapped in the worker's traceback; as an item it becomes one message."""
 
     message: str
+    unparsable: bool = False  # the reader failed on the bytes themselves (parse_errors.is_parse_error)
+
+    @classmethod
+    def of(cls, index: int | None, error: Exception) -> SourceFailure:
+        return cls(f"reading part {index} failed: {type(error).__name__}: {one_line(str(error))}",
+                   is_parse_error(error))
+
+    def error(self, job: Job) -> BatchrunError:
+        """What the run ends with: exit 2 naming the file and line for data that cannot be parsed, else exit 1 (a
+        retry may read it), naming the file that fails where the local files tell. Committed parts stay."""
+        if self.unparsable:
+            return unparsable(job, self.message, "; committed parts are kept")
+        return BatchrunError(f"dataset {job.get('dataset.path')!r}: {self.message}"
+                             f"{broken_file_note(job, self.message)}; committed parts are kept")
 
 
 @dataclass
@@ -107,7 +124,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
                     yield from self._prepare(index, table, cost if cost.row_groups else None,  # zero: not counted
                                              time.perf_counter() - started)
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
-            yield SourceFailure(f"reading part {index} failed: {type(error).__name__}: {one_line(str(error))}")
+            yield SourceFailure.of(index, error)
             return
         yield EndOfSplit(self.share.total_parts)
 
@@ -134,7 +151,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
         except _PastShare:
             seen = self.share.total_parts
         except Exception as error:  # noqa: BLE001 - reported by the main process as one plain message
-            yield SourceFailure(f"reading part {current} failed: {type(error).__name__}: {one_line(str(error))}")
+            yield SourceFailure.of(current, error)
             return
         yield EndOfSplit(seen)
 

@@ -23,8 +23,10 @@ from pipeline_core import remote
 from pipeline_core.data.files import blame, one_line, reader_error, split_data_files
 from pipeline_core.data.layouts import dataset_source, saved_split_name
 from pipeline_core.data.parquet import ParquetRows, ReadStats, find_parquet
+from pipeline_core.data.parse_errors import check_text, find_unparsable, is_parse_error
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
+from pipeline_core.manifest.options import unknown_option_in
 from pipeline_core.manifest.spec import reference_output_column
 
 _SLICE = re.compile(r"(?P<name>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d*)\]")
@@ -49,13 +51,14 @@ class Split:
         return not isinstance(self.rows, datasets.IterableDataset)
 
     def read_part(self, index: int, rows_per_part: int) -> pa.Table:
-        """Part `index` as one table; from Parquet files, only the row groups that hold its rows are read."""
+        """Part `index` as one table; from Parquet files, only the row groups that hold its rows are read. Its text
+        is checked to be UTF-8 (InvalidText otherwise), so that no part is computed from, or writes, broken strings."""
         assert self.random_access, "a streamed split is read in order, with parts()"
         first = index * rows_per_part
         if isinstance(self.rows, ParquetRows):
             stop = min(first + rows_per_part, self.total)
-            return self.rows.read(self.offset + first, self.offset + stop)
-        return self.rows[first:first + rows_per_part]
+            return check_text(self.rows.read(self.offset + first, self.offset + stop), self.offset + first)
+        return check_text(self.rows[first:first + rows_per_part], self.offset + first)
 
     def reads(self) -> ReadStats:
         """What has been read so far in this process (a copy, so that callers can subtract); zeros for sources
@@ -72,7 +75,7 @@ class Split:
             return
         for index, table in enumerate(self.rows.iter(batch_size=rows_per_part)):
             if wanted(index):
-                yield index, table
+                yield index, check_text(table, self.offset + index * rows_per_part)
 
 
 def input_columns(job: Job) -> list[str]:
@@ -115,7 +118,9 @@ def open_split(job: Job, limit: int | None = None) -> Split:
             return _empty_split(job, columns, f"its {len(local.files)} data file(s) hold no rows")
         data_files = {split_name(split_spec): local.with_rows}
     storage_options = job.get("dataset.storage_options") or {}
-    parquet = find_parquet(source.path, data_files, base_split, storage_options) if streaming else None
+    # the row-group reader knows no builder options (columns, filters, ...): with options, datasets reads the files
+    by_row_group = streaming and not job.get("dataset.options")
+    parquet = find_parquet(source.path, data_files, base_split, storage_options) if by_row_group else None
     parquet_rows = parquet.rows() if parquet else None
     if parquet_rows is not None:
         _check_columns(job, parquet_rows.column_names, columns)
@@ -223,7 +228,8 @@ def _streaming_slice(split: str) -> tuple[str, int | None, int | None]:
 
 
 def _load(job: Job, path: str, split: str, streaming: bool, data_files, storage_options: dict):
-    """The split through datasets; None when it holds no rows at all (its JSON builder then stops at once)."""
+    """The split through datasets, with dataset.options for its builder; None when it holds no rows at all (its JSON
+    builder then stops at once)."""
     try:
         return datasets.load_dataset(
             path,
@@ -233,20 +239,30 @@ def _load(job: Job, path: str, split: str, streaming: bool, data_files, storage_
             revision=job.get("dataset.revision"),
             streaming=streaming,
             storage_options=storage_options or None,
+            **job.get("dataset.options"),
         )
     except StopIteration:  # files batchrun cannot look into first (remote ones): datasets found no table in them
         return None
     except FileNotFoundError as error:  # a missing directory or file, a hub id the hub does not have: not for a retry
         raise UsageError(f"dataset.data_files / dataset.path: {one_line(str(error))}") from error
-    except (pa.ArrowException, DatasetGenerationError) as error:  # a damaged file (ArrowInvalid is a ValueError)
-        message = f"dataset {path!r}: a data file cannot be read: {one_line(str(reader_error(error)))}"
-        raise BatchrunError(message + broken_file_note(job, message)) from error
-    except ValueError as error:  # unknown split, bad data_files pattern, bad config name
+    except (pa.ArrowException, DatasetGenerationError, ValueError) as error:  # ArrowInvalid is a ValueError
         if "corresponds to no data" in str(error):  # a converted split of files without rows (a JSON `[]`)
             return None
-        raise UsageError(f"dataset {path!r}: {error}") from error
+        raise _load_failure(job, path, error) from error
     except (OSError, ConnectionError) as error:
         raise BatchrunError(f"dataset {path!r} could not be opened: {error}") from error
+
+
+def _load_failure(job: Job, path: str, error: Exception) -> BatchrunError:
+    """A file that cannot be parsed, or an option its builder lacks: exit 2; a damaged file (a truncated download,
+    Parquet without its footer): exit 1, naming the file where the local files tell; any other ValueError (an
+    unknown split, a bad data_files pattern or config name): exit 2."""
+    if is_parse_error(error):
+        return unparsable(job, one_line(str(reader_error(error))))
+    if isinstance(error, (pa.ArrowException, DatasetGenerationError)):
+        message = f"dataset {path!r}: a data file cannot be read: {one_line(str(reader_error(error)))}"
+        return BatchrunError(message + broken_file_note(job, message))
+    return UsageError(unknown_option_in(str(error)) or f"dataset {path!r}: {error}")
 
 
 def require_data_backends(job: Job) -> None:
@@ -268,7 +284,21 @@ def broken_file_note(job: Job, message: str) -> str:
     files are not local or none is."""
     split = split_name(job.get("dataset.split"))
     local = split_data_files(job, split)
-    return blame(dataset_source(job, split).path, local.with_rows, message) if local else ""
+    options = job.get("dataset.options")
+    return blame(dataset_source(job, split).path, local.with_rows, message, options) if local else ""
+
+
+def unparsable(job: Job, message: str, after: str = "") -> UsageError:
+    """A data file the reader could not parse (`message`: its error), as exit 2 naming the file and line where the
+    local files tell (parse_errors.find_unparsable): a retry would read the same bytes. `after`: more for the end."""
+    split = split_name(job.get("dataset.split"))
+    local = split_data_files(job, split)
+    builder = dataset_source(job, split).path
+    spot = find_unparsable(builder, local.with_rows, job.get("dataset.options")) if local else None
+    where = str(spot) if spot else f"a data file cannot be parsed: {message}"
+    fix = "fix or remove that line" if spot and spot.line else "fix the file"
+    return UsageError(f"dataset {job.get('dataset.path')!r}: {where}; {fix} (a retry would read the same bytes)"
+                      f"{after}")
 
 
 def _empty_split(job: Job, columns: list[str], why: str) -> Split:

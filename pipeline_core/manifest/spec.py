@@ -279,6 +279,9 @@ KEYS: tuple[Key, ...] = (
         "directory or one data file (README: Datasets)."),
     Key("dataset.name", OPTIONAL_TEXT, None, "The dataset's configuration name."),
     Key("dataset.data_files", DATA_FILES, None, "File, list of files or {split: files} for a builder.", open=True),
+    Key("dataset.options", AnyOf(Null(), Mapping(description="a mapping of the builder's options")), {},
+        "Options of the builder that reads the files, checked against its config: csv sep, quotechar, encoding, "
+        "skiprows; json field, encoding; text sample_by (README: Datasets). Part of the run's identity.", open=True),
     Key("dataset.split", SPLIT, "train",
         "Split to read; slicing such as train[1000:2000] is allowed (row ids stay positions in the whole split)."),
     Key("dataset.revision", OPTIONAL_TEXT, None, "Hub branch, tag or commit of the dataset."),

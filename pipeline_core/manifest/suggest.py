@@ -1,4 +1,4 @@
-"""'did you mean ...?' for unknown manifest keys."""
+"""'did you mean ...?' for unknown manifest keys and other names a user writes."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ def closest_key(path: str) -> str | None:
     if close:
         return next(candidate for candidate in known if candidate.split(".")[-1] == close[0])
     return None
+
+
+def closest(name: str, known: list[str]) -> str | None:
+    """The known name closest to a misspelt one (an option, a metric), or None when nothing is close."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def unknown_key_problem(path: str) -> str:

@@ -95,6 +95,11 @@ def _check_together(job: dict) -> list[str]:
     _, generation = lookup(job, "model.generation")
     if generation:
         problems += _check_generation(generation)
+    _, options = lookup(job, "dataset.options")
+    if options:
+        from pipeline_core.manifest.options import option_problems  # deferred: imports datasets
+
+        problems += option_problems(options, job["dataset"]["path"])
     return problems
 
 

@@ -46,6 +46,9 @@ def identity(job: Job, limit: int | None, embedding: dict | None = None) -> dict
     values = {key: job.get(key) for key in IDENTITY_KEYS}
     values.update(embedding or {"model.pooling": "mean", "model.normalize": False})
     values["limit"] = limit
+    options = job.get("dataset.options")
+    if options:  # how the files are parsed; absent when there are none, so runs recorded before it keep resuming
+        values["dataset.options"] = options
     reference = job.get("evaluate.reference_column")
     if reference is not None:  # carried into the output; absent otherwise, so runs without it keep their fingerprint
         values["evaluate.reference_column"] = reference
