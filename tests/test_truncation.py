@@ -103,6 +103,22 @@ def test_a_decoder_prompt_keeps_its_template_and_shortens_the_rows_text(tiny_mod
     assert (encoded.errors, encoded.truncated_rows) == ([None, None], 1 + (len(whole) > max_length))
 
 
+@pytest.mark.parametrize(("text", "prompt", "max_length"), [
+    ("dog 🙂 jumps naïve over dog café people the New", "Q:{text}A:", 9),
+    ("New naïve the 🙂 london the fox fox people brown", "Text: {text}.", 14),
+    ("jumpsnaïvecafélazy🙂foxTokyo,🙂londonwhilepeopleNewthroughnaïve", "<<{text}>>", 19),
+])
+def test_the_longest_cut_that_fits_is_taken_where_tokens_merge_across_the_template(tiny_models, text, prompt,
+                                                                                    max_length):
+    """Inside the template a text's bytes may merge into other tokens than its own: counting the text's own tokens
+    alone would cut more than needed (found by searching random texts and prompts)."""
+    tokenizer = tokenizer_of(tiny_models.causal_lm)
+    encoded = TextEncoder(tokenizer, "text", max_length=max_length, prompt=prompt, keep_template=True)(
+        pa.Table.from_pylist([{"text": text}]))
+    assert encoded.ids[0] == kept_start(tokenizer, text, max_length, fill=lambda cut: prompt.format(text=cut))
+    assert len(encoded.ids[0]) == max_length - 1 or len(encoded.ids[0]) == max_length
+
+
 def test_a_chat_template_keeps_the_assistant_turn_and_shortens_the_rows_text(tiny_models):
     tokenizer = tokenizer_of(tiny_models.causal_lm)
     encoded = encode(tokenizer, [LONG], max_length=48, prompt=PROMPT, chat_template=True, keep_template=True)
