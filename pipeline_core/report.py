@@ -131,6 +131,7 @@ def run_facts(records: list[dict], info: dict, complete: bool = False, committed
         "committed": committed if committed is not None else len(records),
         "rows": rows,
         "failed_rows": sum(record["failed_rows"] for record in records),
+        "truncated_rows": sum(record.get("truncated_rows") or 0 for record in records),  # none before it was recorded
         "wall_seconds": wall,
         "processing_seconds": processing,
         "rows_per_second": rows / processing if processing > 0 else None,
@@ -381,6 +382,7 @@ def render_html(facts: dict, charts: dict[str, bytes], output: str) -> str:
     summary = [
         ("rows", f"{facts['rows']:,}"),
         ("failed rows", f"{facts['failed_rows']:,}"),
+        ("truncated rows", f"{facts['truncated_rows']:,} (inputs cut to batching.max_length)"),
         ("wall time", f"{facts['wall_seconds']:,.1f} s"),
         ("processing time", f"{facts['processing_seconds']:,.1f} s"),
         ("rows/s", _rate(facts["rows_per_second"])),

@@ -196,6 +196,9 @@ def test_an_encoder_run_counts_its_truncated_rows_and_says_nothing_when_none_is(
     assert "summary: 7 rows, 0 failed, 3 truncated, wall" in capsys.readouterr().err
     metrics = [json.loads(path.read_text()) for path in sorted((tmp_path / "out").glob("_metrics-*.json"))]
     assert [record["truncated_rows"] for record in metrics] == [2, 1]
+    assert run_cli(["report", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "_report" / "report.html").read_text()
+    assert "<th scope='row'>truncated rows</th><td>3 (inputs cut to batching.max_length)</td>" in page
     job.write_text(job.read_text().replace("max_length: 16", "max_length: 512"))
     assert run_cli(["run", str(job), "--no-progress", "--fresh"]) == 0
     assert "summary: 7 rows, 0 failed, wall" in capsys.readouterr().err
