@@ -91,6 +91,7 @@ def run_job(job: Job, options: RunOptions) -> int:
                     "a time on this OUTPUT (a local directory, s3://, gs:// and az:// have one)", store)
     layout = options.layout
     check_device_map(job.get("model.device_map"), layout)
+    refuse_fresh_for_a_shard(options.fresh, layout)  # the options alone tell: before any file is read
     run_identity, embedding = job_identity(job, options.limit)  # a pattern that matches nothing: exit 2 now
     evaluation = Evaluation.from_manifest(job.config)  # ROUGE without its package: exit 2 now
     with StopOnSignals() as stop:
@@ -156,9 +157,7 @@ def prepare_output(store: Store, run_identity: dict, fresh: bool, layout: Layout
     live process of another start at work on this share refuses this one with exit 75 (a finished job is still
     reported as finished). (finished, the identity in force: the one OUTPUT's run recorded, else this job's)."""
     if fresh:
-        if layout.num_shards > 1:
-            raise UsageError("--fresh with --num-shards would discard the other shards' parts; "
-                             "discard OUTPUT once before starting the shards (or use a new output.path)")
+        refuse_fresh_for_a_shard(fresh, layout)
         _discard(store)
     remove_leftovers(store)
     finished, recorded = _run_in_output(store, run_identity)
@@ -170,6 +169,12 @@ def prepare_output(store: Store, run_identity: dict, fresh: bool, layout: Layout
     if not store.create(RUN_INFO, json.dumps(info, indent=2, default=str).encode()):
         finished, recorded = _run_in_output(store, run_identity)  # another process created it first: this job's?
     return finished, recorded or run_identity
+
+
+def refuse_fresh_for_a_shard(fresh: bool, layout: Layout) -> None:
+    if fresh and layout.num_shards > 1:
+        raise UsageError("--fresh with --num-shards would discard the other shards' parts; "
+                         "discard OUTPUT once before starting the shards (or use a new output.path)")
 
 
 def finished_exit_code(store: Store, job: Job) -> int:

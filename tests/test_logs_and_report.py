@@ -129,8 +129,9 @@ def test_text_logs_stay_short_lines_for_people_ending_with_the_summary(job, caps
 
 
 def test_a_failing_run_in_a_child_process_prints_only_json_lines_ending_with_the_error(tmp_path, tiny_models):
-    """The real command, imports and all: a second data file cut mid-line fails the run after three parts. datasets'
-    own error line is JSON too, and so is the final error with its exit code."""
+    """The real command, imports and all: a second data file cut mid-line fails the run after three parts (exit 2:
+    a retry would read the same bytes). datasets' own error line is JSON too, and so is the final error with its exit
+    code."""
     rows = data()
     job = jobs.write_job(tmp_path, tiny_models.text_classifier, rows[:24], rows_per_part=ROWS_PER_PART)
     broken = tmp_path / "broken.jsonl"
@@ -139,7 +140,7 @@ def test_a_failing_run_in_a_child_process_prints_only_json_lines_ending_with_the
                                            f"data_files: ['{tmp_path / 'rows.jsonl'}', '{broken}']"))
     process = jobs.start(job, "--log-format", "json")
     _, err = process.communicate(timeout=300)
-    assert process.returncode == 1, err
+    assert process.returncode == 2, err
     entries = parsed(err.splitlines())
     assert [entry["part"] for entry in entries if entry["event"] == "part_committed"] == [0, 1, 2]
     assert any(entry.get("logger", "").startswith("datasets") and "broken.jsonl" in entry["message"]
@@ -147,8 +148,9 @@ def test_a_failing_run_in_a_child_process_prints_only_json_lines_ending_with_the
     summary, error = entries[-2], entries[-1]
     assert (summary["event"], summary["rows"], summary["failed_rows"], summary["exit_code"]) == ("summary", 24, 2,
                                                                                                  None)
-    assert (error["event"], error["level"], error["exit_code"]) == ("error", "error", 1)
-    assert error["message"].startswith("dataset 'json': reading part 3 failed") and error["pid"] == process.pid
+    assert (error["event"], error["level"], error["exit_code"]) == ("error", "error", 2)
+    assert error["message"].startswith(f"dataset 'json': {broken}, line 2: not valid JSON")
+    assert error["pid"] == process.pid
 
 
 def test_usage_errors_are_json_too(job, capsys):
