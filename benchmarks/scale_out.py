@@ -65,7 +65,7 @@ COMPUTED = re.compile(r"computed (\d+) parts \((\d+) rows\) here(?:; read (\d+) 
                       r"\(([\d.]+) MB\))?")
 # the old sequential path: no Parquet reader, so datasets streams the files from their first row
 SEQUENTIAL = ("import sys, pipeline_core.data.source as source; source.find_parquet = lambda *args, **kwargs: None; "
-              "from pipeline_core.cli import main; main(sys.argv[1:])")
+              "from pipeline_core.entry import main; main(sys.argv[1:])")
 
 
 def environment(**extra: str) -> dict:

@@ -373,7 +373,7 @@ def commit_seconds(directory: Path, rows: int, repeats: int = 5) -> float:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline_core.output.parts import commit_part
+    from pipeline_core.output.run_dir import commit_part
     from pipeline_core.output.store import LocalStore
 
     store = LocalStore(str(directory / "commit-cost"))

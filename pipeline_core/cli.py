@@ -191,14 +191,6 @@ def evaluate(output):
     click.echo(json.dumps(evaluate_output(output), indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The `batchrun` command, for callers that import it from here (benchmarks/scale_out.py): pipeline_core.entry,
-    whose signal handlers are installed before click and torch are imported."""
-    from pipeline_core.entry import main as entry_main
-
-    entry_main(argv)
-
-
 def describe_os_error(error: OSError) -> str:
     """"cannot use /data/x: No space left on device (errno 28)": the file and the system's reason, one line."""
     files = " and ".join(str(name) for name in (error.filename, error.filename2) if name is not None)

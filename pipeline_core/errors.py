@@ -1,7 +1,16 @@
 """Errors a user can cause, each carrying the exit code of the contract.
 
 The CLI prints these as one plain message (no traceback) and exits with `exit_code`;
-anything else that escapes is an internal error.
+anything else that escapes is an internal error (exit 1, its traceback with BATCHRUN_DEBUG=1).
+
+    BatchrunError               1  a run-time failure: a scheduler retries
+    +-- StorageError            1  OUTPUT could not be read or written (a full disk, a read-only OUTPUT)
+    +-- OutputBusy             75  live processes hold OUTPUT (--fresh under them, batchrun's own lock)
+    +-- UsageError              2  the job or the command is wrong: fix it, do not retry
+        +-- ManifestError       2  every problem of one manifest, together
+        +-- NotImplementedYet   2  a command whose issue has not landed
+
+Exit 0 (done), 3 (too many failed rows) and 75 after a stop signal are outcomes of a run, not errors.
 """
 
 from __future__ import annotations
@@ -45,6 +54,13 @@ class ManifestError(UsageError):
 class StorageError(BatchrunError):
     """OUTPUT could not be read or written (a full disk, a read-only filesystem, no permission). Exit 1: committed
     parts stay valid, and a rerun once the cause is fixed resumes."""
+
+
+class OutputBusy(BatchrunError):
+    """A change to OUTPUT that live processes would not survive (--fresh while they write it), or OUTPUT locked by a
+    live run of another start."""
+
+    exit_code = EXIT_INTERRUPTED  # a scheduler retries later; the live processes may finish the job meanwhile
 
 
 class NotImplementedYet(UsageError):

@@ -11,7 +11,6 @@ Rows that failed are skipped (`skipped_rows`), never scored as right or wrong; s
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 
@@ -20,9 +19,18 @@ import pyarrow.compute as pc
 
 from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest.spec import METRICS, reference_output_column
-from pipeline_core.output.parts import read_part_columns
+from pipeline_core.output.run_dir import (
+    SUCCESS,
+    changed_since_finished,
+    committed_parts,
+    read_part_columns,
+    read_part_facts,
+    read_run_info,
+    status_run_info,
+    write_scores,
+)
+from pipeline_core.output.stores import open_store
 
-EVAL = "_eval.json"
 PREDICTION_COLUMNS = {"text-classification": "label", "summarization": "summary_text",
                       "text-generation": "generated_text"}
 ROUGE = ("rouge1", "rouge2", "rougeL")
@@ -230,18 +238,24 @@ def score_parts(evaluation: Evaluation, store, facts: dict, recompute: bool = Fa
     return evaluation.result(statistics)
 
 
-def write_scores(store, result: dict) -> None:
-    store.put(EVAL, (json.dumps(result, indent=2) + "\n").encode())
-
-
-def read_scores(store) -> dict | None:
-    """_eval.json, or None where there is none or it does not parse (it is rewritten by `batchrun evaluate`)."""
-    raw = store.get(EVAL)
-    try:
-        result = json.loads(raw) if raw is not None else None
-    except ValueError:
+def model_label_names(pipeline) -> dict | None:
+    """text-classification's id2label, which names integer references (other models' configs have a default one that
+    names nothing)."""
+    if pipeline.task != "text-classification":
         return None
-    return result if isinstance(result, dict) else None
+    return {str(key): value for key, value in (getattr(pipeline.model.config, "id2label", None) or {}).items()}
+
+
+def scored_as_asked(scores: dict | None, evaluation: Evaluation) -> bool:
+    return scores is not None and list(scores.get("metrics") or {}) == list(evaluation.metrics)
+
+
+def score_finished_run(run_dir, evaluation: Evaluation, rows_per_part: int) -> None:
+    """_eval.json of a finished run that lacks it (unscored, removed, or other metrics asked for), from its parts."""
+    info = read_run_info(run_dir.store)
+    evaluation = evaluation.with_labels(info.get("label_names"))
+    done = run_dir.verified_parts(info.get("fingerprint"), rows_per_part)
+    write_scores(run_dir.store, score_parts(evaluation, run_dir.store, done))
 
 
 def _scored_columns(evaluation: Evaluation) -> list[str]:
@@ -251,11 +265,6 @@ def _scored_columns(evaluation: Evaluation) -> list[str]:
 def evaluate_output(output: str) -> dict:
     """`batchrun evaluate OUTPUT`: the scores of a finished run computed again from its parts' rows, written to
     _eval.json. A usage error (exit 2) for a run that is not finished or has no evaluate section."""
-    from pipeline_core.output import SUCCESS
-    from pipeline_core.output.parts import changed_since_finished, committed_parts, read_part_facts
-    from pipeline_core.output.store import open_store
-    from pipeline_core.status import status_run_info
-
     store = open_store(output)  # a URL's credentials come from the environment, as for status
     info = status_run_info(store, output)
     manifest = info.get("manifest")

@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline_core.errors import UsageError
-from pipeline_core.output import SUCCESS
-from pipeline_core.output.metrics import BATCH_COLUMNS, padding_efficiency, read_metrics
-from pipeline_core.output.parts import changed_since_finished, committed_parts
-from pipeline_core.output.run_info import read_run_info
-from pipeline_core.output.store import open_store
+from pipeline_core.output.metrics import BATCH_COLUMNS, padding_efficiency
+from pipeline_core.output.run_dir import SUCCESS, changed_since_finished, committed_parts, read_metrics, read_run_info
+from pipeline_core.output.stores import open_store
 from pipeline_core.remote import is_remote
 
 INSTALL = 'pip install "batchrun[report]"'

@@ -10,18 +10,25 @@ shown as unknown rather than failing status.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from pipeline_core.errors import UsageError
-from pipeline_core.evaluation import read_scores, score_line
+from pipeline_core.evaluation import score_line
 from pipeline_core.layout import Layout, Share
-from pipeline_core.output import PROGRESS, RUN_INFO, SUCCESS
-from pipeline_core.output.claims import held_claims, worker_records
-from pipeline_core.output.parts import changed_since_finished, committed_parts, read_part_facts
-from pipeline_core.output.run_info import not_a_run, read_run_info
-from pipeline_core.output.store import Store, open_store
+from pipeline_core.output.claims import held_claims
+from pipeline_core.output.run_dir import (
+    SUCCESS,
+    changed_since_finished,
+    committed_parts,
+    read_part_facts,
+    read_progress,
+    read_scores,
+    status_run_info,
+    worker_records,
+)
+from pipeline_core.output.store import Store
+from pipeline_core.output.stores import open_store
 from pipeline_core.remote import is_remote
 
 
@@ -30,7 +37,7 @@ def run_status(output: str) -> dict:
         raise UsageError(f"{output} is a file, not a run directory; give status a job's output.path")
     store = open_store(output)  # a URL's credentials and endpoint come from the environment (AWS_* for s3://)
     info = status_run_info(store, output)
-    progress = read_progress(store)
+    progress = progress_figures(store)
     rows_per_part = info["identity"]["output.rows_per_part"]
     facts = [read_part_facts(store, index, info["fingerprint"], rows_per_part, split_start=None)
              for index in sorted(committed_parts(store.names()))]
@@ -66,19 +73,6 @@ def run_status(output: str) -> dict:
     }
 
 
-def status_run_info(store: Store, output: str) -> dict:
-    """`_batchrun.json`, with what status needs of it: a UsageError naming the file and the problem otherwise."""
-    info = read_run_info(store)
-    if not info:
-        raise UsageError(f"{output} holds no batchrun run (no {RUN_INFO}); check the path")
-    if not isinstance(info.get("fingerprint"), str):
-        raise not_a_run(store, 'has no "fingerprint" string')
-    rows_per_part = info["identity"].get("output.rows_per_part")
-    if not isinstance(rows_per_part, int) or isinstance(rows_per_part, bool) or rows_per_part < 1:
-        raise not_a_run(store, 'has no positive "output.rows_per_part" in its "identity"')
-    return info
-
-
 # What status reads of `_progress.json` and of worker records, and the type each must have to be shown.
 NUMBER = (int, float)
 PROGRESS_FIELDS = {"parts_total": int, "rows_total": int, "rows_per_second": NUMBER, "eta_seconds": NUMBER}
@@ -87,14 +81,10 @@ RECORD_FIELDS = {"worker": str, "host": str, "pid": int, "rank": int, "world_siz
                  "heartbeat": NUMBER, "started": NUMBER, "round_robin": bool}
 
 
-def read_progress(store: Store) -> dict:
+def progress_figures(store: Store) -> dict:
     """`_progress.json`'s figures of the right type. It is advisory (rewritten after each part, by whichever
     process committed last): torn or edited, status goes on with what the part footers say."""
-    try:
-        progress = json.loads(store.get(PROGRESS) or b"{}")
-    except ValueError:
-        return {}
-    return _fitting(progress, PROGRESS_FIELDS) if isinstance(progress, dict) else {}
+    return _fitting(read_progress(store), PROGRESS_FIELDS)
 
 
 def _fitting(values: dict, fields: dict) -> dict:

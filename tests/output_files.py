@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline_core.output.claims import claim_name, worker_name
+from pipeline_core.output.run_dir import claim_name, worker_name
 
 
 def write_record(directory: Path, worker: str, pid: int | None = 4242, host: str = "another-node",

@@ -14,9 +14,10 @@ import pytest
 
 from jobs import output, rows, run, write_job
 from pipeline_core import runner
+from pipeline_core import work as work_module
 from pipeline_core.data import workers
 from pipeline_core.data.workers import WorkerChoice, choose_workers, usable_cores
-from pipeline_core.output.claims import CLAIM_PATTERN
+from pipeline_core.output.run_dir import CLAIM_PATTERN
 
 
 @pytest.mark.parametrize("prepare, compute, cores, threads, device, chosen", [
@@ -76,14 +77,14 @@ def test_a_choice_measures_until_enough_then_describes_itself():
 def loaders(monkeypatch) -> list[dict]:
     """Each loader a run makes: its worker count, the parts it skips as committed, the claims OUTPUT holds then."""
     made: list[dict] = []
-    part_loader = runner.part_loader
+    part_loader = work_module.part_loader
 
     def spy(parts, num_workers, pin_memory):
         claims = sorted(name for name in parts.claims.store.names() if CLAIM_PATTERN.fullmatch(name))
         made.append({"workers": num_workers, "skip": sorted(parts.skip), "claims": claims})
         return part_loader(parts, num_workers, pin_memory)
 
-    monkeypatch.setattr(runner, "part_loader", spy)
+    monkeypatch.setattr(work_module, "part_loader", spy)
     return made
 
 

@@ -19,6 +19,7 @@ from jobs import rows, run, write_job
 from pipeline_core import runner
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
+from pipeline_core.output.run_dir import RunDir
 from pipeline_core.output.store import LocalStore
 
 
@@ -182,6 +183,6 @@ def test_a_start_taken_over_by_another_job_at_the_same_moment_stops_before_loadi
     recorded = json.loads((tmp_path / "out" / "_batchrun.json").read_text())["identity"]
     mine = dict(recorded, **{"model.prompt": None})
     with pytest.raises(UsageError, match="was taken by another job starting at the same moment"):
-        runner._check_still_ours(store, mine)
-    runner._check_still_ours(store, recorded)  # its own start: nothing to say
+        RunDir(store).check_still_ours(mine)
+    RunDir(store).check_still_ours(recorded)  # its own start: nothing to say
     assert run(job) == 0  # and the job itself, alone, replaces the abandoned start

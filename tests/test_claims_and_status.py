@@ -28,22 +28,21 @@ from output_files import write_claim, write_record
 from jobs import rows, run, write_job
 from pipeline_core import status as status_module
 from pipeline_core.cli import run_cli
+from pipeline_core.errors import OutputBusy
 from pipeline_core.output import claims as claims_module
-from pipeline_core.output.claims import (
+from pipeline_core.output import run_dir as run_dir_module
+from pipeline_core.output.claims import FINISH, Claims, Worker, held_claims
+from pipeline_core.output.run_dir import (
     CLAIM_PATTERN,
-    FINISH,
     WORKER_PATTERN,
-    Claims,
-    OutputBusy,
-    Worker,
     claim_name,
-    held_claims,
+    commit_part,
     is_live,
+    part_name,
     read_json,
     worker_name,
     worker_records,
 )
-from pipeline_core.output.parts import commit_part, part_name
 from pipeline_core.output.store import LocalStore
 from pipeline_core.status import render_status, run_status
 
@@ -99,7 +98,7 @@ class Clock:
 def test_heartbeat_period_and_staleness_threshold_are_what_the_readme_says():
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "heartbeat every 15 s" in readme and "over 2 minutes old" in readme
-    assert (claims_module.HEARTBEAT_EVERY, claims_module.STALE_AFTER) == (15.0, 120.0)
+    assert (claims_module.HEARTBEAT_EVERY, run_dir_module.STALE_AFTER) == (15.0, 120.0)
     assert claims_module.LIVENESS_CACHE_SECONDS == 5.0
 
 

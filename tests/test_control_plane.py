@@ -28,7 +28,9 @@ from jobs import output, rows, run, write_job
 from pipeline_core import runner as runner_module
 from pipeline_core.cli import run_cli
 from pipeline_core.output import claims as claims_module
-from pipeline_core.output.claims import Claims, Worker, claim_name, held_claims, is_live, worker_name
+from pipeline_core.output import run_dir as run_dir_module
+from pipeline_core.output.claims import Claims, Worker, held_claims
+from pipeline_core.output.run_dir import claim_name, is_live, worker_name
 from pipeline_core.output.store import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,8 +186,8 @@ def test_a_rerun_of_a_finished_run_exits_with_the_code_it_earned(tmp_path, tiny_
     info = json.loads((tmp_path / "out" / "_batchrun.json").read_text())
     assert (info["rows"], info["failed_rows"]) == (8, 2)
     footers_read = []
-    read_part_facts = runner_module.read_part_facts
-    monkeypatch.setattr(runner_module, "read_part_facts", lambda *args: footers_read.append(args) or
+    read_part_facts = run_dir_module.read_part_facts
+    monkeypatch.setattr(run_dir_module, "read_part_facts", lambda *args: footers_read.append(args) or
                         read_part_facts(*args))
     caplog.set_level(logging.INFO, logger="batchrun")
     assert run(job, *strict) == 3

@@ -22,7 +22,7 @@ from jobs import run
 from pipeline_core.cli import run_cli
 from pipeline_core.data.files import holds_no_rows
 from pipeline_core.data.parse_errors import InvalidText, check_text, is_parse_error
-from pipeline_core.output.parts import part_name
+from pipeline_core.output.run_dir import part_name
 
 STREAMING = pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
 TEXT = "the quick brown fox"

@@ -22,9 +22,9 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 from jobs import ROOT, rows, run, write_job
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
+from pipeline_core.identity.job import job_identity
 from pipeline_core.initializer.embedding import lowercase_inputs
 from pipeline_core.manifest import load_job
-from pipeline_core.runner import job_identity
 
 HIDDEN = 32  # the tiny embedder's width
 

@@ -187,7 +187,7 @@ def test_references_of_other_types_are_compared_as_text_by_hand():
 
 def test_footer_statistics_are_used_when_they_cover_the_metrics_by_hand():
     from pipeline_core.evaluation import score_parts
-    from pipeline_core.output.parts import PartFacts
+    from pipeline_core.output.run_dir import PartFacts
 
     evaluation = Evaluation("text-classification", "gold", ("accuracy",))
     stats = {"metrics": ["accuracy"], "rows": 4, "skipped_rows": 0, "null_references": 0, "correct": 3,
@@ -280,7 +280,7 @@ def test_batchrun_evaluate_does_not_trust_the_footers(classified, tmp_path, caps
         if path.is_file():
             (copy / path.name).write_bytes(path.read_bytes())
     recorded = scores(out)
-    from pipeline_core.output.parts import part_name, read_part_facts
+    from pipeline_core.output.run_dir import part_name, read_part_facts
     from pipeline_core.output.store import LocalStore
 
     store = LocalStore(copy)
@@ -507,7 +507,7 @@ def test_a_part_whose_footer_lacks_a_metric_is_scored_from_its_rows(tmp_path):
     from rouge_score import rouge_scorer
 
     from pipeline_core.evaluation import score_parts
-    from pipeline_core.output.parts import commit_part, read_part_facts
+    from pipeline_core.output.run_dir import commit_part, read_part_facts
     from pipeline_core.output.store import LocalStore
 
     store = LocalStore(tmp_path)

@@ -10,6 +10,7 @@ from jobs import rows, write_job
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
 from pipeline_core.layout import Layout, Share, check_device_map, layout_from
+from pipeline_core.output import run_dir as run_dir_module
 
 
 def test_without_a_launcher_or_shards_a_process_is_rank_0_of_1_shard_0_of_1():
@@ -191,31 +192,31 @@ def test_a_rank_waits_for_rank_0s_live_record_then_checks_the_identity(tmp_path)
     import threading
 
     from pipeline_core.execute import StopFlag
+    from pipeline_core.output.run_dir import RunDir
     from pipeline_core.output.store import LocalStore
-    from pipeline_core.runner import prepare_output, wait_for_rank_0
 
     store, identity = LocalStore(tmp_path / "out"), {"task": "text-classification"}
-    timer = threading.Timer(0.5, lambda: (prepare_output(store, identity, False, Layout()),
+    timer = threading.Timer(0.5, lambda: (RunDir(store).prepare(identity, False, Layout()),
                                           rank_0_record(tmp_path / "out")))
     timer.start()
-    assert wait_for_rank_0(store, identity, StopFlag()) == (False, identity)  # prepared, not finished
+    assert RunDir(store).join(identity, StopFlag()) == (False, identity)  # prepared, not finished
     assert (tmp_path / "out" / ".worker-rank0.json").exists()
     with pytest.raises(UsageError, match="holds a run of a different job"):
-        wait_for_rank_0(store, {"task": "summarization"}, StopFlag())
+        RunDir(store).join({"task": "summarization"}, StopFlag())
     (tmp_path / "out" / ".worker-rank0.json").unlink()  # rank 0 found the job finished: it wrote no record
     (tmp_path / "out" / "_SUCCESS").touch()
-    assert wait_for_rank_0(store, identity, StopFlag()) == (True, identity)
+    assert RunDir(store).join(identity, StopFlag()) == (True, identity)
 
 
 def test_a_rank_waits_no_longer_than_the_timeout_and_stops_on_a_signal(tmp_path, monkeypatch):
-    from pipeline_core import runner
     from pipeline_core.errors import BatchrunError
     from pipeline_core.execute import StopFlag
+    from pipeline_core.output.run_dir import RunDir
     from pipeline_core.output.store import LocalStore
 
     store = LocalStore(tmp_path / "out")
     rank_0_record(tmp_path / "out", state="stopped")  # an earlier attempt's rank 0: not the one to wait for
-    monkeypatch.setattr(runner, "RANK_0_TIMEOUT", 0.3)
+    monkeypatch.setattr(run_dir_module, "RANK_0_TIMEOUT", 0.3)
     with pytest.raises(BatchrunError, match=r"rank 0 did not start writing .* within 0s; see its log"):
-        runner.wait_for_rank_0(store, {}, StopFlag())
-    assert runner.wait_for_rank_0(store, {}, StopFlag(signal_name="SIGTERM")) is None
+        RunDir(store).join({}, StopFlag())
+    assert RunDir(store).join({}, StopFlag(signal_name="SIGTERM")) is None

@@ -23,13 +23,13 @@ from output_files import write_record
 
 import jobs
 from jobs import output, rows, run
-from pipeline_core.errors import UsageError
+from pipeline_core.errors import OutputBusy, UsageError
 from pipeline_core.execute import StopFlag
 from pipeline_core.layout import Layout
-from pipeline_core.output.claims import OutputBusy, held_claims
+from pipeline_core.output.claims import held_claims
 from pipeline_core.output.lock import shares_overlap
+from pipeline_core.output.run_dir import RunDir
 from pipeline_core.output.store import LocalStore
-from pipeline_core.runner import prepare_output, wait_for_rank_0
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = socket.gethostname()
@@ -61,7 +61,7 @@ def test_shares_overlap_unless_they_are_different_shards_of_one_count(mine, othe
 def prepared(out: Path) -> LocalStore:
     """OUTPUT holding this job's run, as prepare_output leaves it for the first process."""
     store = LocalStore(out)
-    assert prepare_output(store, IDENTITY, False, Layout()) == (False, IDENTITY)
+    assert RunDir(store).prepare(IDENTITY, False, Layout()) == (False, IDENTITY)
     return store
 
 
@@ -70,7 +70,7 @@ def test_a_live_run_of_another_process_refuses_a_plain_start_with_exit_75_naming
     write_record(tmp_path, "node-1-abc123", heartbeat_age=4.2)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     with pytest.raises(OutputBusy) as raised:
-        prepare_output(store, IDENTITY, False, Layout())
+        RunDir(store).prepare(IDENTITY, False, Layout())
     assert raised.value.exit_code == 75
     assert str(raised.value) == (f"{tmp_path} is locked by a live run: pid 4242 on another-node (one process), "
                                  "heartbeat 4s ago; not started: retry once it has finished, and the rerun resumes "
@@ -85,7 +85,7 @@ def test_the_message_names_the_longest_running_process_its_shard_and_rank_and_co
                  started=time.time() - 7200)
     with pytest.raises(OutputBusy, match=r"locked by a live run: pid 2222 on another-node \(shard 1/2, rank 1/2\), "
                                          r"heartbeat 3s ago \(and 1 more live process\(es\)\); not started"):
-        prepare_output(store, IDENTITY, False, Layout(shard_index=1, num_shards=2))
+        RunDir(store).prepare(IDENTITY, False, Layout(shard_index=1, num_shards=2))
 
 
 @pytest.mark.parametrize("record", [
@@ -104,40 +104,40 @@ def test_records_that_do_not_lock(tmp_path, dead_pid, record):
     layout = Layout(shard_index=0, num_shards=2) if "num_shards" in record else Layout()
     if "launch" in record:
         layout = Layout(world_size=2, launch="node-0:29500/job", attempt=1)
-    assert prepare_output(store, IDENTITY, False, layout) == (False, IDENTITY)
+    assert RunDir(store).prepare(IDENTITY, False, layout) == (False, IDENTITY)
 
 
 def test_the_same_shard_twice_and_a_shard_beside_a_plain_run_are_locked(tmp_path):
     store = prepared(tmp_path)
     write_record(tmp_path, "shard-0", shard_index=0, num_shards=2)
     with pytest.raises(OutputBusy, match=r"\(shard 0/2\)"):
-        prepare_output(store, IDENTITY, False, Layout(shard_index=0, num_shards=2))
+        RunDir(store).prepare(IDENTITY, False, Layout(shard_index=0, num_shards=2))
     with pytest.raises(OutputBusy):
-        prepare_output(store, IDENTITY, False, Layout())
+        RunDir(store).prepare(IDENTITY, False, Layout())
     (tmp_path / ".worker-shard-0.json").unlink()
     write_record(tmp_path, "plain")
     with pytest.raises(OutputBusy, match=r"\(one process\)"):
-        prepare_output(store, IDENTITY, False, Layout(shard_index=1, num_shards=2))
+        RunDir(store).prepare(IDENTITY, False, Layout(shard_index=1, num_shards=2))
 
 
 def test_a_finished_job_is_reported_finished_and_another_jobs_run_is_exit_2_even_while_a_process_lives(tmp_path):
     store = prepared(tmp_path)
     write_record(tmp_path, "other")
     with pytest.raises(UsageError, match="holds a run of a different job"):
-        prepare_output(store, {**IDENTITY, "limit": 3}, False, Layout())
+        RunDir(store).prepare({**IDENTITY, "limit": 3}, False, Layout())
     (tmp_path / "_SUCCESS").touch()
-    assert prepare_output(store, IDENTITY, False, Layout()) == (True, IDENTITY)
+    assert RunDir(store).prepare(IDENTITY, False, Layout()) == (True, IDENTITY)
 
 
 def test_other_ranks_wait_for_their_own_rank_0_and_are_refused_by_another_starts_run(tmp_path):
     store = prepared(tmp_path)
     rank_1 = Layout(rank=1, world_size=2, local_rank=1, launch="node-0:29500/job", attempt=0)
     write_record(tmp_path, "own-rank-0", launch="node-0:29500/job", attempt=0, world_size=2)
-    assert wait_for_rank_0(store, IDENTITY, StopFlag(), rank_1) == (False, IDENTITY)  # its own: no lock
+    assert RunDir(store).join(IDENTITY, StopFlag(), rank_1) == (False, IDENTITY)  # its own: no lock
     (tmp_path / ".worker-own-rank-0.json").unlink()
     write_record(tmp_path, "plain-run")  # a rank 0 too, but of a plain run: not this launch's
     with pytest.raises(OutputBusy, match="locked by a live run: pid 4242 on another-node \\(one process\\)"):
-        wait_for_rank_0(store, IDENTITY, StopFlag(), rank_1)
+        RunDir(store).join(IDENTITY, StopFlag(), rank_1)
 
 
 # --- real runs -------------------------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ import pytest
 from transformers import AutoTokenizer
 
 import jobs
-from pipeline_core import runner as runner_module
+from pipeline_core import work as work_module
 from pipeline_core.cli import run_cli
 from pipeline_core.data.batching import pack_batches
 from pipeline_core.errors import StorageError
 from pipeline_core.logs import setup_logging
-from pipeline_core.output.metrics import failure_reason, read_metrics
+from pipeline_core.output.metrics import failure_reason
+from pipeline_core.output.run_dir import read_metrics
 from pipeline_core.output.store import LocalStore
 from pipeline_core.report import chart_figures, png, run_facts, spread
 
@@ -212,14 +213,14 @@ def test_one_metrics_file_per_committed_part_invisible_to_parquet_readers(job, c
 def test_metrics_of_a_part_whose_commit_failed_are_not_counted_and_a_resume_counts_each_part_once(job, capsys,
                                                                                                    monkeypatch):
     """Killed between writing part 2's metrics and committing it (here: the commit fails), then resumed."""
-    commit = runner_module._commit_whole_part
+    commit = work_module._commit_whole_part
 
     def failing(index, *args):
         if index == 2:
             raise StorageError("cannot write part-000002.parquet: the disk went away")
         return commit(index, *args)
 
-    monkeypatch.setattr(runner_module, "_commit_whole_part", failing)
+    monkeypatch.setattr(work_module, "_commit_whole_part", failing)
     assert run(job, capsys)[0] == 1
     out = job.parent / "out"
     assert (out / "_metrics-000002.json").exists() and not (out / "part-000002.parquet").exists()

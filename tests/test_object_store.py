@@ -28,7 +28,8 @@ import pytest
 from jobs import output, rows, run, start, write_job
 from pipeline_core.cli import run_cli
 from pipeline_core.output.fsspec_store import FsspecStore
-from pipeline_core.output.store import LocalStore, open_store
+from pipeline_core.output.store import LocalStore
+from pipeline_core.output.stores import open_store
 
 s3fs = pytest.importorskip("s3fs")
 GENERATION = "  generation: {max_new_tokens: 16, min_new_tokens: 16, do_sample: false}\n"

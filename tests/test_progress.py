@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline_core.output import PROGRESS
 from pipeline_core.output import progress as progress_module
 from pipeline_core.output.progress import Progress
+from pipeline_core.output.run_dir import PROGRESS
 from pipeline_core.output.store import LocalStore
 
 START = 1000.0

@@ -15,18 +15,17 @@ from pathlib import Path
 import pytest
 
 from jobs import rows, run, write_job
-from pipeline_core.manifest import load_job
-from pipeline_core.output import provenance
-from pipeline_core.output.identity import differences, fingerprint
-from pipeline_core.output.provenance import (
+from pipeline_core.identity import keys as provenance  # its changed_files compares two provenances
+from pipeline_core.identity.job import job_identity
+from pipeline_core.identity.keys import differences, fingerprint, provenance_changes
+from pipeline_core.identity.provenance import (
     file_summary,
     input_provenance,
     model_provenance,
-    provenance_changes,
     safetensors_header,
     sampled_digest,
 )
-from pipeline_core.runner import job_identity
+from pipeline_core.manifest import load_job
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
 

@@ -23,6 +23,7 @@ import torch
 
 import jobs
 from jobs import WORDS, copy_job, output, rows, run, start
+from pipeline_core import work as work_module
 from pipeline_core.cli import run_cli
 from pipeline_core.output.claims import held_claims
 from pipeline_core.output.store import LocalStore
@@ -189,7 +190,7 @@ def computed(monkeypatch) -> dict[str, list[int]]:
     from pipeline_core import runner
 
     seen: dict[str, list[int]] = {"run": [], "commit": []}
-    part_runner, commit_part = runner.PartRunner.run, runner.commit_part
+    part_runner, commit_part = runner.PartRunner.run, work_module.commit_part
 
     def counting_run(self, part):
         seen["run"].append(part.index)

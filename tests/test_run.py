@@ -303,7 +303,7 @@ def test_without_keep_columns_the_output_is_row_id_task_columns_and_error(tmp_pa
 
 
 def test_auto_token_budget_depends_on_the_device():
-    from pipeline_core.runner import token_budget
+    from pipeline_core.execute import token_budget
 
     assert token_budget("auto", torch.device("cpu")) == 4096
     assert token_budget("auto", torch.device("cuda", 0)) == 16384

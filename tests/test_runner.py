@@ -28,27 +28,21 @@ from output_files import exited_pid
 import jobs
 from pipeline_core import __version__
 from pipeline_core import runner as runner_module
+from pipeline_core import work as work_module
 from pipeline_core.cli import run_cli
 from pipeline_core.data.loader import PreparedPart, SourceFailure
-from pipeline_core.errors import UsageError
-from pipeline_core.execute import StopFlag
+from pipeline_core.errors import OutputBusy, UsageError
+from pipeline_core.execute import StopFlag, token_budget
+from pipeline_core.identity.job import job_identity
+from pipeline_core.identity.keys import fingerprint, identity
 from pipeline_core.layout import Layout
 from pipeline_core.manifest import load_job
-from pipeline_core.output.claims import OutputBusy, held_claims
-from pipeline_core.output.identity import fingerprint, identity
-from pipeline_core.output.parts import PartFacts, commit_part, part_name
+from pipeline_core.output.claims import held_claims
 from pipeline_core.output.progress import Progress
+from pipeline_core.output.run_dir import PartFacts, RunDir, commit_part, part_name
 from pipeline_core.output.store import LocalStore
-from pipeline_core.runner import (
-    _discard,
-    _exit_for_errors,
-    _run_in_output,
-    prepare_output,
-    remove_leftovers,
-    token_budget,
-    verified_parts,
-)
 from pipeline_core.tasks import build_task
+from pipeline_core.work import exit_for_errors
 
 TEXTS = ["the quick brown fox", "jumps over", "the lazy dog while people", "walk", "through london", "today"]
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
@@ -127,7 +121,7 @@ def test_run_info_records_the_job_its_identity_versions_and_the_resolved_model(f
                           "generation_config", "stages", "label_names", "host", "started", "finished", "rows",
                           "failed_rows", "part_bytes", "processes"]
     loaded = load_job(job, [])
-    run_identity = runner_module.job_identity(loaded, None)[0]
+    run_identity = job_identity(loaded, None)[0]
     expected_identity = json.loads(json.dumps(run_identity))
     assert info["name"] == "tiny-sentiment"
     assert info["identity"] == expected_identity and info["identity"]["limit"] is None
@@ -226,20 +220,20 @@ def test_resume_logs_the_committed_parts_and_computes_only_the_missing_one(tmp_p
     (4, 4, 1.0, 0),
 ])
 def test_exit_code_from_the_share_of_failed_rows(failed, rows, rate, code):
-    assert _exit_for_errors(failed, rows, rate) == code
+    assert exit_for_errors(failed, rows, rate) == code
 
 
 def test_too_many_failed_rows_are_logged_as_a_warning_with_the_share(caplog):
     caplog.set_level(logging.INFO, logger="batchrun")
-    assert _exit_for_errors(2, 3, 0.25) == 3
+    assert exit_for_errors(2, 3, 0.25) == 3
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "2 of 3 rows failed (66.67%), above errors.max_error_rate=0.25")]
 
 
 def test_failed_rows_within_the_threshold_are_logged_as_info(caplog):
     caplog.set_level(logging.INFO, logger="batchrun")
-    assert _exit_for_errors(1, 3, 0.5) == 0
-    assert _exit_for_errors(0, 3, 0.5) == 0
+    assert exit_for_errors(1, 3, 0.5) == 0
+    assert exit_for_errors(0, 3, 0.5) == 0
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("INFO", "1 of 3 rows failed; see the error column")]
 
@@ -293,13 +287,13 @@ def write_run_info(store: LocalStore, values: dict | None, fingerprint_value: st
 
 
 def test_empty_output_is_not_finished(tmp_path):
-    assert _run_in_output(LocalStore(tmp_path / "out"), run_identity()) == (False, None)
+    assert RunDir(LocalStore(tmp_path / "out")).run_in_output(run_identity()) == (False, None)
 
 
 def test_output_with_other_files_but_no_parts_and_no_run_info_is_not_finished(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "part-1.parquet").write_text("not a batchrun part name")
-    assert _run_in_output(LocalStore(tmp_path), run_identity()) == (False, None)
+    assert RunDir(LocalStore(tmp_path)).run_in_output(run_identity()) == (False, None)
 
 
 def test_output_with_parts_but_no_run_info_is_refused(tmp_path):
@@ -307,7 +301,7 @@ def test_output_with_parts_but_no_run_info_is_refused(tmp_path):
     commit_part(store, 0, pa.table({"row_id": pa.array([0], pa.int64()), "error": pa.array([None], pa.string())}),
                 "none", FINGERPRINT)
     with pytest.raises(UsageError) as raised:
-        _run_in_output(store, run_identity())
+        RunDir(store).run_in_output(run_identity())
     assert str(raised.value) == (f"{tmp_path} holds parts but no _batchrun.json; it is not a batchrun run of this job "
                                  "(use --fresh to discard it, or another output.path)")
     assert raised.value.exit_code == 2
@@ -316,9 +310,9 @@ def test_output_with_parts_but_no_run_info_is_refused(tmp_path):
 def test_run_of_this_job_is_finished_only_with_success(tmp_path):
     store = LocalStore(tmp_path)
     write_run_info(store, run_identity())
-    assert _run_in_output(store, run_identity()) == (False, run_identity())
+    assert RunDir(store).run_in_output(run_identity()) == (False, run_identity())
     store.put("_SUCCESS", b"")
-    assert _run_in_output(store, run_identity()) == (True, run_identity())
+    assert RunDir(store).run_in_output(run_identity()) == (True, run_identity())
 
 
 def test_run_of_another_job_is_refused_naming_each_difference(tmp_path):
@@ -326,7 +320,7 @@ def test_run_of_another_job_is_refused_naming_each_difference(tmp_path):
     write_run_info(store, run_identity(task="summarization", limit=3))
     store.put("_SUCCESS", b"")
     with pytest.raises(UsageError) as raised:
-        _run_in_output(store, run_identity())
+        RunDir(store).run_in_output(run_identity())
     assert str(raised.value) == (
         f"{tmp_path} holds a run of a different job (fingerprint feedfacefeedface); what differs:\n"
         '  - limit: 3 -> null\n'
@@ -340,7 +334,7 @@ def test_run_info_without_an_identity_is_not_a_runs_record(tmp_path):
     write_run_info(store, None)
     with pytest.raises(UsageError, match=r"_batchrun.json has no \"identity\" object: it is not a batchrun run "
                                          r"directory, or it was edited; check the path \(rerun the job with --fresh"):
-        _run_in_output(store, run_identity(limit=5))
+        RunDir(store).run_in_output(run_identity(limit=5))
 
 
 def worker_record(directory: Path, worker: str, state: str = "running", host: str = "another-node",
@@ -360,7 +354,7 @@ def test_fresh_discards_exactly_the_runs_files(tmp_path):
         (tmp_path / name).write_text(name)
     worker_record(tmp_path, "node-1-abc123", state="stopped")
     worker_record(tmp_path, "node-2-def456", state="running", heartbeat_age=3600)
-    _discard(LocalStore(tmp_path))
+    RunDir(LocalStore(tmp_path)).discard()
     assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", ".claim-x", ".worker-.json", "notes.txt",
                                             "part-1.parquet"]
 
@@ -372,7 +366,7 @@ def test_fresh_while_a_live_process_writes_is_refused_with_exit_75_and_discards_
     worker_record(tmp_path, "node-2-def456", state="running", heartbeat_age=100)
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(OutputBusy) as raised:
-        _discard(LocalStore(tmp_path))
+        RunDir(LocalStore(tmp_path)).discard()
     assert str(raised.value) == (f"--fresh would discard {tmp_path} while 1 live process(es) write it, e.g. pid 4242 "
                                  "on another-node; retry when they have finished")
     assert raised.value.exit_code == 75
@@ -382,7 +376,7 @@ def test_fresh_while_a_live_process_writes_is_refused_with_exit_75_and_discards_
 def test_fresh_with_shards_is_refused_before_anything_is_discarded(tmp_path):
     (tmp_path / "part-000000.parquet").write_text("a part of another shard")
     with pytest.raises(UsageError) as raised:
-        prepare_output(LocalStore(tmp_path), run_identity(), True, Layout(shard_index=1, num_shards=2))
+        RunDir(LocalStore(tmp_path)).prepare(run_identity(), True, Layout(shard_index=1, num_shards=2))
     assert str(raised.value) == ("--fresh with --num-shards would discard the other shards' parts; discard OUTPUT "
                                  "once before starting the shards (or use a new output.path)")
     assert sorted(os.listdir(tmp_path)) == ["part-000000.parquet"]
@@ -390,25 +384,25 @@ def test_fresh_with_shards_is_refused_before_anything_is_discarded(tmp_path):
 
 def test_prepare_output_creates_the_run_info_once_and_a_second_process_joins_it(tmp_path):
     store = LocalStore(tmp_path)
-    assert prepare_output(store, run_identity(), False, Layout()) == (False, run_identity())
+    assert RunDir(store).prepare(run_identity(), False, Layout()) == (False, run_identity())
     first = (tmp_path / "_batchrun.json").read_text()
     info = json.loads(first)
     assert list(info) == ["fingerprint", "identity", "started"]
     assert (info["fingerprint"], info["identity"]) == (fingerprint(run_identity()), run_identity())
-    assert prepare_output(store, run_identity(), False, Layout(shard_index=1, num_shards=2)) == (False, run_identity())
+    assert RunDir(store).prepare(run_identity(), False, Layout(shard_index=1, num_shards=2)) == (False, run_identity())
     assert (tmp_path / "_batchrun.json").read_text() == first  # not rewritten: created exclusively
     store.put("part-000000.parquet", b"a committed part: a run to protect")
     with pytest.raises(UsageError, match="holds a run of a different job"):
-        prepare_output(store, run_identity(limit=3), False, Layout(shard_index=1, num_shards=2))
+        RunDir(store).prepare(run_identity(limit=3), False, Layout(shard_index=1, num_shards=2))
     store.put("_SUCCESS", b"")
-    assert prepare_output(store, run_identity(), False, Layout()) == (True, run_identity())
+    assert RunDir(store).prepare(run_identity(), False, Layout()) == (True, run_identity())
 
 
 def test_prepare_output_replaces_another_jobs_start_that_committed_no_part(tmp_path):
     store = LocalStore(tmp_path)
-    prepare_output(store, run_identity(), False, Layout())
+    RunDir(store).prepare(run_identity(), False, Layout())
     store.put(".claim-000000.0", b'{"worker": "gone"}')
-    assert prepare_output(store, run_identity(limit=3), False, Layout()) == (False, run_identity(limit=3))
+    assert RunDir(store).prepare(run_identity(limit=3), False, Layout()) == (False, run_identity(limit=3))
     assert json.loads((tmp_path / "_batchrun.json").read_text())["identity"] == run_identity(limit=3)
     assert store.names() == ["_batchrun.json"]  # the abandoned start's claim went with it
 
@@ -434,7 +428,7 @@ def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path):
              "part-000000.parquet", "_SUCCESS"]
     for name in names:
         (tmp_path / name).write_text(name)
-    remove_leftovers(LocalStore(tmp_path))
+    RunDir(LocalStore(tmp_path)).remove_leftovers()
     assert sorted(os.listdir(tmp_path)) == [".batchrun.lock", ".hidden", "_SUCCESS", f"notes.tmp-{dead}",
                                             "part-000000.parquet"]
 
@@ -449,10 +443,10 @@ def test_a_temporary_of_a_live_writer_stays_until_it_is_over_2_minutes_old(tmp_p
     for name, age in ((live, 5), (remote_fresh, 5), (remote_old, 130)):
         (tmp_path / name).write_text(name)
         os.utime(tmp_path / name, (time.time() - age, time.time() - age))
-    remove_leftovers(LocalStore(tmp_path))
+    RunDir(LocalStore(tmp_path)).remove_leftovers()
     assert sorted(os.listdir(tmp_path)) == sorted([live, remote_fresh])
     os.utime(tmp_path / live, (time.time() - 130, time.time() - 130))
-    remove_leftovers(LocalStore(tmp_path))
+    RunDir(LocalStore(tmp_path)).remove_leftovers()
     assert os.listdir(tmp_path) == [remote_fresh]
 
 
@@ -471,7 +465,7 @@ def test_verified_parts_keeps_this_runs_parts_and_removes_the_others(tmp_path, c
     (tmp_path / part_name(3)).write_bytes((tmp_path / part_name(3)).read_bytes()[:-20])  # truncated
     (tmp_path / "notes.txt").write_text("kept")
 
-    assert verified_parts(store, FINGERPRINT, 4) == {0: PartFacts(0, 4, 1), 2: PartFacts(2, 2, 2)}
+    assert RunDir(store).verified_parts(FINGERPRINT, 4) == {0: PartFacts(0, 4, 1), 2: PartFacts(2, 2, 2)}
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", part_name(0), part_name(2)]
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", f"{part_name(1)} is damaged or not from this run: it will be computed again"),
@@ -529,14 +523,14 @@ def test_task_is_told_to_stop_when_a_stop_is_requested(tmp_path, tiny_models, co
 def test_stop_after_a_part_keeps_it_updates_progress_and_exits_75(tmp_path, tiny_models, controlled_stop,
                                                                    monkeypatch):
     flag, _ = controlled_stop
-    commit_whole_part = runner_module._commit_whole_part
+    commit_whole_part = work_module._commit_whole_part
 
     def then_stop(*args, **kwargs):
         facts = commit_whole_part(*args, **kwargs)
         flag.signal_name = "SIGTERM"
         return facts
 
-    monkeypatch.setattr(runner_module, "_commit_whole_part", then_stop)
+    monkeypatch.setattr(work_module, "_commit_whole_part", then_stop)
     code, lines = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS, parquet=True))
     out = tmp_path / "out"
     assert code == 75
@@ -576,7 +570,7 @@ def test_no_progress_turns_the_bar_off_even_on_a_terminal(tmp_path, tiny_models,
 
 def test_source_failure_after_a_part_exits_1_naming_the_dataset_and_keeps_the_part(tmp_path, tiny_models, monkeypatch,
                                                                                    capsys):
-    part_loader = runner_module.part_loader
+    part_loader = work_module.part_loader
 
     def failing_after_the_first_part(*args, **kwargs):
         for item in part_loader(*args, **kwargs):
@@ -585,7 +579,7 @@ def test_source_failure_after_a_part_exits_1_naming_the_dataset_and_keeps_the_pa
                 yield SourceFailure("reading part 1 failed: OSError: the disk went away")
                 return
 
-    monkeypatch.setattr(runner_module, "part_loader", failing_after_the_first_part)
+    monkeypatch.setattr(work_module, "part_loader", failing_after_the_first_part)
     code, _ = run(write_job(tmp_path, tiny_models.text_classifier, TEXTS))
     assert code == 1
     assert ("error: dataset 'json': reading part 1 failed: OSError: the disk went away; committed parts are kept"
@@ -612,7 +606,7 @@ def test_a_part_damaged_between_its_commit_and_the_finish_exits_1_and_a_rerun_re
                                                                                          monkeypatch, capsys):
     job = jobs.write_job(tmp_path, tiny_models.text_classifier, jobs.rows(6), rows_per_part=2)
     out = tmp_path / "out"
-    verify = runner_module.verified_parts
+    verify = RunDir.verified_parts
     calls = []
 
     def damaging(store, fingerprint, rows_per_part, split_start=None):
@@ -621,12 +615,12 @@ def test_a_part_damaged_between_its_commit_and_the_finish_exits_1_and_a_rerun_re
             (out / part_name(1)).write_bytes(b"not parquet any more")
         return verify(store, fingerprint, rows_per_part, split_start)
 
-    monkeypatch.setattr(runner_module, "verified_parts", damaging)
+    monkeypatch.setattr(RunDir, "verified_parts", damaging)
     assert jobs.run(job) == 1
     err = capsys.readouterr().err
     assert f"parts 1 of {out} were damaged after being committed and have been removed; rerun" in err
     assert not (out / "_SUCCESS").exists() and not (out / part_name(1)).exists()
-    monkeypatch.setattr(runner_module, "verified_parts", verify)
+    monkeypatch.setattr(RunDir, "verified_parts", verify)
     assert jobs.run(job) == 0 and (out / "_SUCCESS").exists()
     assert list(jobs.output(job)["row_id"]) == list(range(6))
 
@@ -661,13 +655,13 @@ def test_a_stop_between_the_slices_of_a_part_commits_none_of_it(tmp_path, tiny_m
     flag, _ = controlled_stop
     job = jobs.write_job(tmp_path, tiny_models.text_classifier, jobs.rows(8), rows_per_part=8)
     monkeypatch.setattr(loader, "SLICE_ROWS", 4)
-    compute = runner_module._compute_slice
+    compute = work_module._compute_slice
 
     def then_stop(*args, **kwargs):
         table = compute(*args, **kwargs)
         flag.signal_name = "SIGTERM"  # after the first slice of the only part
         return table
 
-    monkeypatch.setattr(runner_module, "_compute_slice", then_stop)
+    monkeypatch.setattr(work_module, "_compute_slice", then_stop)
     assert jobs.run(job) == 75
     assert not list((tmp_path / "out").glob("part-*")) and not held_claims(LocalStore(tmp_path / "out"))

@@ -41,7 +41,7 @@ from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.layout import Layout, Share
 from pipeline_core.manifest import Job
 from pipeline_core.output.claims import Claims
-from pipeline_core.output.parts import part_name
+from pipeline_core.output.run_dir import part_name
 from pipeline_core.output.store import LocalStore
 from pipeline_core.tasks.text import Encoded
 
@@ -342,7 +342,10 @@ def test_split_parts_are_consecutive_rows_and_unwanted_ones_are_skipped(streamed
 
 
 class WordTask:
-    """Stand-in task: a row's token ids are the lengths of its words; a null text fails the row."""
+    """Stand-in task (tasks/base.py's Task): a row's token ids are the lengths of its words; a null text fails the
+    row."""
+
+    slice_rows = None
 
     def __init__(self, fail_on_id=None):
         self.fail_on_id = fail_on_id

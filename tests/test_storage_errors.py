@@ -28,8 +28,7 @@ from jobs import rows, write_job
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import StorageError, UsageError
 from pipeline_core.output import store as store_module
-from pipeline_core.output.claims import claim_name, worker_name
-from pipeline_core.output.parts import commit_part, part_name
+from pipeline_core.output.run_dir import claim_name, commit_part, part_name, worker_name
 from pipeline_core.output.store import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,19 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import output, rows, run, write_job
-from pipeline_core import runner
+from pipeline_core.identity import job as identity_job
+from pipeline_core.identity.keys import PROVENANCE_KEYS, differences, fingerprint
 from pipeline_core.manifest import load_job
 from pipeline_core.manifest.spec import KEYS
 from pipeline_core.output import store as store_module
-from pipeline_core.output.identity import PROVENANCE_KEYS, differences, fingerprint
-from pipeline_core.output.parts import (
-    PartFacts,
-    commit_part,
-    committed_parts,
-    encode_parquet,
-    part_name,
-    read_part_facts,
-)
+from pipeline_core.output.parts import encode_parquet
+from pipeline_core.output.run_dir import PartFacts, commit_part, committed_parts, part_name, read_part_facts
 from pipeline_core.output.store import LocalStore
 
 FINGERPRINT = "0123456789abcdef"
@@ -273,7 +267,7 @@ def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None, base
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        values = runner.job_identity(load_job(path, list(overrides)), limit)[0]
+        values = identity_job.job_identity(load_job(path, list(overrides)), limit)[0]
     finally:
         os.chdir(cwd)
     return {key: value for key, value in values.items() if key not in PROVENANCE_KEYS}

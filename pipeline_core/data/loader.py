@@ -13,6 +13,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import torch
@@ -25,9 +26,11 @@ from pipeline_core.data.source import Split, broken_file_note, unparsable
 from pipeline_core.errors import BatchrunError
 from pipeline_core.layout import Share
 from pipeline_core.manifest import Job
-from pipeline_core.output.parts import part_name
+from pipeline_core.output.run_dir import part_name
 from pipeline_core.signals import STOP_SIGNALS
-from pipeline_core.tasks.text import Encoded
+
+if TYPE_CHECKING:  # the contract the loader needs of a task, and nothing of any one task
+    from pipeline_core.tasks.base import Encoding
 
 # A part is prepared and handed over in slices of this many rows, each length-sorted into batches on its own: a part
 # of 50,000 rows starts computing once its first slice is tokenized (0.3 s here), not all of it (4.3 s), and a
@@ -44,7 +47,7 @@ class PreparedPart:
     first_row: int
     num_rows: int
     kept: pa.Table  # the keep_columns of the part's rows, in input order (possibly no columns)
-    encoded: Encoded
+    encoded: Encoding
     batches: list[dict]  # {"rows": positions in the part, "inputs": {name: tensor}}
     tokens: int  # real (unpadded) input tokens
     read: ReadStats | None = None  # what reading the part cost (row groups, rows, bytes), where the source counts
@@ -174,7 +177,7 @@ class PreparedParts(torch.utils.data.IterableDataset):
         """The part in slices of SLICE_ROWS rows, each prepared and handed over as soon as it is ready. A stream's
         reading is not timed: it is cheap beside tokenizing (about 1 us a row), and it runs through parts not
         prepared here too, on a rerun above all, which would make preparing look dearer than it is."""
-        slice_rows = getattr(self.task, "slice_rows", None) or SLICE_ROWS  # images: fewer, each row is large
+        slice_rows = self.task.slice_rows or SLICE_ROWS  # images: fewer, each row is large
         for offset in range(0, max(table.num_rows, 1), slice_rows):
             started, cpu_started = time.perf_counter(), time.process_time()
             piece = table.slice(offset, slice_rows)

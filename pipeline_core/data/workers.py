@@ -7,9 +7,11 @@ takes preparation off the model's process, but on a CPU it also takes a core the
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
+log = logging.getLogger("batchrun")
 MEASURE_SECONDS = 2.0  # preparation + model time measured before deciding: a few batches, past the first one's warm-up
 MARGIN = 0.05  # more workers only when the estimate is clearly better: each costs memory, start-up and IPC
 MAX_WORKERS = 8
@@ -81,3 +83,43 @@ class WorkerChoice:
         share = self.prepare_seconds / max(self.prepare_seconds + self.compute_seconds, 1e-9)
         return (f"num_workers auto: {self.chosen} (preparing rows took {100 * share:.0f}% of the time with none, "
                 f"{self.rows} rows measured, {cores} cores)")
+
+
+class WorkerCount:
+    """batching.num_workers in one run: a number kept as it is, or auto: none while measuring, then the count
+    chosen, once, at a part boundary."""
+
+    def __init__(self, setting):
+        self.choice = WorkerChoice() if setting == "auto" else None  # measure with none first: preparing is timed
+        self.workers = 0 if setting == "auto" else setting  # DataLoader workers of the next pass
+
+    @property
+    def measuring(self) -> bool:
+        return self.choice is not None and self.choice.chosen is None
+
+    def measure(self, prepare_seconds: float, compute_seconds: float, rows: int, prepare_cpu_seconds: float) -> None:
+        if self.measuring:
+            self.choice.measure(prepare_seconds, compute_seconds, rows, prepare_cpu_seconds)
+
+    def switch(self, local_processes: int, model_threads: int, device_type: str, length_known: bool,
+               outstanding) -> bool:
+        """At a part boundary with no part half computed: once enough is measured, choose the count. True when the
+        pass should end here for one with workers. It can: with no workers the parts are prepared lazily, in this
+        process, so the loader has claimed nothing beyond the part just committed. `outstanding`: the parts of the
+        share left, asked only when it matters."""
+        choice = self.choice
+        if choice is None:
+            return False
+        if choice.chosen is None:
+            if not choice.enough():
+                return False
+            cores = usable_cores(local_processes)
+            self.workers = choice.decide(cores, model_threads, device_type)
+            log.info(choice.describe(cores), extra={"event": "workers_chosen", "num_workers": self.workers})
+            if self.workers and not length_known:
+                # a stream of unknown length: one more part with none first. If there is none, its end comes
+                # without a claim and names the length, and a split of one part does not start workers for nothing
+                return False
+        self.choice = None  # decided: measured no more
+        # with every part of the share committed, workers would start for nothing
+        return self.workers > 0 and (not length_known or bool(outstanding()))

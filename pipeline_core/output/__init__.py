@@ -1,6 +1,2 @@
-"""The run directory: a narrow storage interface, Parquet parts, run metadata, progress and the lock."""
-
-# The run directory's own files; the leading underscore hides them from Parquet readers.
-RUN_INFO = "_batchrun.json"
-PROGRESS = "_progress.json"
-SUCCESS = "_SUCCESS"
+"""The run directory (run_dir.py names and writes its files) behind one narrow storage interface (store.py), with
+the claims that keep several processes apart, the lock, the metrics and progress of a run."""

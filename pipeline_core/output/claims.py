@@ -19,114 +19,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
 
-from pipeline_core.errors import EXIT_INTERRUPTED, BatchrunError
+from pipeline_core.output.run_dir import (
+    CLAIM_PATTERN,
+    OWN_WORKERS,
+    claim_name,
+    create_claim,
+    is_live,
+    read_json,
+    remove_claim,
+    remove_worker_record,
+    worker_name,
+    write_worker_record,
+)
 
 log = logging.getLogger("batchrun")
 HEARTBEAT_EVERY = 15.0
 RETRY_EVERY = 2.0  # after a failed heartbeat write: well within STALE_AFTER, so others never see this one as gone
-STALE_AFTER = 120.0
 LIVENESS_CACHE_SECONDS = 5.0  # a pass over thousands of claims held by one peer reads its record once
-WORKER_PATTERN = re.compile(r"\.worker-(?P<id>[\w.-]+)\.json")
-CLAIM_PATTERN = re.compile(r"\.claim-(?P<key>\w+)\.(?P<generation>\d+)")
 FINISH = "finish"  # the claim that lets exactly one process write _SUCCESS
 VANISHED = "\0vanished"  # a claim that disappeared between two looks at it
 UNREADABLE = "\0unreadable"  # a claim that cannot be read yet: left alone until TORN_CLAIM_GRACE has passed
 RELEASED = "\0released"  # a generation that gives the part back: the next claim takes it without a takeover
 TORN_CLAIM_GRACE = 10.0  # claims are created whole (store.create); an unreadable one older than this is a leftover
-
-
-class OutputBusy(BatchrunError):
-    """A change to OUTPUT that live processes would not survive (--fresh while they write it)."""
-
-    exit_code = EXIT_INTERRUPTED  # a scheduler retries later; the live processes may finish the job meanwhile
-
-
-def worker_name(worker_id: str) -> str:
-    return f".worker-{worker_id}.json"
-
-
-def claim_name(key: int | str, generation: int) -> str:
-    label = f"{key:06d}" if isinstance(key, int) else key
-    return f".claim-{label}.{generation}"
-
-
-_OWN_WORKERS: set[str] = set()  # ids of this process's Worker records
-
-
-def is_live(record: dict | None, now: float | None = None) -> bool:
-    """A worker record of a process still at work: running, with a fresh heartbeat and, on this host, a pid."""
-    if not record or record.get("state") != "running":
-        return False
-    heartbeat = record.get("heartbeat")
-    if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool):
-        return False  # a record edited by hand or written by something else: it proves nobody is alive
-    now = time.time() if now is None else now
-    if now - heartbeat > STALE_AFTER:
-        return False
-    if record.get("host") == socket.gethostname():
-        if record.get("pid") == os.getpid():
-            # this process's pid, but not one of its records: a process before a restart in a fresh PID namespace
-            # (a container's PID 1 restarted on the same host name), which cannot be alive
-            return record.get("worker") in _OWN_WORKERS
-        return pid_alive(record.get("pid"))
-    return True
-
-
-def pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # no process to ask about (and os.kill(-1, ...) would reach every process): the heartbeat decides
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-# a temporary of store.put / store.create: ".NAME.tmp-HOST-PID-HEX", or ".NAME.tmp-PID[-HEX]" of older versions
-OLD_TEMPORARY = re.compile(r"\..+\.tmp-(?P<pid>\d+)(?:-[0-9a-f]{8})?")
-TEMPORARY = re.compile(r"\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
-
-
-def is_leftover(store, name: str) -> bool:
-    """A temporary whose writer is gone: its pid is dead on this host, or it is older than STALE_AFTER (a live
-    writer renames its temporaries within seconds)."""
-    match = OLD_TEMPORARY.fullmatch(name) or TEMPORARY.fullmatch(name)
-    if match is None:
-        return False
-    host = match.groupdict().get("host") or socket.gethostname()
-    if host == socket.gethostname() and not pid_alive(int(match["pid"])):
-        return True
-    return store.age(name) > STALE_AFTER
-
-
-def read_json(store, name: str) -> dict | None:
-    raw = store.get(name)
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None  # torn by a crash mid-write (claims are written in one create; records by rename)
-    return value if isinstance(value, dict) else None
-
-
-def worker_records(store) -> list[dict]:
-    """Every worker record in OUTPUT, live or not, each with "live" set."""
-    now = time.time()
-    records = []
-    for name in store.names():
-        if WORKER_PATTERN.fullmatch(name) and (record := read_json(store, name)) is not None:
-            records.append({**record, "live": is_live(record, now)})
-    return records
 
 
 def held_claims(store) -> dict[str, list]:
@@ -154,7 +74,7 @@ class Worker:
                        "state": "running", "started": now, "heartbeat": now}
         self.figures = figures or dict  # the process's current figures (rows/s, parts done), merged into the record
         self.claims = Claims(store, self.id)
-        _OWN_WORKERS.add(self.id)
+        OWN_WORKERS.add(self.id)
         self._failing = False  # the last write of the record failed (logged once, not at every heartbeat)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="batchrun-heartbeat", daemon=True)
@@ -172,12 +92,12 @@ class Worker:
             self.beat(state="stopped" if exc_info[0] is not None else "finished")
         # no longer at work, even where that last write failed (a store gone away): a later run in this same
         # process (a caller that runs jobs in process) takes its claims over instead of waiting for them to go stale
-        _OWN_WORKERS.discard(self.id)
+        OWN_WORKERS.discard(self.id)
         return False
 
     def retire(self) -> None:
         """Remove the record: the job is complete, nobody needs to know this process was here."""
-        self.store.remove(worker_name(self.id))
+        remove_worker_record(self.store, self.id)
 
     def write(self, state: str | None = None) -> None:
         """Rewrite the record (the heartbeat); `state` running, finished or stopped."""
@@ -185,7 +105,7 @@ class Worker:
             self.record["state"] = state
         self.record.update(self.figures())
         self.record["heartbeat"] = time.time()
-        self.store.put(worker_name(self.id), json.dumps(self.record).encode())
+        write_worker_record(self.store, self.id, self.record)
 
     def beat(self, state: str | None = None) -> None:
         """Rewrite the record, riding out a failed write (a transient EIO, a full disk for a moment): the record
@@ -226,7 +146,7 @@ class Claims:
                 return True
             if holder == UNREADABLE or (holder not in (None, RELEASED) and self.holder_is_live(holder)):
                 return False
-            if self.store.create(claim_name(key, generation + 1), self._claim_record()):
+            if create_claim(self.store, key, generation + 1, self._claim_record()):
                 if generation >= 0 and holder != RELEASED:
                     log.info("took over %s from %s, which is gone", _label(key), holder or "a claim naming no process")
                 return True
@@ -247,9 +167,9 @@ class Claims:
         generation = self._top_generation(key)
         if done:
             for current in range(generation, -1, -1):
-                self.store.remove(claim_name(key, current))
+                remove_claim(self.store, key, current)
         elif generation >= 0 and self._holder(key, generation) == self.worker_id:
-            self.store.create(claim_name(key, generation + 1), self._release_record())
+            create_claim(self.store, key, generation + 1, self._release_record())
 
     def release_all(self) -> None:
         """Give back every claim this worker holds at the top generation (parts claimed ahead by the loader, when
@@ -295,11 +215,11 @@ class Claims:
             generation += 1
         return generation
 
-    def _claim_record(self) -> bytes:
-        return json.dumps({"worker": self.worker_id, "claimed": time.time()}).encode()
+    def _claim_record(self) -> dict:
+        return {"worker": self.worker_id, "claimed": time.time()}
 
-    def _release_record(self) -> bytes:
-        return json.dumps({"worker": None, "released": time.time(), "by": self.worker_id}).encode()
+    def _release_record(self) -> dict:
+        return {"worker": None, "released": time.time(), "by": self.worker_id}
 
 
 def _key(label: str) -> int | str:

@@ -2,7 +2,7 @@
 
 Cron and Airflow start a job on a schedule; a start that overlaps a run still at work must not join it (the
 scheduler would count two runs, and two attempts' logs would tell one story) but exit 75 at once, before any model
-loads, so that a later start resumes. The lock is the worker records of output/claims.py read at the start: no lock
+loads, so that a later start resumes. The lock is the worker records (output/run_dir.py) read at the start: no lock
 file a killed run could leave behind, since a record of a dead process (its pid gone on this host, or its heartbeat
 over 2 minutes old) is not live. It is advice, not exclusion: two starts at the same instant may both pass, and
 claims keep their output correct.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline_core.output.claims import OutputBusy, worker_records
+from pipeline_core.errors import OutputBusy
 
 
 def _count(record: dict, key: str, default: int) -> int:
@@ -42,10 +42,10 @@ def locking_records(records: list[dict], labels: dict) -> list[dict]:
     return sorted(found, key=lambda record: _number(record.get("started")))
 
 
-def refuse_if_locked(store, labels: dict, records: list[dict] | None = None) -> None:
+def refuse_if_locked(store, labels: dict, records: list[dict]) -> None:
     """Exit 75 naming the live process when another start is at work on this start's share. `records`: OUTPUT's
-    worker records when the caller has just read them."""
-    found = locking_records(worker_records(store) if records is None else records, labels)
+    worker records (run_dir.worker_records), read just before."""
+    found = locking_records(records, labels)
     if not found:
         return
     record = found[0]

@@ -2,7 +2,7 @@
 
 `_metrics-00000i.json` holds part i's rows, failures by reason, seconds, real and padded tokens, each batch's
 figures, and who computed it (worker id, host, pid, rank, shard, device, dtype, when the process started). It is
-written through the store just before the part is committed, whole (no appends: object stores have none), so:
+written (by run_dir.write_metrics) just before the part is committed, whole (no appends: object stores have none), so:
 - only committed parts' metrics count (a reader skips the file of a part that is not committed);
 - a part computed again after a kill, or twice by two processes, overwrites its file, never adds a second one,
   so the metrics of resumed and scaled-out runs add up without double counting;
@@ -14,7 +14,6 @@ string with Arrow, then normalised (numbers become N) so that one cause is one r
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,20 +21,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline_core.output.parts import committed_parts
+from pipeline_core.output.run_dir import write_metrics
 
 METRICS_VERSION = 1
-METRICS_PATTERN = re.compile(r"_metrics-(\d{6})\.json")
 BATCH_COLUMNS = ("ended", "seconds", "rows", "real_tokens", "padded_tokens")
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
-
-
-def metrics_name(index: int) -> str:
-    return f"_metrics-{index:06d}.json"
-
-
-def is_metrics(name: str) -> bool:
-    return METRICS_PATTERN.fullmatch(name) is not None
 
 
 def failure_reason(error: str) -> str:
@@ -108,7 +98,7 @@ class RunMetrics:
                   "started": round(meter.started, 3), "ended": round(time.time(), 3),
                   "seconds": round(meter.seconds, 4), "prepare_seconds": round(meter.prepare_seconds, 4),
                   "real_tokens": real, "padded_tokens": padded, "batches": batches, "process": self.process}
-        store.put(metrics_name(index), json.dumps(record, separators=(",", ":")).encode())
+        write_metrics(store, index, record)
         self.parts += 1
         self.rows += meter.rows
         self.failed_rows += meter.failed_rows
@@ -131,6 +121,18 @@ class RunMetrics:
                 "device": self.process.get("device"), "dtype": self.process.get("dtype")}
 
 
+def recorded_summary(info: dict, wall_seconds: float, exit_code: int) -> dict:
+    """The summary of a rerun that found the run finished: nothing computed here, the output as `_batchrun.json`
+    recorded it when the run finished."""
+    rows, failed_rows = info.get("rows"), info.get("failed_rows")
+    recorded = isinstance(rows, int) and isinstance(failed_rows, int)
+    return {"rows": 0, "failed_rows": 0, "truncated_rows": 0, "parts": 0, "wall_seconds": round(wall_seconds, 3),
+            "load_seconds": 0.0, "rows_per_second": 0.0, "tokens_per_second": 0.0, "real_tokens": 0,
+            "padded_tokens": 0, "padding_efficiency": None, "device": info.get("device"), "dtype": info.get("dtype"),
+            "output_rows": rows if recorded else None, "output_failed_rows": failed_rows if recorded else None,
+            "exit_code": exit_code}
+
+
 def padding_efficiency(real: int, padded: int) -> float | None:
     """Real tokens / padded tokens: 1.0 is no padding at all; None when nothing was padded (no token inputs)."""
     return round(real / padded, 4) if padded else None
@@ -148,27 +150,4 @@ def summary_line(summary: dict) -> str:
     line = "summary: " + ", ".join(words)
     if summary.get("output_rows") is not None and summary["output_rows"] != summary["rows"]:
         line += f"; the output holds {summary['output_rows']:,} rows, {summary['output_failed_rows']:,} failed"
-    if summary.get("evaluation"):
-        from pipeline_core.evaluation import score_line  # deferred: only scored runs need it
-
-        line += f"; scores: {score_line(summary['evaluation'])}"
     return line
-
-
-def read_metrics(store, fingerprint: str | None = None) -> list[dict]:
-    """The metrics of OUTPUT's committed parts (of the run with `fingerprint`, when given), by part."""
-    names = store.names()
-    committed = committed_parts(names)
-    records = []
-    for name in names:
-        match = METRICS_PATTERN.fullmatch(name)
-        if match is None or int(match[1]) not in committed:
-            continue  # written by a process killed before it committed the part: it will be computed again
-        raw = store.get(name)
-        try:
-            record = json.loads(raw) if raw is not None else None
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and (fingerprint is None or record.get("fingerprint") == fingerprint):
-            records.append(record)
-    return sorted(records, key=lambda record: record.get("part", 0))

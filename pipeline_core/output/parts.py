@@ -1,48 +1,15 @@
-"""Parts: assemble one part's results into an Arrow table in row order, and commit it as a Parquet file.
+"""Parts: assemble one part's results into an Arrow table in row order, and encode it as Parquet bytes.
 
 Batches come back length-sorted; results are put back in input order with one vectorised `take`, never row by
-row. A part's file appears only complete (store.put writes a hidden temporary, then renames).
+row. run_dir.commit_part writes the bytes, which appear only complete (store.put writes a hidden temporary, then
+renames).
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-PART_PATTERN = re.compile(r"part-(\d{6})\.parquet")
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:06d}.parquet"
-
-
-def committed_parts(names: list[str]) -> set[int]:
-    return {int(match[1]) for name in names if (match := PART_PATTERN.fullmatch(name))}
-
-
-def part_sizes(store, total: int) -> list[int]:
-    """The bytes of parts 0 to total-1, from one listing: what a finished run records, to be checked on reruns."""
-    sizes = store.sizes()
-    return [sizes[part_name(index)] for index in range(total)]
-
-
-def changed_since_finished(store, info: dict) -> list[int]:
-    """Parts of a finished run that are missing, or whose size differs, from what `_batchrun.json` recorded when it
-    finished: one listing, no part read. A run finished by a batchrun that recorded no sizes is checked by name,
-    for the parts its recorded rows fill."""
-    sizes = store.sizes()
-    recorded = info.get("part_bytes")
-    if isinstance(recorded, list):
-        return [index for index, size in enumerate(recorded) if sizes.get(part_name(index)) != size]
-    rows, rows_per_part = info.get("rows"), (info.get("identity") or {}).get("output.rows_per_part")
-    if not isinstance(rows, int) or not isinstance(rows_per_part, int) or rows_per_part < 1:
-        return []
-    return [index for index in range(-(-rows // rows_per_part)) if part_name(index) not in sizes]
 
 
 def assemble_part(part, results: list[tuple[list[int], dict]], columns: dict[str, pa.DataType]) -> pa.Table:
@@ -81,61 +48,3 @@ def encode_parquet(table: pa.Table, compression: str, facts: dict) -> bytes:
     codec = None if compression == "none" else compression
     pq.write_table(table.replace_schema_metadata(metadata), sink, compression=codec)
     return sink.getvalue().to_pybytes()
-
-
-def commit_part(store, index: int, table: pa.Table, compression: str, fingerprint: str,
-                evaluation: dict | None = None) -> None:
-    """`evaluation`: the part's statistics for the run's scores (evaluation.py), committed with its rows."""
-    first_row = table.column("row_id")[0].as_py() if table.num_rows else -1
-    failed = table.num_rows - table.column("error").null_count
-    facts = {"fingerprint": fingerprint, "part": index, "first_row": first_row, "rows": table.num_rows,
-             "failed_rows": failed}
-    if evaluation is not None:
-        facts["evaluation"] = json.dumps(evaluation, separators=(",", ":"))
-    store.put(part_name(index), encode_parquet(table, compression, facts))
-
-
-def read_part_columns(store, index: int, columns: list[str]) -> pa.Table:
-    """Some columns of a committed part's rows."""
-    with store.open(part_name(index)) as file:
-        return pq.read_table(file, columns=columns)
-
-
-@dataclass
-class PartFacts:
-    index: int
-    rows: int
-    failed_rows: int
-    evaluation: dict | None = None  # the part's evaluation statistics, when the run is scored
-
-
-def _evaluation(raw: str | None) -> dict | None:
-    try:
-        stats = json.loads(raw) if raw is not None else None
-    except ValueError:
-        return None  # unreadable: the part's statistics are computed again from its rows
-    return stats if isinstance(stats, dict) else None
-
-
-def read_part_facts(store, index: int, fingerprint: str, rows_per_part: int,
-                    split_start: int | None = 0) -> PartFacts | None:
-    """What a committed part's footer says, or None when the file is unreadable, truncated or not this run's.
-    `split_start`: the row id of the split's first row (`train[10:50]` starts at 10), which fixes each part's first
-    row id; None where the split is not open (status, a finished run's exit code) and it is not checked."""
-    try:
-        with store.open(part_name(index)) as file:
-            metadata = pq.read_metadata(file).metadata or {}
-    except (OSError, pa.ArrowInvalid):
-        return None
-    facts = {key.decode().removeprefix("batchrun."): value.decode() for key, value in metadata.items()
-             if key.startswith(b"batchrun.")}
-    try:
-        rows, first_row = int(facts["rows"]), int(facts["first_row"])
-        valid = (facts["fingerprint"] == fingerprint and int(facts["part"]) == index
-                 and 0 < rows <= rows_per_part
-                 and (split_start is None or first_row == split_start + index * rows_per_part))
-        if not valid:
-            return None
-        return PartFacts(index, rows, int(facts["failed_rows"]), _evaluation(facts.get("evaluation")))
-    except (KeyError, ValueError):
-        return None

@@ -8,14 +8,13 @@ the job's, and `_progress.json` says the job's whoever writes it last.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 
 from tqdm import tqdm
 
-from pipeline_core.output import PROGRESS
+from pipeline_core.output.run_dir import write_progress
 
 log = logging.getLogger("batchrun")
 LOG_EVERY_SECONDS = 10.0
@@ -67,7 +66,7 @@ class Progress:
             self.rows_done = max(self.rows_done, rows_done)
         self.rows_committed = rows_done if rows_done is not None else self.rows_done
         self.peers_rows_per_second = peers_rows_per_second
-        self.store.put(PROGRESS, json.dumps(self.snapshot(), indent=2).encode())
+        write_progress(self.store, self.snapshot())
 
     def input_read(self, stats) -> None:
         self.input = stats if self.input is None else self.input + stats

@@ -2,7 +2,7 @@
 
 Everything in a run directory (parts, _batchrun.json, _progress.json, _SUCCESS) goes through `put`, which writes
 under a hidden temporary name and renames into place, so a reader or a killed run never sees half a file.
-`open_store` picks the store for output.path: LocalStore for a directory (or a file:// URL), FsspecStore
+`stores.open_store` picks the store for output.path: LocalStore for a directory (or a file:// URL), FsspecStore
 (fsspec_store.py) for s3://, gs://, az:// and other fsspec URLs, with the same nine methods and guarantees.
 
 An OSError other than "not found" becomes a StorageError (exit 1) naming the store, the file and the system's
@@ -48,18 +48,6 @@ class Store(Protocol):
     def sizes(self) -> dict[str, int]: ...  # {name: bytes} of every file, from one listing (fresh too)
     def age(self, name: str) -> float: ...
     def remove(self, name: str) -> None: ...
-
-
-def open_store(path: str, storage_options: dict | None = None, key: str = "output.path") -> Store:
-    """The store of OUTPUT `path`: a local directory, or an fsspec URL with its filesystem's options (output.storage_
-    options; for s3:// credentials and endpoint also come from the usual AWS_* environment)."""
-    from pipeline_core import remote
-
-    if not remote.is_remote(path):
-        return LocalStore(path.removeprefix("file://"))
-    from pipeline_core.output.fsspec_store import FsspecStore
-
-    return FsspecStore(path, remote.options_for(path, storage_options), key)
 
 
 class LocalStore:

@@ -15,6 +15,7 @@ from pipeline_core.tasks.text import Encoded, TextEncoder
 
 class TextClassificationTask:
     columns = {"label": pa.string(), "score": pa.float32()}
+    slice_rows = None  # the loader's default: a text row is a few tokens
 
     def __init__(self, encoder: TextEncoder, model_config):
         self.encoder = encoder

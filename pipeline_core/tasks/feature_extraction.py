@@ -16,6 +16,8 @@ from pipeline_core.tasks.text import Encoded, TextEncoder
 
 
 class FeatureExtractionTask:
+    slice_rows = None  # the loader's default: a text row is a few tokens
+
     def __init__(self, encoder: TextEncoder, settings: EmbeddingSettings, dense=(), prompt_length: int = 0):
         self.encode, self.collate = encoder, encoder.collate  # preprocessing, run in the workers
         self.pooling = settings.pooling

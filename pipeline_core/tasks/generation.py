@@ -24,6 +24,8 @@ class _StopOnRequest(StoppingCriteria):
 
 
 class GenerationTask:
+    slice_rows = None  # the loader's default: a text row is a few tokens
+
     def __init__(self, encoder: TextEncoder, generation_config, column: str, decoder_only: bool,
                  should_stop=lambda: False):
         self.stopping = StoppingCriteriaList([_StopOnRequest(should_stop)])

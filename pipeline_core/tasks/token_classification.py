@@ -20,6 +20,7 @@ ENTITY = pa.struct(
 
 class TokenClassificationTask:
     columns = {"entities": pa.list_(ENTITY)}
+    slice_rows = None  # the loader's default: a text row is a few tokens
 
     def __init__(self, encoder: TextEncoder, model_config):
         self.encoder = encoder

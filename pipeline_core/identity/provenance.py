@@ -34,9 +34,6 @@ IGNORED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf")
 MAX_HEADER = 100 * 2**20  # a safetensors header claiming more is not one
 SAMPLES, SAMPLE_BYTES = 64, 4096  # the blocks of a weights file hashed: 256 KiB read of any size
 COMMIT = re.compile(r"[0-9a-f]{40}")
-# How a changed field is named in a message.
-FIELD_NAMES = {"sha256": "content", "samples": "content", "size": "size", "mtime_ns": "modified", "header": "tensors",
-               "etag": "ETag", "mtime": "modified"}
 
 
 def model_provenance(job: Job) -> dict:
@@ -193,40 +190,6 @@ def saved_dataset(directory: str, split: str | None) -> dict | None:
             except (OSError, ValueError, AttributeError):
                 return None
     return None
-
-
-def provenance_changes(what: str, old: dict | None, new: dict | None) -> list[str]:
-    """Readable changes between two provenances ('model files changed: config.json (content)', 'model commit
-    abc -> def'); what either side does not know is not compared."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return []
-    if old.get("kind") != new.get("kind"):
-        return [f"{what}: {old.get('kind')} -> {new.get('kind')}"]
-    changes = [f"{what} {field} {old[field]} -> {new[field]}" for field in ("commit", "fingerprint")
-               if old.get(field) and new.get(field) and old[field] != new[field]]
-    if isinstance(old.get("files"), dict) and isinstance(new.get("files"), dict):
-        changed = changed_files(old["files"], new["files"])
-        if changed:
-            changes.append(f"{what} files changed: " + ", ".join(changed))
-    return changes
-
-
-def changed_files(old: dict, new: dict) -> list[str]:
-    """'name (what changed)' for each file that differs, is new or is gone."""
-    changed = []
-    for name in sorted(set(old) | set(new)):
-        if name not in new:
-            changed.append(f"{name} (gone)")
-        elif name not in old:
-            changed.append(f"{name} (new)")
-        elif set(old[name]) != set(new[name]):  # a small file grown into one known by size, or the reverse
-            changed.append(f"{name} (content)")
-        else:
-            fields = [FIELD_NAMES.get(field, field) for field, value in old[name].items()
-                      if value is not None and new[name][field] is not None and value != new[name][field]]
-            if fields:
-                changed.append(f"{name} ({', '.join(fields)})")
-    return changed
 
 
 def digest(files: dict) -> str:
