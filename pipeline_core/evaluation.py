@@ -275,7 +275,7 @@ def evaluate_output(output: str) -> dict:
                          "output.path")
     indices = sorted(committed_parts(store.names()))
     if not store.exists(SUCCESS):
-        raise UsageError(f"{output} holds an unfinished run ({len(indices)} parts committed, no _SUCCESS); rerun "
+        raise UsageError(f"{output} holds an unfinished run ({len(indices)} parts committed, no {SUCCESS}); rerun "
                          "the job to finish it, then evaluate it")
     changed = changed_since_finished(store, info)
     if changed:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 from pipeline_core.errors import UsageError
 from pipeline_core.output.metrics import BATCH_COLUMNS, padding_efficiency
-from pipeline_core.output.run_dir import SUCCESS, changed_since_finished, committed_parts, read_metrics, read_run_info
+from pipeline_core.output.run_dir import (
+    RUN_INFO,
+    SUCCESS,
+    changed_since_finished,
+    committed_parts,
+    read_metrics,
+    read_run_info,
+)
 from pipeline_core.output.stores import open_store
 from pipeline_core.remote import is_remote
 
@@ -50,7 +57,7 @@ def write_report(output: str, out: str | None = None) -> Report:
     store = _open_store(output)
     info = read_run_info(store)
     if not info:
-        raise UsageError(f"{output} holds no batchrun run (no _batchrun.json); give report a job's output.path")
+        raise UsageError(f"{output} holds no batchrun run (no {RUN_INFO}); give report a job's output.path")
     names = store.names()
     records = read_metrics(store, info.get("fingerprint"))
     if not records:

@@ -228,15 +228,13 @@ class Work:
         return True
 
     def _finish_job(self, done: dict, total: int) -> None:
-        rows = sum(facts.rows for facts in done.values())
         progress = self.progress
-        progress.total_parts, progress.total_rows = total, rows  # known for sure now, even for a stream
-        progress.parts_done, progress.rows_done, progress.rows_committed = total, rows, rows
-        progress.failed_rows = sum(facts.failed_rows for facts in done.values())
+        snapshot = progress.complete(total, sum(facts.rows for facts in done.values()),
+                                     sum(facts.failed_rows for facts in done.values()))
         scores = score_parts(self.evaluation, self.store, done) if self.evaluation is not None else None
         if scores is not None:
             self.output_totals["evaluation"] = scores
-        if self.run_dir.finish(done, total, progress.snapshot(complete=True), scores):
+        if self.run_dir.finish(done, total, snapshot, scores):
             log.info("done: %s; wrote %s", progress.line(), SUCCESS, extra={"event": "done", **progress.fields(),
                                                                        "failed_rows": progress.failed_rows})
         else:  # the output is complete either way; the claim should have made this impossible

@@ -201,7 +201,7 @@ def computed(monkeypatch) -> dict[str, list[int]]:
         return commit_part(store, index, *args)
 
     monkeypatch.setattr(runner.PartRunner, "run", counting_run)
-    monkeypatch.setattr(runner, "commit_part", counting_commit)
+    monkeypatch.setattr(work_module, "commit_part", counting_commit)
     return seen
 
 

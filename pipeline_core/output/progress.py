@@ -68,6 +68,14 @@ class Progress:
         self.peers_rows_per_second = peers_rows_per_second
         write_progress(self.store, self.snapshot())
 
+    def complete(self, total_parts: int, rows: int, failed_rows: int) -> dict:
+        """The job is whole: its figures as the committed parts give them (known for sure now, even for a stream),
+        and the snapshot `_progress.json` ends with."""
+        self.total_parts, self.total_rows = total_parts, rows
+        self.parts_done, self.rows_done, self.rows_committed = total_parts, rows, rows
+        self.failed_rows = failed_rows
+        return self.snapshot(complete=True)
+
     def input_read(self, stats) -> None:
         self.input = stats if self.input is None else self.input + stats
 
