@@ -210,9 +210,9 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_readme_claims_table_names_tests_that_exist():
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("Where each claim of this README is tested", 1)[1]
+def test_docs_claims_table_names_tests_that_exist():
+    page = (ROOT / "docs" / "development.md").read_text()
+    table = page.split("Where each claim of the README and these pages is tested", 1)[1]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) >= 20
     current_file = None
@@ -221,7 +221,7 @@ def test_readme_claims_table_names_tests_that_exist():
             file, _, test = name.partition("::")
             if file.endswith(".py"):
                 current_file = ROOT / "tests" / file
-                assert current_file.is_file(), f"README names {file}, which is not in tests/"
+                assert current_file.is_file(), f"docs/development.md names {file}, which is not in tests/"
             else:  # a bare test name belongs to the file named before it in the same row
                 file, test = current_file.name, name
             if test:

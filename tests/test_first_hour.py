@@ -1,6 +1,6 @@
 """A new user's first hour: a misspelt column or path fails before any weights load (exit 2, naming what exists);
-`dataset.path` takes every layout the README's table lists; the row ids of a sliced split are positions in the
-unsliced split.
+`dataset.path` takes every layout the table of docs/datasets.md lists; the row ids of a sliced split are positions in
+the unsliced split.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def dataset_repository(path: Path, rows: list[dict]) -> Path:
 
 
 # layout -> (how its data is written under a directory, the dataset keys given the written path). The layout's name,
-# up to a comma, is a row of the README's table.
+# up to a comma, is a row of the table in docs/datasets.md.
 LAYOUTS = {
     "json builder": (lambda d, r: json_lines(d / "x.jsonl", r), lambda f: {"path": "json", "data_files": f}),
     "csv builder": (lambda d, r: write_source(d, "csv", r), lambda f: {"path": "csv", "data_files": f}),
@@ -195,7 +195,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "converted"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_every_layout_in_the_readme_table_runs(tmp_path, tiny_models, layout, streaming):
+def test_every_layout_in_the_docs_table_runs(tmp_path, tiny_models, layout, streaming):
     write, keys = LAYOUTS[layout]
     (tmp_path / "data").mkdir()
     dataset = {**keys(str(write(tmp_path / "data", LAYOUT_ROWS))), "streaming": streaming}
@@ -211,9 +211,9 @@ def test_every_layout_in_the_readme_table_runs(tmp_path, tiny_models, layout, st
     assert table["error"].null_count == len(LAYOUT_ROWS)
 
 
-def test_the_readme_table_lists_every_tested_layout():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme.split("<!-- dataset layouts -->")[1]
+def test_the_docs_table_lists_every_tested_layout():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "datasets.md").read_text()
+    table = page.split("<!-- dataset layouts -->")[1]
     for layout in LAYOUTS:
         assert f"| {layout.split(',')[0]} |" in table, layout
 

@@ -117,9 +117,10 @@ def test_committed_schema_is_current():
     assert committed == render_schema(), f"stale schema; regenerate with: {regenerate}"
 
 
-def test_readme_key_reference_is_current():
-    readme = (ROOT / "README.md").read_text()
-    assert render_key_table() in readme, "paste `python -m pipeline_core.manifest.schema --markdown` into README.md"
+def test_docs_key_reference_is_current():
+    page = (ROOT / "docs" / "manifest.md").read_text()
+    paste = "paste `python -m pipeline_core.manifest.schema --markdown` over the table in docs/manifest.md"
+    assert render_key_table() in page, paste
 
 
 def test_schema_names_every_key_with_its_default():

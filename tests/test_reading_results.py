@@ -1,7 +1,7 @@
-"""Reading results (README): pyarrow, pandas, DuckDB, polars and datasets, each as the README shows it, over a real
-finished run whose OUTPUT also holds the files batchrun and its other features write beside the parts
-(`_batchrun.json`, `_progress.json`, `_SUCCESS`, metrics, a report folder, worker records, claims, a temporary of a
-part being written), each reader giving exactly the parts' rows: the same row ids, once each, nothing else.
+"""Reading results (docs/reading-results.md): pyarrow, pandas, DuckDB, polars and datasets, each as that page shows
+it, over a real finished run whose OUTPUT also holds the files batchrun and its other features write beside the
+parts (`_batchrun.json`, `_progress.json`, `_SUCCESS`, metrics, a report folder, worker records, claims, a temporary
+of a part being written), each reader giving exactly the parts' rows: the same row ids, once each, nothing else.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_the_output_holds_the_parts_and_the_other_files(finished):
 
 
 def readers(out: Path) -> dict:
-    """Each reader as the README's "Reading results" shows it: {name: a function giving a pandas frame}."""
+    """Each reader as docs/reading-results.md shows it: {name: a function giving a pandas frame}."""
     return {
         "pyarrow": lambda: pads.dataset(out).to_table().to_pandas(),
         "pandas": lambda: pd.read_parquet(out),

@@ -100,7 +100,7 @@ def test_a_mixed_json_column_feeds_strings_as_they_are_and_fails_the_rest_by_typ
 def test_a_string_that_is_itself_json_in_a_mixed_column_reads_as_the_value_it_spells(tmp_path, tiny_models):
     """datasets' Json type stores a string that is valid JSON as it is, not quoted (datasets/utils/json.py,
     json_encode_field), so "null", "42" and "true" come back as null, a number and a boolean: they fail their row,
-    named, rather than reaching the model as the words they are (README: Rows as they are)."""
+    named, rather than reaching the model as the words they are (docs/datasets.md: Rows as they are)."""
     lines = ['{"text": "null"}', '{"text": "42"}', '{"text": "true"}', '{"text": 7}', '{"text": "words"}']
     (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
     job = write_job(tmp_path, tiny_models.text_classifier, {"path": "json", "data_files": str(tmp_path / "rows.jsonl")},

@@ -77,7 +77,8 @@ def test_output_tree_row_order_and_readers(tmp_path, tiny_models):
     assert table.column("id").to_pylist() == [row["id"] for row in rows]
     assert table.column("error").null_count == 23
     assert len(read(out)) == 23
-    # datasets' data_dir takes every file, _SUCCESS and _batchrun.json included (see README): glob the parts
+    # datasets' data_dir takes every file, _SUCCESS and _batchrun.json included (docs/reading-results.md): glob
+    # the parts
     loaded = datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train")
     assert loaded["row_id"] == list(range(23))
     info = json.loads((out / "_batchrun.json").read_text())

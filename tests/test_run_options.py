@@ -1,4 +1,4 @@
-"""README claims about job options, each checked in a real run against a plain reference: token-budget batching,
+"""Documented claims about job options, each checked in a real run against a plain reference: token-budget batching,
 streamed and not streamed reading, split slicing, `model.pooling: none`, Parquet codecs, truncation by
 `batching.max_length`, batch sizes and workers that change between attempts, data_files forms and remote code.
 """

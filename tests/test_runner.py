@@ -1,4 +1,4 @@
-"""The runner around the parts: what `_batchrun.json` records, the log lines the README promises, what a rerun
+"""The runner around the parts: what `_batchrun.json` records, the log lines the docs promise, what a rerun
 finds in OUTPUT (another job's run, parts without a run, a finished run), `--fresh`, leftover temporaries,
 verified parts, the exit code from the share of failed rows, and the automatic token budget.
 """

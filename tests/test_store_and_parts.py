@@ -230,7 +230,8 @@ EMBEDDING_CHANGES = {
 }
 # They enter the identity as the embedding settings they resolve to, which only a checkpoint with modules changes.
 RESOLVED_BY_THE_CHECKPOINT = {"model.prompt_name", "model.sentence_transformers"}
-# What the README (batch sizes, worker counts, the device) and identity.py (devices) say may change between attempts.
+# What docs/output.md (batch sizes, worker counts, the device) and identity.py (devices) say may change between
+# attempts.
 FREE_CHANGES = {
     "batching.max_batch_size": "batching.max_batch_size=3",
     "batching.max_tokens": "batching.max_tokens=999",

@@ -1,9 +1,9 @@
-"""The manifest's JSON Schema and the README's key reference, both generated from the key table.
+"""The manifest's JSON Schema and the docs' key reference (docs/manifest.md), both generated from the key table.
 
 Regenerate after changing `spec.KEYS` (a test fails while either is stale):
 
     python -m pipeline_core.manifest.schema > manifests/job.schema.json
-    python -m pipeline_core.manifest.schema --markdown   # paste over the table in README.md
+    python -m pipeline_core.manifest.schema --markdown   # paste over the table in docs/manifest.md
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def render_schema() -> str:
 
 
 def render_key_table() -> str:
-    """The README's manifest reference: one row per key."""
+    """The manifest reference of docs/manifest.md: one row per key."""
     rows = ["| key | allowed | default | what it does |", "|---|---|---|---|"]
     for key in KEYS:
         if key.required:
