@@ -1,6 +1,6 @@
 """Every key of the job manifest, in one table: type, default, allowed values and a line of help.
 
-Validation, default filling, `manifests/job.schema.json` and the README's key reference are all
+Validation, default filling, `manifests/job.schema.json` and the docs' key reference are all
 derived from `KEYS`; a new key is one new row here and nothing else.
 """
 
@@ -276,12 +276,12 @@ KEYS: tuple[Key, ...] = (
     # dataset
     Key("dataset.path", Text(), REQUIRED,
         "A builder (json, csv, parquet, text, arrow) with data_files, a hub id, a local directory, a save_to_disk "
-        "directory or one data file (README: Datasets)."),
+        "directory or one data file (docs: Datasets)."),
     Key("dataset.name", OPTIONAL_TEXT, None, "The dataset's configuration name."),
     Key("dataset.data_files", DATA_FILES, None, "File, list of files or {split: files} for a builder.", open=True),
     Key("dataset.options", AnyOf(Null(), Mapping(description="a mapping of the builder's options")), {},
         "Options of the builder that reads the files, checked against its config: csv sep, quotechar, encoding, "
-        "skiprows; json field, encoding; text sample_by (README: Datasets). Part of the run's identity.", open=True),
+        "skiprows; json field, encoding; text sample_by (docs: Datasets). Part of the run's identity.", open=True),
     Key("dataset.split", SPLIT, "train",
         "Split to read; slicing such as train[1000:2000] is allowed (row ids stay positions in the whole split)."),
     Key("dataset.revision", OPTIONAL_TEXT, None, "Hub branch, tag or commit of the dataset."),
@@ -319,8 +319,8 @@ KEYS: tuple[Key, ...] = (
     Key("errors.max_error_rate", Number(0, 1), 0.0, "Share of failed rows above which the run exits 3."),
     # evaluate
     Key("evaluate.reference_column", OPTIONAL_TEXT, None,
-        "Column holding each row's expected output: the run ends by scoring against it into _eval.json "
-        "(README: Evaluation); carried into the output like a kept column (as reference_<name> where the task's output "
+        "Column holding each row's expected output: the run ends by scoring the predictions against it "
+        "(docs: Evaluation); carried into the output like a kept column (as reference_<name> where the task's output "
         "has that name)."),
     Key("evaluate.metrics", AnyOf(Null(), TextList()), None,
         "text-classification: accuracy, macro_f1; summarization and text-generation: rouge1, rouge2, rougeL, "
