@@ -9,6 +9,8 @@ for the real all-MiniLM-L6-v2, and the tiny classifier run on one hand-written s
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 from pathlib import Path
 
@@ -199,6 +201,20 @@ def test_a_mixed_json_prompt_field_fills_text_and_numbers_and_fails_the_rest(tmp
     assert_classified(got, model, {0: "About plain: the dog", 1: "About 7: the dog", 5: "About café: the dog"})
 
 
+def test_parquet_dates_and_decimals_fill_a_prompt_as_python_formats_them(tmp_path, tiny_models):
+    table = pa.table({"day": pa.array([datetime.date(2026, 12, 7), None], pa.date32()),
+                      "price": pa.array([decimal.Decimal("12.50"), decimal.Decimal("3.00")], pa.decimal128(6, 2)),
+                      "text": ["the dog", "the fox"]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    dataset = {"path": "parquet", "data_files": str(tmp_path / "rows.parquet")}
+    model = tiny_models.text_classifier
+    prompt = "On {day:%d %B %Y}, {price} pounds: {text}"
+    assert run(write_job(tmp_path, model, dataset, "text-classification", f", prompt: {json.dumps(prompt)}")) == 0
+    got = pd.read_parquet(tmp_path / "out").sort_values("row_id").reset_index(drop=True)
+    assert failed_rows(got) == {1: "prompt field 'day' is null"}
+    assert_classified(got, model, {0: "On 07 December 2026, 12.50 pounds: the dog"})
+
+
 # --- the rule, value by value ----------------------------------------------------------------------------------------
 
 def test_a_json_typed_column_is_decoded_and_other_columns_are_read_as_they_are():
@@ -213,6 +229,15 @@ def test_a_json_typed_column_is_decoded_and_other_columns_are_read_as_they_are()
 def test_what_is_not_text_is_named_by_its_kind(value, kind):
     assert kind_of(value) == kind
     assert text_error("body", value) == f"input column 'body' holds {kind}, not text"
+
+
+def test_a_date_or_a_decimal_is_named_as_what_it_is_and_fills_a_prompt_field():
+    """A Parquet date or decimal column: no text to embed, but a date or a price to fill a prompt with."""
+    assert text_error("day", datetime.date(2026, 12, 7)) == "input column 'day' holds date, not text"
+    assert text_error("price", decimal.Decimal("1.5")) == "input column 'price' holds a number, not text"
+    assert text_error("at", datetime.time(7, 30)) == "input column 'at' holds time, not text"
+    for value in (datetime.date(2026, 12, 7), datetime.datetime(2026, 12, 7, 7, 30), decimal.Decimal("1.5")):
+        assert prompt_field_error("field", value) is None
 
 
 def test_the_row_rule_for_input_columns_and_prompt_fields():

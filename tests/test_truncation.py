@@ -137,6 +137,28 @@ def test_other_prompt_fields_are_kept_whole_and_only_the_input_column_shortened(
     assert tokenizer.decode(expected).startswith("Topic: animals and cities\nthe")
 
 
+def test_a_chat_template_without_a_prompt_keeps_its_turns_and_shortens_the_text(tiny_models):
+    tokenizer = tokenizer_of(tiny_models.causal_lm)
+    encoded = encode(tokenizer, [LONG], max_length=30, chat_template=True, keep_template=True)
+    assert encoded.ids[0] == kept_start(tokenizer, LONG, 30, chat=True)
+    assert tokenizer.decode(encoded.ids[0]).endswith("\n<|assistant|>\n") and encoded.truncated_rows == 1
+
+
+def test_the_texts_own_boundaries_leave_out_the_special_tokens_a_tokenizer_adds(tiny_models):
+    """A tokenizer that adds a token of its own (T5's EOS, a Llama's BOS) must not move the cut: the text's token
+    boundaries are its own tokens' ends."""
+    tokenizer = tokenizer_of(tiny_models.seq2seq)  # appends </s>
+    encoded = encode(tokenizer, [LONG], max_length=16, prompt=PROMPT, keep_template=True)
+    expected = kept_start(tokenizer, LONG, 16, fill=lambda text: PROMPT.format(text=text))
+    assert encoded.ids[0] == expected and expected[-1] == tokenizer.eos_token_id
+
+
+def test_without_a_limit_nothing_is_truncated_or_counted(tiny_models):
+    tokenizer = tokenizer_of(tiny_models.causal_lm)
+    encoded = encode(tokenizer, [LONG], max_length=None, prompt=PROMPT, keep_template=True)
+    assert (encoded.ids[0], encoded.truncated_rows) == (tokenizer(PROMPT.format(text=LONG))["input_ids"], 0)
+
+
 def test_a_template_that_leaves_no_room_for_the_text_fails_its_row(tiny_models):
     tokenizer = tokenizer_of(tiny_models.causal_lm)
     template = len(tokenizer(PROMPT.format(text=""))["input_ids"])

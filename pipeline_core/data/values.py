@@ -8,7 +8,10 @@ a string is the string it is and a number stays a number, which a text input the
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
+import numbers
 
 import pyarrow as pa
 
@@ -22,11 +25,16 @@ def column_values(table: pa.Table, name: str) -> list:
     return values
 
 
+def is_number(value) -> bool:
+    """An int, a float or a decimal (a Parquet decimal column), not a bool (which Python counts as an int)."""
+    return isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, bool)
+
+
 def kind_of(value) -> str:
     """What a value is, in the words of the data rather than of Python: 'a number', 'a list', 'an object'."""
     if isinstance(value, bool):  # before int: a bool is an int to Python
         return "a boolean"
-    if isinstance(value, (int, float)):
+    if is_number(value):
         return "a number"
     if isinstance(value, (list, tuple)):
         return "a list"
@@ -47,9 +55,10 @@ def text_error(column: str, value) -> str | None:
 
 
 def prompt_field_error(field: str, value) -> str | None:
-    """Why a value cannot fill a model.prompt field, or None: text and numbers fill one (`{score:.2f}` formats a
-    number); a null, a boolean, a list or an object is not coerced to words the row does not hold."""
-    if isinstance(value, str) or isinstance(value, (int, float)) and not isinstance(value, bool):
+    """Why a value cannot fill a model.prompt field, or None: text, numbers and dates fill one (`{score:.2f}` formats
+    a number, `{day:%Y}` a date); a null, a boolean, a list or an object is not coerced to words the row does not
+    hold."""
+    if isinstance(value, (str, datetime.date, datetime.time)) or is_number(value):
         return None
     if value is None:
         return f"prompt field {field!r} is null"
