@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -34,6 +35,22 @@ def rows(count: int, seed: int = 1) -> list[dict]:
     generator = random.Random(seed)
     return [{"id": f"r{i:04d}", "text": " ".join(generator.choices(WORDS, k=generator.randint(1, 40)))}
             for i in range(count)]
+
+
+SAMPLE_WORDS = ("the quick brown fox jumps over the lazy dog while a cat sleeps in the warm sun and "
+                "people walk through the old city of london near the river on a quiet morning").split()
+
+
+def sample_rows(count: int = 23) -> list[dict]:
+    """Rows {id, text} of varied length (1 to ~60 words, every fourth one 1 to 5), the same on every run: the rows
+    of the one-row-at-a-time references of test_run.py and of the run tests beside them."""
+    generator = np.random.default_rng(0)
+    sampled = []
+    for index in range(count):
+        length = int(generator.integers(1, 60)) if index % 4 else int(generator.integers(1, 6))
+        words = [SAMPLE_WORDS[int(i)] for i in generator.integers(0, len(SAMPLE_WORDS), length)]
+        sampled.append({"id": f"r{index:03d}", "text": " ".join(words)})
+    return sampled
 
 
 def merged(base: dict, changes: dict) -> dict:
@@ -118,6 +135,15 @@ def write_job(directory: Path, checkpoint: str | Path, data: list[dict], /, task
     job = job_manifest(directory, checkpoint, task=task, batching={"num_workers": workers},
                        output={"rows_per_part": rows_per_part})
     return write_manifest(directory / "job.yaml", in_order(merged(job, plain(changes))))
+
+
+def write_sample_job(directory: Path, checkpoint: str | Path, data: list[dict], /,
+                     task: str = "text-classification", rows_per_part: int = 5, **changes) -> Path:
+    """write_job as the tests over sample_rows write it: batches of at most 200 tokens and 4 rows, parts of 5 rows,
+    and no errors section, so a single failed row makes the run exit 3 (errors.max_error_rate defaults to 0)."""
+    job = write_job(directory, checkpoint, data, task=task, rows_per_part=rows_per_part,
+                    batching={"max_tokens": 200, "max_batch_size": 4}, errors=None)
+    return edit_job(job, **changes)
 
 
 def copy_job(reference_job: Path, directory: Path) -> Path:
