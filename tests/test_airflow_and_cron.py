@@ -108,7 +108,7 @@ def test_cron_overlapping_starts_the_second_exits_75_saying_so_and_a_later_start
                                                                                                tiny_models):
     data = rows(48)
     job = jobs.write_job(tmp_path, tiny_models.causal_lm, data, task="text-generation", workers=1,
-                         extra="  generation: {max_new_tokens: 24, min_new_tokens: 24, do_sample: false}\n")
+                         model={"generation": {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}})
     out, log_dir, seen = tmp_path / "out", tmp_path / "logs", set()
     first = cron_start(job, log_dir)
     try:

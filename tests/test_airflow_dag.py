@@ -88,12 +88,10 @@ def task_instances(env: dict, date: str) -> dict[str, tuple[str, int]]:
     return {task if index < 0 else f"{task} {index}": (state, tries) for task, index, state, tries in found}
 
 
-def dated_job(directory: Path, model: Path, data: list[dict], **settings) -> Path:
+def dated_job(directory: Path, model: Path, data: list[dict], /, **settings) -> Path:
     """A test job whose output is OUTPUT/day=${BATCHRUN_DATE}: the DAG's partition date reaches the manifest."""
     job = jobs.write_job(directory, model, data, **settings)
-    dated = f"path: '{directory}/out/day=${{BATCHRUN_DATE}}'"
-    job.write_text(job.read_text().replace(f"path: '{directory / 'out'}'", dated))
-    return job
+    return jobs.edit_job(job, output={"path": f"{directory}/out/day=${{BATCHRUN_DATE}}"})
 
 
 def test_two_shards_each_failing_once_are_retried_and_the_days_output_is_complete(airflow, airflow_env, tmp_path,
@@ -119,7 +117,7 @@ def test_two_shards_each_failing_once_are_retried_and_the_days_output_is_complet
 
 def test_a_manifest_error_fails_the_task_once_without_retry(airflow, airflow_env, tmp_path, tiny_models):
     job = dated_job(tmp_path, tiny_models.text_classifier, rows(4))
-    job.write_text(job.read_text().replace("max_tokens: 256", "max_tokens: -5"))
+    jobs.edit_job(job, batching={"max_tokens": -5})
     log = dags_test(airflow, airflow_env, "2026-01-03", {"batchrun": str(wrapper(tmp_path)), "job": str(job),
                                                          "num_shards": 1}, tmp_path / "log")
     assert task_instances(airflow_env, "2026-01-03")["run_shard 0"] == ("failed", 1), log  # retries: 2, unused
@@ -132,7 +130,7 @@ def test_rows_failed_above_the_rate_fail_the_task_once_with_their_own_message(ai
                                                                              tiny_models):
     data = [*rows(6), {"id": "bad", "text": None}]
     job = dated_job(tmp_path, tiny_models.text_classifier, data)
-    job.write_text(job.read_text().replace("max_error_rate: 1.0", "max_error_rate: 0.0"))
+    jobs.edit_job(job, errors={"max_error_rate": 0.0})
     log = dags_test(airflow, airflow_env, "2026-01-04", {"batchrun": str(wrapper(tmp_path)), "job": str(job),
                                                          "num_shards": 1}, tmp_path / "log")
     assert task_instances(airflow_env, "2026-01-04")["run_shard 0"] == ("failed", 1), log

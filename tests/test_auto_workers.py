@@ -12,7 +12,7 @@ import logging
 import pandas as pd
 import pytest
 
-from jobs import output, rows, run, write_job
+from jobs import edit_job, output, rows, run, write_job
 from pipeline_core import runner
 from pipeline_core import work as work_module
 from pipeline_core.data import workers
@@ -107,10 +107,7 @@ def forced(monkeypatch) -> list[int]:
 def as_parquet(job, converted: bool = False):
     data = job.parent / "rows.parquet"
     pd.read_json(job.parent / "rows.jsonl", lines=True).to_parquet(data)
-    text = job.read_text().replace(f"path: json, data_files: '{job.parent / 'rows.jsonl'}'",
-                                   f"path: parquet, data_files: '{data}'" + (", streaming: false" if converted else ""))
-    job.write_text(text)
-    return job
+    return edit_job(job, dataset={"path": "parquet", "data_files": data, **({"streaming": False} if converted else {})})
 
 
 SOURCES = {
@@ -128,7 +125,7 @@ def test_auto_switches_to_workers_after_the_first_part_computing_every_part_once
     assert run(reference) == 0
     forced.clear(), loaders.clear()
     job = SOURCES[source](write_job(tmp_path / "auto", tiny_models.text_classifier, data))
-    job.write_text(job.read_text().replace("num_workers: 0", "num_workers: auto"))
+    edit_job(job, batching={"num_workers": "auto"})
     with caplog.at_level(logging.INFO, logger="batchrun"):
         assert run(job) == 0
     # the first pass measured part 0 with no workers and claimed nothing past it; the second took the rest. A
@@ -144,7 +141,7 @@ def test_auto_switches_to_workers_after_the_first_part_computing_every_part_once
 
 def test_a_share_of_one_part_never_switches(tmp_path, tiny_models, forced, loaders):
     job = write_job(tmp_path, tiny_models.text_classifier, rows(10), rows_per_part=64)
-    job.write_text(job.read_text().replace("num_workers: 0", "num_workers: auto"))
+    edit_job(job, batching={"num_workers": "auto"})
     assert run(job) == 0
     assert [made["workers"] for made in loaders] == [0] and forced == [0]
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from output_files import write_record
 
-from jobs import rows, run, write_job
+from jobs import edit_job, rows, run, write_job
 from pipeline_core import runner
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
@@ -59,14 +59,14 @@ def template_free_copy(model: Path, directory: Path) -> Path:
 
 def test_a_chat_template_the_tokenizer_lacks_exits_2_before_output(tmp_path, tiny_models, capsys, no_weights):
     model = template_free_copy(tiny_models.causal_lm, tmp_path / "base-model")
-    job = write_job(tmp_path, model, rows(6), task="text-generation", extra="  chat_template: true\n")
+    job = write_job(tmp_path, model, rows(6), task="text-generation", model={"chat_template": True})
     assert_refused_before_output(job, capsys, f"model.chat_template is true, but the tokenizer of '{model}' has no "
                                               "chat template", "set model.chat_template: false")
 
 
 def test_max_length_above_the_models_positions_exits_2_before_output(tmp_path, tiny_models, capsys, no_weights):
     job = write_job(tmp_path, tiny_models.embedder, rows(6), task="feature-extraction")
-    job.write_text(job.read_text().replace("max_tokens: 256", "max_tokens: 256, max_length: 100000"))
+    edit_job(job, batching={"max_length": 100000})
     assert run_cli(["validate", str(job)]) == 0  # the manifest alone cannot know the model's limit
     assert_refused_before_output(job, capsys, "batching.max_length=100000 is above the model's input limit of 512 "
                                               "tokens", "set it to 512 or less, or null")
@@ -74,14 +74,14 @@ def test_max_length_above_the_models_positions_exits_2_before_output(tmp_path, t
 
 def test_max_length_at_the_models_limit_runs(tmp_path, tiny_models):
     job = write_job(tmp_path, tiny_models.text_classifier, rows(3))
-    job.write_text(job.read_text().replace("max_tokens: 256", "max_tokens: 2048, max_length: 512"))
+    edit_job(job, batching={"max_tokens": 2048, "max_length": 512})
     assert run(job) == 0
 
 
 def test_a_decoder_needs_room_for_its_new_tokens_within_its_positions(tmp_path, tiny_models, capsys, no_weights):
     job = write_job(tmp_path, tiny_models.causal_lm, rows(3), task="text-generation",
-                    extra="  generation: {max_new_tokens: 24}\n")
-    job.write_text(job.read_text().replace("max_tokens: 256", "max_tokens: 256, max_length: 500"))
+                    model={"generation": {"max_new_tokens": 24}})
+    edit_job(job, batching={"max_length": 500})
     assert_refused_before_output(job, capsys, "batching.max_length=500 leaves no room for the 24 new tokens",
                                  "set it to 488 or less", shard=False)
 
@@ -113,7 +113,7 @@ def test_a_model_directory_that_cannot_load_exits_2_before_output(tmp_path, tiny
 def test_the_fixed_model_path_runs_without_fresh(tmp_path, tiny_models):
     job = write_job(tmp_path, tiny_models.text_classifier.parent / "text_clasifier", rows(3))
     assert run(job) == 2
-    job.write_text(job.read_text().replace("text_clasifier", "text_classifier"))
+    edit_job(job, model={"name": tiny_models.text_classifier.parent / "text_classifier"})
     assert run(job) == 0
 
 
@@ -125,7 +125,7 @@ def test_a_checkpoint_the_tasks_model_class_cannot_load_exits_2_before_output(tm
 
 
 def test_a_device_that_is_not_there_exits_2_before_output(tmp_path, tiny_models, capsys, no_weights):
-    job = write_job(tmp_path, tiny_models.text_classifier, rows(3), extra="  device: cuda:3\n")
+    job = write_job(tmp_path, tiny_models.text_classifier, rows(3), model={"device": "cuda:3"})
     assert_refused_before_output(job, capsys, "cuda:3")
 
 
@@ -153,9 +153,9 @@ def test_a_start_that_failed_before_its_first_part_never_blocks_the_fixed_job(tm
 
 def started_other_job(tmp_path: Path, tiny_models) -> Path:
     """OUTPUT holding the start of a job with another prompt, no part committed; the job under test in `job.yaml`."""
-    other = write_job(tmp_path / "other", tiny_models.text_classifier, rows(6), extra="  prompt: 'About {text}'\n")
+    other = write_job(tmp_path / "other", tiny_models.text_classifier, rows(6), model={"prompt": "About {text}"})
     broken_first_line(other)
-    other.write_text(other.read_text().replace(str(tmp_path / "other" / "out"), str(tmp_path / "out")))
+    edit_job(other, output={"path": tmp_path / "out"})
     assert run(other) in (1, 2)
     return write_job(tmp_path, tiny_models.text_classifier, rows(6))
 

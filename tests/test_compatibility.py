@@ -25,6 +25,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
+import jobs
 import pipeline_core.initializer as initializer_stage
 import pipeline_core.initializer.preview as preview_stage
 from pipeline_core.errors import BatchrunError, UsageError
@@ -363,10 +364,9 @@ def test_an_existing_directory_that_cannot_be_loaded_is_a_failure_not_a_missing_
     assert str(caught.value) == f"model.name={name!r} could not be loaded: no file named config.json"
 
 
-def job(tmp_path, task: str, model, extra: str = ""):
-    path = tmp_path / "job.yaml"
-    path.write_text(f"task: {task}\nmodel:\n  name: '{model}'\n{extra}dataset: {{path: json, data_files: x.jsonl}}\n")
-    return load_job(path)
+def job(tmp_path, task: str, model, **model_keys):
+    """A job over `model` with `model_keys` beside its name, only to be initialised."""
+    return load_job(jobs.write_manifest(tmp_path / "job.yaml", jobs.manifest(model, task=task, model=model_keys)))
 
 
 def test_a_config_of_an_unknown_architecture_is_refused_naming_the_model(tmp_path):
@@ -415,8 +415,8 @@ def test_the_manifests_model_settings_reach_every_loader(tmp_path, monkeypatch, 
     calls = []
     record_loads(monkeypatch, calls, "AutoConfig", "AutoModel", "AutoTokenizer", "AutoProcessor")
     name = str(tiny_models.embedder)
-    extra = "  revision: main\n  dtype: float32\n  device_map: sequential\n"
-    pipeline = initialize(job(tmp_path, "feature-extraction", name, extra))
+    pipeline = initialize(job(tmp_path, "feature-extraction", name, revision="main", dtype="float32",
+                              device_map="sequential"))
     common = {"revision": "main", "trust_remote_code": False}
     assert calls == [
         # read once each, before any weights, to check the job against them (initializer/preview.py)
@@ -433,7 +433,7 @@ def test_an_image_processor_is_loaded_with_the_same_settings(tmp_path, monkeypat
     calls = []
     record_loads(monkeypatch, calls, "AutoImageProcessor", "AutoTokenizer", "AutoProcessor")
     name = str(tiny_models.image_classifier)
-    initialize(job(tmp_path, "image-classification", name, "  revision: v1\n"))
+    initialize(job(tmp_path, "image-classification", name, revision="v1"))
     assert calls == [("AutoImageProcessor", name, {"revision": "v1", "trust_remote_code": False})]
 
 
@@ -481,7 +481,7 @@ def machine(monkeypatch):
 def test_an_explicit_device_with_a_device_map_is_refused_before_loading(tmp_path):
     missing = tmp_path / "not-downloaded-yet"
     with pytest.raises(UsageError, match="conflicting device specifications"):
-        initialize(job(tmp_path, "feature-extraction", missing, "  device: cpu\n  device_map: auto\n"))
+        initialize(job(tmp_path, "feature-extraction", missing, device="cpu", device_map="auto"))
 
 
 def test_the_pipeline_goes_to_the_first_accelerator_and_is_placed_there(tmp_path, tiny_models, machine):
@@ -493,7 +493,7 @@ def test_the_pipeline_goes_to_the_first_accelerator_and_is_placed_there(tmp_path
 def test_a_model_placed_by_accelerate_stays_where_it_was_put(tmp_path, tiny_models, machine):
     # on one device accelerate leaves no hf_device_map: the model's own device is the map
     placed = machine({"cuda": 2})
-    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, "  device_map: auto\n"))
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, device_map="auto"))
     assert not hasattr(pipeline.model, "hf_device_map")
     assert pipeline.device == torch.device("cpu") and placed == []
 
@@ -506,7 +506,7 @@ def test_a_spread_model_takes_inputs_on_the_device_of_its_first_module(tmp_path,
         return parts
 
     placed = machine({"cuda": 2}, after_loading=as_accelerate_spreads_it)
-    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, "  device_map: auto\n"))
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, device_map="auto"))
     assert pipeline.device == torch.device("cuda", 1) and placed == []
     assert plan_summary(pipeline)["hf_device_map"] == spread
 
@@ -523,7 +523,7 @@ def test_minus_one_keeps_the_model_on_the_device_it_was_loaded_on(tmp_path, tiny
         return parts
 
     placed = machine({}, after_loading=loaded_elsewhere)
-    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, "  device: -1\n"))
+    pipeline = initialize(job(tmp_path, "feature-extraction", tiny_models.embedder, device=-1))
     assert pipeline.device == torch.device("meta") and placed == [torch.device("meta")]
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from output_files import write_claim, write_record
 
-from jobs import output, rows, run, write_job
+from jobs import edit_job, output, rows, run, write_job
 from pipeline_core import runner as runner_module
 from pipeline_core.cli import run_cli
 from pipeline_core.output import claims as claims_module
@@ -343,7 +343,7 @@ def test_progress_after_a_stop_counts_only_the_rows_of_committed_parts(tmp_path,
     """Caught before: stopped in the middle of a part, `_progress.json` counted its computed rows as done
     (166 rows done, parts holding 150)."""
     job = write_job(tmp_path, tiny_models.text_classifier, rows(24), rows_per_part=8)
-    job.write_text(job.read_text().replace("max_batch_size: 8", "max_batch_size: 2"))
+    edit_job(job, batching={"max_batch_size": 2})
     stop = runner_module.StopFlag()
 
     class Signals:

@@ -14,10 +14,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from datasets.exceptions import DatasetGenerationError
 from pandas.errors import ParserError
 
+import jobs
 from jobs import run
 from pipeline_core.cli import run_cli
 from pipeline_core.data.files import holds_no_rows
@@ -35,13 +35,9 @@ def data_job(directory: Path, model: Path, path: str, data_files=None, options=N
         dataset["data_files"] = data_files
     if options is not None:
         dataset["options"] = options
-    job = directory / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "task": "text-classification", "model": {"name": str(model)}, "dataset": dataset,
-        "batching": {"max_tokens": 256, "num_workers": 0},
-        "output": {"path": str(directory / "out"), "rows_per_part": rows_per_part},
-    }))
-    return job
+    return jobs.write_manifest(directory / "job.yaml", jobs.manifest(
+        model, dataset=dataset, batching={"max_tokens": 256, "num_workers": 0},
+        output={"path": directory / "out", "rows_per_part": rows_per_part}))
 
 
 def json_lines(path: Path, count: int, prefix: str = "r", bad: dict[int, bytes] | None = None) -> Path:

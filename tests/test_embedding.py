@@ -47,8 +47,8 @@ def save_checkpoint(directory: Path, embedder: Path, pooling="cls", dense=(16,),
     return directory
 
 
-def embed(tmp_path: Path, model: Path, data: list[dict], extra: str = "", *overrides: str) -> np.ndarray:
-    job = write_job(tmp_path, model, data, task="feature-extraction", extra=extra)
+def embed(tmp_path: Path, model: Path, data: list[dict], model_keys: dict | None = None, *overrides: str) -> np.ndarray:
+    job = write_job(tmp_path, model, data, task="feature-extraction", model=model_keys or {})
     assert run(job, *[arg for override in overrides for arg in ("--set", override)]) == 0
     result = pd.read_parquet(tmp_path / "out").sort_values("row_id")
     assert result["error"].isna().all()
@@ -129,7 +129,7 @@ def test_each_pooling_mode_equals_sentence_transformers(tmp_path, tiny_models, p
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, pooling=pooling, dense=(), normalize=False,
                             max_seq_length=24, include_prompt=False)  # no prompt: include_prompt changes nothing
     data = rows(20, seed=2)
-    assert_same_vectors(embed(tmp_path / "run", model, data, "", *ONE_BATCH), reference(model, texts_of(data)))
+    assert_same_vectors(embed(tmp_path / "run", model, data, None, *ONE_BATCH), reference(model, texts_of(data)))
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "lasttoken"])
@@ -139,9 +139,9 @@ def test_prompts_default_and_named_equal_sentence_transformers(tmp_path, tiny_mo
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, pooling=pooling, dense=(8,), max_seq_length=20,
                             include_prompt=include_prompt, prompts=prompts, default_prompt_name="query")
     data = rows(12, seed=3)
-    default = embed(tmp_path / "default", model, data, "", *ONE_BATCH)
+    default = embed(tmp_path / "default", model, data, None, *ONE_BATCH)
     assert_same_vectors(default, reference(model, texts_of(data)))  # encode() uses default_prompt_name
-    named = embed(tmp_path / "named", model, data, "  prompt_name: passage\n", *ONE_BATCH)
+    named = embed(tmp_path / "named", model, data, {"prompt_name": "passage"}, *ONE_BATCH)
     assert_same_vectors(named, reference(model, texts_of(data), prompt_name="passage"))
     assert np.abs(named - default).max() > 1e-3
 
@@ -190,7 +190,7 @@ def test_a_checkpoint_in_the_older_file_format_equals_sentence_transformers(tmp_
 def test_keys_set_in_the_job_override_the_checkpoint(tmp_path, tiny_models):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder)
     data = rows(10, seed=5)
-    got = embed(tmp_path / "run", model, data, "  pooling: mean\n  normalize: false\n", "batching.max_length=8")
+    got = embed(tmp_path / "run", model, data, {"pooling": "mean", "normalize": False}, "batching.max_length=8")
     # the same modules, with the job's choices: mean pooling, no Normalize, 8 tokens
     loaded = SentenceTransformer(str(model), device="cpu")
     loaded.max_seq_length = 8
@@ -202,10 +202,10 @@ def test_keys_set_in_the_job_override_the_checkpoint(tmp_path, tiny_models):
 def test_sentence_transformers_false_runs_the_transformer_alone(tmp_path, tiny_models):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder)
     data = rows(6, seed=6)
-    got = embed(tmp_path / "run", model, data, "  sentence_transformers: false\n")
+    got = embed(tmp_path / "run", model, data, {"sentence_transformers": False})
     assert got.shape == (6, HIDDEN)  # no Dense
     # the same weights, mean pooling, cut at the tokenizer's limit (sentence-transformers saved 12 there)
-    plain = embed(tmp_path / "plain", tiny_models.embedder, data, "", "batching.max_length=12")
+    plain = embed(tmp_path / "plain", tiny_models.embedder, data, None, "batching.max_length=12")
     np.testing.assert_allclose(got, plain, atol=1e-6)
 
 
@@ -229,13 +229,13 @@ def test_a_checkpoint_without_a_pooling_module_pools_by_mean(tmp_path, tiny_mode
     assert settings["normalize"] == {"value": False, "source": "checkpoint: no Normalize module"}
     assert settings["prompt"] == {"value": None, "source": "the checkpoint has no default prompt"}
     data = rows(6, seed=10)
-    plain = embed(tmp_path / "plain", tiny_models.embedder, data, "", "batching.max_length=16")
+    plain = embed(tmp_path / "plain", tiny_models.embedder, data, None, "batching.max_length=16")
     np.testing.assert_allclose(embed(tmp_path / "run", model, data), plain, atol=1e-6)
 
 
 def test_an_explicit_pooling_that_does_not_fit_the_dense_layer_is_refused(tmp_path, tiny_models, capsys):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, pooling=("cls", "mean"), dense=(16,))
-    job = write_job(tmp_path / "run", model, rows(2), task="feature-extraction", extra="  pooling: mean\n")
+    job = write_job(tmp_path / "run", model, rows(2), task="feature-extraction", model={"pooling": "mean"})
     assert run(job) == 2
     assert "pooling mean (job model.pooling) gives 32 values, but the Dense layer in '2_Dense' takes 64; " \
         "leave model.pooling unset" in capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_token_vectors_normalised_on_request_are_unit_length_each(tmp_path, tiny
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder)
     data = rows(4, seed=11)
     job = write_job(tmp_path / "run", model, data, task="feature-extraction",
-                    extra="  pooling: none\n  normalize: true\n")
+                    model={"pooling": "none", "normalize": True})
     assert run(job, *[arg for override in ONE_BATCH for arg in ("--set", override)]) == 0
     result = pd.read_parquet(tmp_path / "run" / "out").sort_values("row_id")
     expected = reference(model, texts_of(data), output_value="token_embeddings")
@@ -260,7 +260,7 @@ def test_token_vectors_normalised_on_request_are_unit_length_each(tmp_path, tiny
 def test_token_vectors_skip_the_dense_and_normalize_modules(tmp_path, tiny_models):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder)
     data = rows(4, seed=7)
-    job = write_job(tmp_path / "run", model, data, task="feature-extraction", extra="  pooling: none\n")
+    job = write_job(tmp_path / "run", model, data, task="feature-extraction", model={"pooling": "none"})
     assert run(job) == 0
     result = pd.read_parquet(tmp_path / "run" / "out").sort_values("row_id")
     expected = reference(model, texts_of(data), output_value="token_embeddings")
@@ -338,7 +338,7 @@ def test_plan_with_sentence_transformers_false_says_so(tmp_path, tiny_models, ca
     assert settings["pooling"] == {"value": "mean", "source": "default: model.sentence_transformers is false"}
     assert settings["dense"] == {"value": [], "source": "default: model.sentence_transformers is false"}
     job = write_job(tmp_path / "b", model, rows(1), task="feature-extraction",
-                    extra="  sentence_transformers: false\n  prompt_name: query\n")
+                    model={"sentence_transformers": False, "prompt_name": "query"})
     assert run(job) == 2
     assert "model.sentence_transformers: false ignores them" in capsys.readouterr().err
 
@@ -477,13 +477,13 @@ def test_dense_layers_whose_widths_do_not_chain_are_refused(tmp_path, tiny_model
 
 def test_a_prompt_name_the_checkpoint_lacks_is_refused_naming_those_it_has(tmp_path, tiny_models, capsys):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder, prompts={"query": "q: ", "passage": "p: "})
-    job = write_job(tmp_path / "run", model, rows(2), task="feature-extraction", extra="  prompt_name: qeury\n")
+    job = write_job(tmp_path / "run", model, rows(2), task="feature-extraction", model={"prompt_name": "qeury"})
     assert run(job) == 2
     err = capsys.readouterr().err
     assert "model.prompt_name='qeury' is not one of the checkpoint's prompts" in err
     assert "document, passage, query" in err
     plain = write_job(tmp_path / "plain", tiny_models.embedder, rows(2), task="feature-extraction",
-                      extra="  prompt_name: query\n")
+                      model={"prompt_name": "query"})
     assert run(plain) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"model.prompt_name='query' needs a sentence-transformers checkpoint with prompts "
@@ -554,6 +554,6 @@ def test_a_hub_checkpoint_is_read_through_the_hub_cache(tmp_path, tiny_models, m
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     data = rows(8, seed=8)
     # a hub id at a revision, offline: every file (modules' configs, Dense weights) from the cache at that revision
-    got = embed(tmp_path / "run", Path("tiny-org/st"), data, "  revision: v2\n")
+    got = embed(tmp_path / "run", Path("tiny-org/st"), data, {"revision": "v2"})
     assert got.shape == (8, 16)
     assert_same_vectors(got, reference(model, texts_of(data)))

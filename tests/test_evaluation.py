@@ -28,11 +28,6 @@ from pipeline_core.manifest import load_job
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def add_evaluate(job: Path, section: str) -> Path:
-    job.write_text(job.read_text() + f"evaluate: {section}\n")
-    return job
-
-
 def scores(out: Path) -> dict:
     return json.loads((out / "_eval.json").read_text())
 
@@ -66,40 +61,37 @@ def expected_classification(out: Path) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.parametrize("task, section, message", [
-    ("text-classification", "{reference_column: label, metrics: [acuracy]}",
+    ("text-classification", {"reference_column": "label", "metrics": ["acuracy"]},
      "evaluate.metrics: unknown metric 'acuracy'; did you mean accuracy? metrics that fit text-classification: "
      "accuracy, macro_f1"),
-    ("text-classification", "{reference_column: label, metrics: [rouge1]}",
+    ("text-classification", {"reference_column": "label", "metrics": ["rouge1"]},
      "evaluate.metrics: rouge1 does not fit text-classification; metrics that fit it: accuracy, macro_f1"),
-    ("summarization", "{reference_column: gold, metrics: [accuracy]}",
+    ("summarization", {"reference_column": "gold", "metrics": ["accuracy"]},
      "evaluate.metrics: accuracy does not fit summarization; metrics that fit it: rouge1, rouge2, rougeL, "
      "exact_match"),
-    ("text-classification", "{metrics: [accuracy]}", "evaluate.metrics needs evaluate.reference_column"),
-    ("feature-extraction", "{reference_column: gold}", "evaluate: the feature-extraction task has no metrics"),
-    ("text-classification", "{reference_column: label, metrics: []}", "evaluate.metrics is empty"),
-    ("text-classification", "{reference_column: label, metrics: [accuracy, accuracy]}",
+    ("text-classification", {"metrics": ["accuracy"]}, "evaluate.metrics needs evaluate.reference_column"),
+    ("feature-extraction", {"reference_column": "gold"}, "evaluate: the feature-extraction task has no metrics"),
+    ("text-classification", {"reference_column": "label", "metrics": []}, "evaluate.metrics is empty"),
+    ("text-classification", {"reference_column": "label", "metrics": ["accuracy", "accuracy"]},
      "evaluate.metrics lists accuracy more than once"),
-    ("text-classification", "{reference_column: label, metrics: accuracy}",
+    ("text-classification", {"reference_column": "label", "metrics": "accuracy"},
      "evaluate.metrics must be null or a list of strings"),
-    ("text-classification", "{reference_column: label, metric: [accuracy]}", "evaluate.metric"),
+    ("text-classification", {"reference_column": "label", "metric": ["accuracy"]}, "evaluate.metric"),
 ])
 def test_a_bad_evaluate_section_is_a_manifest_error_naming_it(tmp_path, task, section, message):
-    job = tmp_path / "job.yaml"
-    job.write_text(f"task: {task}\nmodel: {{name: m}}\ndataset: {{path: json, data_files: x.jsonl}}\n"
-                   f"evaluate: {section}\n")
+    job = jobs.write_manifest(tmp_path / "job.yaml", jobs.manifest("m", task=task, evaluate=section))
     with pytest.raises(ManifestError) as error:
         load_job(job)
     assert message in str(error.value)
 
 
 def test_the_reference_beside_a_prediction_column_of_its_name_is_carried_as_reference_name(tmp_path):
-    job = tmp_path / "job.yaml"
-    job.write_text("task: text-classification\nmodel: {name: m}\n"
-                   "dataset: {path: json, data_files: x.jsonl, keep_columns: [reference_label]}\n"
-                   "evaluate: {reference_column: label}\n")
+    job = jobs.write_manifest(tmp_path / "job.yaml", jobs.manifest(
+        "m", dataset={"path": "json", "data_files": "x.jsonl", "keep_columns": ["reference_label"]},
+        evaluate={"reference_column": "label"}))
     with pytest.raises(ManifestError, match="carried into the output as reference_label"):
         load_job(job)
-    job.write_text(job.read_text().replace("keep_columns: [reference_label]", "keep_columns: [id]"))
+    jobs.edit_job(job, dataset={"keep_columns": ["id"]})
     assert load_job(job).get("evaluate.metrics") is None  # null: every metric that fits the task
 
 
@@ -218,8 +210,8 @@ def test_no_scored_row_gives_null_metrics():
 def classified(tmp_path_factory, tiny_models):
     """A finished classification run scored against `label`, rows_per_part 4 (10 parts), its stderr."""
     directory = tmp_path_factory.mktemp("classified")
-    job = add_evaluate(jobs.write_job(directory, tiny_models.text_classifier, classification_rows()),
-                       "{reference_column: label}")
+    job = jobs.write_job(directory, tiny_models.text_classifier, classification_rows(),
+                         evaluate={"reference_column": "label"})
     process = subprocess.run([sys.executable, "-m", "pipeline_core", "run", str(job), "--no-progress"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr
@@ -302,7 +294,7 @@ def test_integer_references_are_named_by_the_models_id2label(tmp_path, tiny_mode
     data = jobs.rows(12, seed=8)
     for index, row in enumerate(data):
         row["gold"] = index % 3  # 0 negative, 1 neutral, 2 positive (tests/tiny_models.py)
-    job = add_evaluate(jobs.write_job(tmp_path, tiny_models.text_classifier, data), "{reference_column: gold}")
+    job = jobs.write_job(tmp_path, tiny_models.text_classifier, data, evaluate={"reference_column": "gold"})
     assert jobs.run(job) == 0
     table = pd.read_parquet(tmp_path / "out")
     assert table["gold"].tolist() == [index % 3 for index in range(12)]  # carried unchanged
@@ -323,8 +315,8 @@ def test_evaluate_refuses_an_unfinished_run_and_one_without_an_evaluate_section(
     assert "without an evaluate section" in capsys.readouterr().err
     for row in data:
         row["label"] = "neutral"
-    scored = add_evaluate(jobs.write_job(tmp_path / "scored", tiny_models.text_classifier, data),
-                          "{reference_column: label}")
+    scored = jobs.write_job(tmp_path / "scored", tiny_models.text_classifier, data,
+                            evaluate={"reference_column": "label"})
     assert jobs.run(scored) == 0
     (tmp_path / "scored" / "out" / "_SUCCESS").unlink()
     capsys.readouterr()
@@ -333,8 +325,7 @@ def test_evaluate_refuses_an_unfinished_run_and_one_without_an_evaluate_section(
 
 
 def test_a_missing_reference_column_exits_2_before_any_model_loads(tmp_path, capsys):
-    job = add_evaluate(jobs.write_job(tmp_path, tmp_path / "no-such-model", jobs.rows(4)),
-                       "{reference_column: gold}")
+    job = jobs.write_job(tmp_path, tmp_path / "no-such-model", jobs.rows(4), evaluate={"reference_column": "gold"})
     assert jobs.run(job) == 2
     error = capsys.readouterr().err
     assert "has no column 'gold'; its columns are id, text" in error and "evaluate.reference_column" in error
@@ -344,8 +335,8 @@ def test_a_missing_reference_column_exits_2_before_any_model_loads(tmp_path, cap
 def test_rouge_without_its_package_exits_2_naming_the_extra(tmp_path, tiny_models, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "rouge_score", None)  # import rouge_score raises ImportError
     data = [{**row, "gold": "x"} for row in jobs.rows(4)]
-    job = add_evaluate(jobs.write_job(tmp_path, tiny_models.seq2seq, data, task="summarization"),
-                       "{reference_column: gold, metrics: [rouge1]}")
+    job = jobs.write_job(tmp_path, tiny_models.seq2seq, data, task="summarization",
+                         evaluate={"reference_column": "gold", "metrics": ["rouge1"]})
     assert jobs.run(job) == 2
     assert "need the rouge-score package: pip install 'batchrun[evaluate]'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -356,7 +347,7 @@ def test_rouge_without_its_package_exits_2_naming_the_extra(tmp_path, tiny_model
 
 def summaries(tmp_path: Path, model: Path, data: list[dict]) -> list[str]:
     job = jobs.write_job(tmp_path / "plain", model, data, task="summarization",
-                         extra="  generation: {max_new_tokens: 12, num_beams: 1}\n")
+                         model={"generation": {"max_new_tokens": 12, "num_beams": 1}})
     assert jobs.run(job) == 0
     return pd.read_parquet(tmp_path / "plain" / "out")["summary_text"].tolist()
 
@@ -369,9 +360,9 @@ def test_rouge_and_exact_match_equal_the_rouge_score_packages_own_scorer(tmp_pat
     for index, (row, summary) in enumerate(zip(data, generated, strict=True)):
         # the same text, a partial overlap, an unrelated text, none
         row["gold"] = [summary, " ".join(summary.split()[1:] + ["over", "london"]), "people walk", None][index % 4]
-    job = add_evaluate(jobs.write_job(tmp_path / "scored", tiny_models.seq2seq, data, task="summarization",
-                                      extra="  generation: {max_new_tokens: 12, num_beams: 1}\n"),
-                       "{reference_column: gold}")
+    job = jobs.write_job(tmp_path / "scored", tiny_models.seq2seq, data, task="summarization",
+                         model={"generation": {"max_new_tokens": 12, "num_beams": 1}},
+                         evaluate={"reference_column": "gold"})
     assert jobs.run(job) == 0
     out = tmp_path / "scored" / "out"
     table = pd.read_parquet(out)
@@ -391,9 +382,9 @@ def test_rouge_and_exact_match_equal_the_rouge_score_packages_own_scorer(tmp_pat
 def test_json_logs_stay_json_when_rouge_is_scored(tmp_path, tiny_models):
     """rouge-score logs through absl, which gives Python's root logger a handler: every line would come twice."""
     data = [{**row, "gold": row["text"]} for row in jobs.rows(6)]
-    job = add_evaluate(jobs.write_job(tmp_path, tiny_models.seq2seq, data, task="summarization",
-                                      extra="  generation: {max_new_tokens: 4, num_beams: 1}\n"),
-                       "{reference_column: gold}")
+    job = jobs.write_job(tmp_path, tiny_models.seq2seq, data, task="summarization",
+                         model={"generation": {"max_new_tokens": 4, "num_beams": 1}},
+                         evaluate={"reference_column": "gold"})
     process = subprocess.run([sys.executable, "-m", "pipeline_core", "run", str(job), "--log-format", "json"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr
@@ -411,10 +402,9 @@ def generation_reference(tmp_path_factory, tiny_models):
     """An uninterrupted scored text-generation run, slow enough per part to be killed in the middle."""
     directory = tmp_path_factory.mktemp("generation")
     data = [{**row, "gold": " ".join(row["text"].split()[:6])} for row in jobs.rows(48)]
-    job = add_evaluate(jobs.write_job(directory, tiny_models.causal_lm, data, task="text-generation", workers=1,
-                                      extra="  generation: {max_new_tokens: 24, min_new_tokens: 24, "
-                                            "do_sample: false}\n"),
-                       "{reference_column: gold}")
+    job = jobs.write_job(directory, tiny_models.causal_lm, data, task="text-generation", workers=1,
+                         model={"generation": {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}},
+                         evaluate={"reference_column": "gold"})
     assert jobs.run(job) == 0
     return job, scores(directory / "out")
 
@@ -441,13 +431,13 @@ def test_kill_9_then_resume_gives_the_same_eval_json(tmp_path, generation_refere
 
 def test_metrics_added_on_resume_are_computed_for_the_parts_already_committed(tmp_path, tiny_models):
     data = classification_rows()
-    job = add_evaluate(jobs.write_job(tmp_path, tiny_models.text_classifier, data),
-                       "{reference_column: label, metrics: [accuracy]}")
+    job = jobs.write_job(tmp_path, tiny_models.text_classifier, data,
+                         evaluate={"reference_column": "label", "metrics": ["accuracy"]})
     assert jobs.run(job, "--limit", "37") == 0
     out = tmp_path / "out"
     for name in ("_SUCCESS", "_eval.json", "part-000004.parquet", "part-000009.parquet"):
         (out / name).unlink()  # as a run stopped midway leaves it
-    job.write_text(job.read_text().replace("metrics: [accuracy]", "metrics: [accuracy, macro_f1]"))
+    jobs.edit_job(job, evaluate={"metrics": ["accuracy", "macro_f1"]})
     assert jobs.run(job, "--limit", "37") == 0
     references, predictions = expected_classification(out)
     result = scores(out)
@@ -476,13 +466,12 @@ def test_a_finished_run_is_scored_again_on_rerun_when_unscored_or_asked_other_me
     assert scores(directory / "out") == scores(out)
     # other metrics asked of the finished run: scored again, without computing any part
     parts = {path.name: path.stat().st_mtime_ns for path in (directory / "out").glob("part-*.parquet")}
-    text = job.read_text()
-    job.write_text(text.replace("{reference_column: label}", "{reference_column: label, metrics: [accuracy]}"))
+    jobs.edit_job(job, evaluate={"metrics": ["accuracy"]})
     assert jobs.run(job) == 0
     assert scores(directory / "out")["metrics"] == {"accuracy": scores(out)["metrics"]["accuracy"]}
     assert {path.name: path.stat().st_mtime_ns for path in (directory / "out").glob("part-*.parquet")} == parts
     # --fresh discards the scores with the parts: a new run that stops before the end has none
-    job.write_text(job.read_text().replace("errors: {max_error_rate: 1.0}", "errors: {on_error: fail}"))
+    jobs.edit_job(job, errors={"max_error_rate": None, "on_error": "fail"})
     assert jobs.run(job, "--fresh") == 1  # row 4's null text fails the run
     assert not (directory / "out" / "_eval.json").exists()
     (directory / "rows.jsonl").write_text("")  # an empty input: 0 rows, nothing scored

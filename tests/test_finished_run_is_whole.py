@@ -91,8 +91,8 @@ def test_a_run_finished_before_sizes_were_recorded_is_checked_by_name(finished, 
 
 def test_evaluate_refuses_a_finished_run_that_lost_a_part(tmp_path, tiny_models, capsys):
     data = [{**row, "label": "positive"} for row in rows(8)]
-    job = write_job(tmp_path, tiny_models.text_classifier, data, rows_per_part=4)
-    job.write_text(job.read_text() + "evaluate: {reference_column: label}\n")
+    job = write_job(tmp_path, tiny_models.text_classifier, data, rows_per_part=4,
+                    evaluate={"reference_column": "label"})
     assert run(job) == 0
     (tmp_path / "out" / "part-000000.parquet").unlink()
     assert run_cli(["evaluate", str(tmp_path / "out")]) == 2

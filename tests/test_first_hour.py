@@ -15,6 +15,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
+import jobs
 from jobs import run
 from pipeline_core import runner
 from pipeline_core.cli import run_cli
@@ -23,16 +24,11 @@ ROWS = [{"id": f"r{index:02d}", "text": " ".join(["the quick brown fox"] * (1 + 
 LAYOUT_ROWS = ROWS[:10]
 
 
-def write_job(directory: Path, model: Path, dataset: dict, task: str = "text-classification", extra: str = "") -> Path:
+def write_job(directory: Path, model: Path, dataset: dict, **model_keys) -> Path:
+    """The usual job of tests/jobs.py over `dataset`, with no errors section."""
     directory.mkdir(parents=True, exist_ok=True)
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: {task}\nmodel: {{name: '{model}'{extra}}}\n"
-        f"dataset: {json.dumps(dataset)}\n"
-        "batching: {max_tokens: 256, max_batch_size: 8, num_workers: 0}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: 4}}\n"
-    )
-    return job
+    job = {**jobs.job_manifest(directory, model, model=model_keys, errors=None), "dataset": dataset}
+    return jobs.write_manifest(directory / "job.yaml", job)
 
 
 def json_lines(path: Path, rows: list[dict]) -> Path:
@@ -66,9 +62,9 @@ def write_source(directory: Path, builder: str, rows: list[dict]) -> Path:
 
 
 MISTAKES = {  # what is misspelt -> (dataset keys, model keys, the column reported missing)
-    "input_column": ({"input_column": "body"}, "", "'body'"),
-    "keep_columns": ({"keep_columns": ["id", "source"]}, "", "'source'"),
-    "prompt": ({}, ", prompt: 'Classify: {title} {text}'", "'title'"),
+    "input_column": ({"input_column": "body"}, {}, "'body'"),
+    "keep_columns": ({"keep_columns": ["id", "source"]}, {}, "'source'"),
+    "prompt": ({}, {"prompt": "Classify: {title} {text}"}, "'title'"),
 }
 
 
@@ -80,7 +76,7 @@ def test_a_misspelt_column_exits_2_before_the_model_loads_or_output_is_written(t
     keys, model_keys, missing = MISTAKES[mistake]
     source = write_source(tmp_path, builder, ROWS[:6])
     dataset = {"path": builder, "data_files": str(source), "streaming": streaming, "keep_columns": ["id"], **keys}
-    job = write_job(tmp_path, tiny_models.text_classifier, dataset, extra=model_keys)
+    job = write_job(tmp_path, tiny_models.text_classifier, dataset, **model_keys)
     assert run(job) == 2  # a streamed CSV too, which knows its columns only once read: not 1, Airflow's retry
     err = capsys.readouterr().err
     assert f"has no column {missing}; its columns are id, text" in err
@@ -93,7 +89,7 @@ def test_the_fixed_job_runs_without_fresh(tmp_path, tiny_models):
     dataset = {"path": "csv", "data_files": str(source), "input_column": "body"}
     job = write_job(tmp_path, tiny_models.text_classifier, dataset)
     assert run(job) == 2
-    job.write_text(job.read_text().replace('"body"', '"text"'))
+    jobs.edit_job(job, dataset={"input_column": "text"})
     assert run(job) == 0
     assert result(job)["row_id"].to_pylist() == list(range(6))
 

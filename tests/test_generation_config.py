@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import torch
 from tiny_models import SUMMARIZATION_PARAMS
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
+import jobs
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
 from pipeline_core.initializer.generation import (
@@ -146,14 +146,11 @@ def test_plan_shows_only_settings_that_differ_from_generate_defaults():
 )
 def test_summarization_run_follows_the_merge_order(tmp_path, tiny_models, manifest, new_tokens):
     rows = ["the quick brown fox", "a cat sleeps in the warm sun", "london"]
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in rows))
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        f"task: summarization\nmodel:\n  name: '{tiny_models.seq2seq}'\n  generation: {json.dumps(manifest)}\n"
-        f"dataset: {{path: json, data_files: '{data}'}}\nbatching: {{max_batch_size: 2, num_workers: 0}}\n"
-        f"output: {{path: '{tmp_path / 'out'}'}}\n"
-    )
+    data = jobs.write_rows(tmp_path / "rows.jsonl", [{"text": text} for text in rows])
+    job = jobs.write_manifest(tmp_path / "job.yaml", jobs.manifest(
+        tiny_models.seq2seq, task="summarization", model={"generation": manifest},
+        dataset={"path": "json", "data_files": data}, batching={"max_batch_size": 2, "num_workers": 0},
+        output={"path": tmp_path / "out"}))
     assert run_cli(["run", str(job), "--no-progress"]) == 0
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_models.seq2seq).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.seq2seq)

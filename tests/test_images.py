@@ -28,6 +28,7 @@ from test_resume import committed, kill_when_committed
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 from transformers.image_utils import SizeDict, load_image
 
+import jobs
 from jobs import start
 from pipeline_core.cli import run_cli
 from pipeline_core.tasks import image_classification
@@ -79,16 +80,10 @@ def image_parquet(path: Path, images: list[bytes | None]) -> Path:
 
 def write_job(directory: Path, model: Path, dataset: dict, rows_per_part: int = 4, **batching) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    job = directory / "job.yaml"
-    job.write_text(json.dumps({
-        "task": "image-classification",
-        "model": {"name": str(model)},
-        "dataset": dataset,
-        "batching": {"max_batch_size": 4, "num_workers": 0, **batching},
-        "output": {"path": str(directory / "out"), "rows_per_part": rows_per_part},
-        "errors": {"max_error_rate": 1.0},
-    }))
-    return job
+    return jobs.write_manifest(directory / "job.yaml", jobs.manifest(
+        model, task="image-classification", dataset=dataset,
+        batching={"max_batch_size": 4, "num_workers": 0, **batching},
+        output={"path": directory / "out", "rows_per_part": rows_per_part}, errors={"max_error_rate": 1.0}))
 
 
 def run(job: Path, *args: str) -> int:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+import jobs
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import UsageError
 from pipeline_core.initializer import initialize
@@ -21,10 +22,9 @@ STAGES = ["components", "device_resolution", "placement", "generation_config", "
           "inference_state", "compatibility"]
 
 
-def job_file(tmp_path: Path, task: str, model: Path, extra: str = "") -> Path:
-    path = tmp_path / f"{task}.yaml"
-    path.write_text(f"task: {task}\nmodel:\n  name: '{model}'\n{extra}dataset: {{path: json, data_files: x.jsonl}}\n")
-    return path
+def job_file(tmp_path: Path, task: str, model: Path, **model_keys) -> Path:
+    """TASK.yaml: a job over `model` with `model_keys` beside its name, only to be planned or initialised."""
+    return jobs.write_manifest(tmp_path / f"{task}.yaml", jobs.manifest(model, task=task, model=model_keys))
 
 
 TASK_MODELS = [
@@ -65,7 +65,7 @@ def test_plan_json_for_every_task(tmp_path, capsys, tiny_models, task, fixture, 
 
 
 def test_plan_json_for_summarization_carries_prefix_and_merged_settings(tmp_path, capsys, tiny_models):
-    path = job_file(tmp_path, "summarization", tiny_models.seq2seq, "  generation: {num_beams: 3}\n")
+    path = job_file(tmp_path, "summarization", tiny_models.seq2seq, generation={"num_beams": 3})
     assert run_cli(["plan", str(path), "--json", "--set", "model.generation.max_new_tokens=7"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["input_prefix"] == "summarize: "
@@ -115,7 +115,7 @@ OFFLOADED = {"embeddings": "cpu", "encoder": "disk", "pooler": "cpu"}
 def test_device_map_lets_accelerate_place_the_model(tmp_path, capsys, tiny_models):
     # a map over one device leaves no trace on the model (transformers 5 sets hf_device_map only when it dispatches
     # over several devices or the disk), so this map offloads the encoder to the disk, which a CPU machine can do
-    path = job_file(tmp_path, "feature-extraction", tiny_models.embedder, f"  device_map: {json.dumps(OFFLOADED)}\n")
+    path = job_file(tmp_path, "feature-extraction", tiny_models.embedder, device_map=OFFLOADED)
     assert run_cli(["plan", str(path), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["hf_device_map"] == OFFLOADED
@@ -140,8 +140,8 @@ def test_device_map_is_passed_to_from_pretrained(tmp_path, capsys, tiny_models, 
         return load(*args, **kwargs)
 
     monkeypatch.setattr(AutoModel, "from_pretrained", recording)
-    extra = f"  device_map: {json.dumps(device_map)}\n" if device_map is not None else ""
-    path = job_file(tmp_path, "feature-extraction", tiny_models.embedder, extra)
+    model_keys = {"device_map": device_map} if device_map is not None else {}
+    path = job_file(tmp_path, "feature-extraction", tiny_models.embedder, **model_keys)
     assert run_cli(["plan", str(path), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert received == [device_map]
@@ -157,7 +157,7 @@ def test_missing_model_directory_exits_2(tmp_path, capsys):
 
 
 def test_dtype_is_applied(tmp_path, tiny_models):
-    job = load_job(job_file(tmp_path, "feature-extraction", tiny_models.embedder, "  dtype: bfloat16\n"))
+    job = load_job(job_file(tmp_path, "feature-extraction", tiny_models.embedder, dtype="bfloat16"))
     assert initialize(job).model.dtype == torch.bfloat16
 
 
@@ -178,8 +178,8 @@ def test_causal_lm_pipeline_pads_with_eos(tmp_path, tiny_models):
 
 
 def test_summarization_with_a_causal_lm_loads_a_causal_model(tmp_path, tiny_models):
-    extra = "  prompt: 'Summarize: {text}'\n"
-    pipeline = initialize(load_job(job_file(tmp_path, "summarization", tiny_models.causal_lm, extra)))
+    job = job_file(tmp_path, "summarization", tiny_models.causal_lm, prompt="Summarize: {text}")
+    pipeline = initialize(load_job(job))
     assert not pipeline.model.config.is_encoder_decoder
     assert pipeline.generation_config is not None
 

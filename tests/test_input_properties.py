@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import jobs
 from pipeline_core.cli import run_cli
 
 SEED = 20261202
@@ -172,15 +173,11 @@ def check_one_table(directory: Path, reference: Reference, model: Path, generate
     (directory / "data").mkdir(parents=True)
     write_files(directory / "data", fmt, rows, schema, cuts)
     keep = [name for name in (rows[0] if rows else {}) if name not in ("text", "extra")]
-    prompt = f", prompt: {json.dumps(PROMPT)}" if prompted else ""
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: text-classification\nmodel: {{name: '{model}'{prompt}}}\n"
-        f"dataset: {{path: {fmt}, data_files: '{directory / 'data'}/*.{FORMATS[fmt]}', "
-        f"streaming: {str(streaming).lower()}, keep_columns: {json.dumps(keep)}}}\n"
-        f"batching: {{num_workers: 0, max_length: {MAX_LENGTH}}}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: 4}}\n"
-    )
+    job = jobs.write_manifest(directory / "job.yaml", jobs.manifest(
+        model, model={"prompt": PROMPT} if prompted else {},
+        dataset={"path": fmt, "data_files": f"{directory / 'data'}/*.{FORMATS[fmt]}", "streaming": streaming,
+                 "keep_columns": keep},
+        batching={"num_workers": 0, "max_length": MAX_LENGTH}, output={"path": directory / "out", "rows_per_part": 4}))
     code, err = run_job(job)
     event(f"{fmt}, exit {code}")  # pytest --hypothesis-show-statistics shows how the runs ended
     assert "Traceback" not in err and "internal error" not in err, err

@@ -159,7 +159,7 @@ def test_the_refusal_comes_before_any_model_loads(tmp_path, capsys, monkeypatch)
     from pipeline_core import runner
 
     monkeypatch.setattr(runner, "initialize", lambda job, *more: pytest.fail("the model was loaded"))
-    job = write_job(tmp_path, tmp_path / "no-model-here", rows(4), extra="  device_map: auto\n")
+    job = write_job(tmp_path, tmp_path / "no-model-here", rows(4), model={"device_map": "auto"})
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
     assert run_cli(["run", str(job), "--no-progress"]) == 2

@@ -55,11 +55,11 @@ def test_shares_overlap_unless_they_are_different_shards_of_one_count(mine, othe
     assert shares_overlap(labels(mine), labels(other)) is overlap
 
 
-# --- prepare_output: the check before any model loads ---------------------------------------------------------------
+# --- RunDir.prepare: the check before any model loads ------------------------------------------------------------
 
 
 def prepared(out: Path) -> LocalStore:
-    """OUTPUT holding this job's run, as prepare_output leaves it for the first process."""
+    """OUTPUT holding this job's run, as RunDir.prepare leaves it for the first process."""
     store = LocalStore(out)
     assert RunDir(store).prepare(IDENTITY, False, Layout()) == (False, IDENTITY)
     return store
@@ -146,7 +146,7 @@ def test_other_ranks_wait_for_their_own_rank_0_and_are_refused_by_another_starts
 def write_job(directory: Path, model: Path) -> Path:
     """48 rows of 24 generated tokens, 12 parts of 4, one preprocessing worker (which claims a part ahead)."""
     return jobs.write_job(directory, model, rows(48), task="text-generation", workers=1,
-                          extra="  generation: {max_new_tokens: 24, min_new_tokens: 24, do_sample: false}\n")
+                          model={"generation": {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}})
 
 
 @pytest.fixture(scope="module")

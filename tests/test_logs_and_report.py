@@ -137,8 +137,7 @@ def test_a_failing_run_in_a_child_process_prints_only_json_lines_ending_with_the
     job = jobs.write_job(tmp_path, tiny_models.text_classifier, rows[:24], rows_per_part=ROWS_PER_PART)
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(rows[24]) + '\n{"id": "x", "text": "cut\n')
-    job.write_text(job.read_text().replace(f"data_files: '{tmp_path / 'rows.jsonl'}'",
-                                           f"data_files: ['{tmp_path / 'rows.jsonl'}', '{broken}']"))
+    jobs.edit_job(job, dataset={"data_files": [tmp_path / "rows.jsonl", broken]})
     process = jobs.start(job, "--log-format", "json")
     _, err = process.communicate(timeout=300)
     assert process.returncode == 2, err

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import jobs
 from jobs import run
 from pipeline_core import runner
 from pipeline_core.cli import run_cli
@@ -38,14 +39,10 @@ def write_rows(path: Path, builder: str, rows: list[dict], columns=("id", "text"
 def nightly_job(directory: Path, model: Path, builder: str, data_files, streaming: bool = True,
                 split: str = "train") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: text-classification\nmodel: {{name: '{model}'}}\n"
-        f"dataset: {{path: {builder}, data_files: {json.dumps(data_files)}, split: '{split}', "
-        f"streaming: {str(streaming).lower()}, keep_columns: [id]}}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: 4}}\n"
-    )
-    return job
+    dataset = {"path": builder, "data_files": data_files, "split": split, "streaming": streaming,
+               "keep_columns": ["id"]}
+    return jobs.write_manifest(directory / "job.yaml", jobs.manifest(
+        model, dataset=dataset, output={"path": directory / "out", "rows_per_part": 4}))
 
 
 def status(out: Path, capsys) -> dict:
@@ -156,7 +153,7 @@ def test_files_whose_column_types_differ_exit_1_naming_the_file_and_column(tmp_p
     (tmp_path / "a.csv").write_text("id,text,n\nr0,the quick fox,1\n")
     (tmp_path / "b.csv").write_text("id,text,n\nr1,the lazy dog,\n")  # a blank: pandas reads n as floats
     job = nightly_job(tmp_path, tiny_models.text_classifier, "csv", str(tmp_path / "*.csv"), streaming)
-    job.write_text(job.read_text().replace("keep_columns: [id]", "keep_columns: [id, n]"))
+    jobs.edit_job(job, dataset={"keep_columns": ["id", "n"]})
     assert run(job) == 1
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith("error: ")]  # Arrow's schema error, on one line
@@ -191,7 +188,7 @@ def test_huge_unicode_blank_texts_and_nested_kept_columns_keep_working(tmp_path,
     else:
         pq.write_table(pa.Table.from_pylist(rows), path)
     job = nightly_job(tmp_path, tiny_models.text_classifier, builder, str(path))
-    job.write_text(job.read_text().replace("keep_columns: [id]", "keep_columns: [id, meta, tags]"))
+    jobs.edit_job(job, dataset={"keep_columns": ["id", "meta", "tags"]})
     assert run(job) == 0
     result = pq.read_table(tmp_path / "out").to_pandas().sort_values("row_id")
     assert result["error"].isna().all() and result["label"].notna().all()
@@ -203,6 +200,6 @@ def test_data_files_of_a_local_dataset_directory_are_left_to_datasets(tmp_path, 
     # relative to dataset.path, not to the working directory: only builders' patterns are checked by batchrun
     write_rows(tmp_path / "rows.jsonl", "json", [{"id": "r0", "text": "the quick brown fox"}])
     job = nightly_job(tmp_path, tiny_models.text_classifier, "json", "rows.jsonl")
-    job.write_text(job.read_text().replace("path: json,", f"path: '{tmp_path}',"))
+    jobs.edit_job(job, dataset={"path": tmp_path})
     assert run(job) == 0
     assert pq.read_table(tmp_path / "out").to_pandas()["id"].tolist() == ["r0"]

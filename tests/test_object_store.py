@@ -25,14 +25,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import output, rows, run, start, write_job
+from jobs import edit_job, output, read_manifest, rows, run, start, write_job, write_manifest
 from pipeline_core.cli import run_cli
 from pipeline_core.output.fsspec_store import FsspecStore
 from pipeline_core.output.store import LocalStore
 from pipeline_core.output.stores import open_store
 
 s3fs = pytest.importorskip("s3fs")
-GENERATION = "  generation: {max_new_tokens: 16, min_new_tokens: 16, do_sample: false}\n"
+GENERATION = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False}
 SECRET = "s3cr3t-Never-Written-4f9a"
 
 
@@ -103,16 +103,14 @@ def read_s3(moto: str, url: str) -> pd.DataFrame:
 def reference(tmp_path_factory, tiny_models):
     """An uninterrupted local run of the generation job the S3 runs repeat: 24 rows in 6 parts."""
     job = write_job(tmp_path_factory.mktemp("local"), tiny_models.causal_lm, rows(24), task="text-generation",
-                    extra=GENERATION)
+                    model={"generation": GENERATION})
     assert run(job) == 0
     return job, output(job)
 
 
 def s3_job(tmp_path: Path, reference_job: Path, **settings) -> Path:
     """The reference job, reading the very same file, with the output section given as `settings`."""
-    job = tmp_path / "job.yaml"
-    job.write_text(re.sub(r"^output: .*$", f"output: {json.dumps(settings)}", reference_job.read_text(), flags=re.M))
-    return job
+    return write_manifest(tmp_path / "job.yaml", {**read_manifest(reference_job), "output": settings})
 
 
 # --- the store ---------------------------------------------------------------------------------------------------
@@ -255,7 +253,7 @@ def test_kill_9_mid_run_then_resume_keeps_the_committed_parts(tmp_path, moto, bu
     reference_job, expected = reference
     url = f"s3://{bucket}/out"
     job = s3_job(tmp_path, reference_job, path=url, rows_per_part=4)
-    job.write_text(job.read_text().replace("num_workers: 0", "num_workers: 1"))
+    edit_job(job, batching={"num_workers": 1})
     fs = moto_fs(moto)
     with open(tmp_path / "killed.log", "w") as log:
         process = start(job, stderr=log)

@@ -5,7 +5,6 @@ by hand here: the reference never goes through batchrun's own formatting.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +14,7 @@ import torch
 from tiny_models import GPT2_SPECIAL_TOKENS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import jobs
 from pipeline_core.cli import run_cli
 from pipeline_core.data.loader import BatchLimits, prepare_part
 from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget
@@ -45,18 +45,17 @@ def tokenizer(tiny_models):
     return AutoTokenizer.from_pretrained(tiny_models.causal_lm)
 
 
-def write_job(directory: Path, model: Path, rows: list[dict], extra: str = "", generation: str = "") -> Path:
-    data = directory / "rows.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    generation = generation or "{max_new_tokens: 4, min_new_tokens: 4, do_sample: false}"
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: text-generation\nmodel:\n  name: '{model}'\n  generation: {generation}\n{extra}"
-        f"dataset: {{path: json, data_files: '{data}', keep_columns: [id]}}\n"
-        f"batching: {{max_tokens: 200, max_batch_size: 2, num_workers: 0}}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: 2}}\n"
-    )
-    return job
+def write_job(directory: Path, model: Path, rows: list[dict], model_keys: dict | None = None,
+              generation: dict | None = None) -> Path:
+    """A text-generation job over `rows`, 4 new tokens a row unless `generation` says otherwise: batches of at most
+    200 tokens and 2 rows, parts of 2 rows."""
+    jobs.write_rows(directory / "rows.jsonl", rows)
+    generation = generation or {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    job = jobs.job_manifest(directory, model, task="text-generation",
+                            model={"generation": generation, **(model_keys or {})},
+                            batching={"max_tokens": 200, "max_batch_size": 2}, output={"rows_per_part": 2},
+                            errors=None)
+    return jobs.write_manifest(directory / "job.yaml", job)
 
 
 # model.prompt and model.chat_template, unit by unit
@@ -112,18 +111,17 @@ def reference(model_path: Path, strings: list[str], new_tokens: int, chat: bool)
     return texts
 
 
-CASES = {  # manifest lines, the model's input for a row written by hand, whether it is a chat
-    "prompt": (f"  prompt: {json.dumps(PROMPT)}\n", by_hand_prompt, False),
-    "chat_template": ("  chat_template: true\n", lambda row: by_hand_chat(row["text"]), True),
-    "both": (f"  prompt: {json.dumps(PROMPT)}\n  chat_template: true\n", lambda row: by_hand_chat(by_hand_prompt(row)),
-             True),
+CASES = {  # the model section's keys, the model's input for a row written by hand, whether it is a chat
+    "prompt": ({"prompt": PROMPT}, by_hand_prompt, False),
+    "chat_template": ({"chat_template": True}, lambda row: by_hand_chat(row["text"]), True),
+    "both": ({"prompt": PROMPT, "chat_template": True}, lambda row: by_hand_chat(by_hand_prompt(row)), True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_run_generates_from_the_hand_written_input(tmp_path, tiny_models, case):
-    extra, written, chat = CASES[case]
-    assert run_cli(["run", str(write_job(tmp_path, tiny_models.causal_lm, ROWS, extra)), "--no-progress"]) == 0
+    model_keys, written, chat = CASES[case]
+    assert run_cli(["run", str(write_job(tmp_path, tiny_models.causal_lm, ROWS, model_keys)), "--no-progress"]) == 0
     got = pd.read_parquet(tmp_path / "out")
     assert got.columns.tolist() == ["row_id", "id", "generated_text", "error"]  # "topic" was read, not kept
     assert got["id"].tolist() == [row["id"] for row in ROWS]
@@ -132,7 +130,7 @@ def test_run_generates_from_the_hand_written_input(tmp_path, tiny_models, case):
 
 # a stop request (SIGTERM / SIGINT) ends generate() within a token
 
-LONG = "{max_new_tokens: 200, min_new_tokens: 200, do_sample: false}"
+LONG = {"max_new_tokens": 200, "min_new_tokens": 200, "do_sample": False}
 
 
 @pytest.fixture(scope="module")

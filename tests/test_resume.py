@@ -30,7 +30,7 @@ from pipeline_core.output.store import LocalStore
 from pipeline_core.tasks.classification import TextClassificationTask
 
 
-def write_job(directory: Path, model: Path, data: list[dict], **settings) -> Path:
+def write_job(directory: Path, model: Path, data: list[dict], /, **settings) -> Path:
     """The shared job with one preprocessing worker: the kill tests kill the workers too."""
     return jobs.write_job(directory, model, data, workers=1, **settings)
 
@@ -45,7 +45,7 @@ def committed(out: Path) -> dict[str, tuple[int, int]]:
 def reference(tmp_path_factory, tiny_models):
     """An uninterrupted run of the generation job that the kill tests interrupt."""
     job = write_job(tmp_path_factory.mktemp("reference"), tiny_models.causal_lm, rows(48), task="text-generation",
-                    extra="  generation: {max_new_tokens: 24, min_new_tokens: 24, do_sample: false}\n")
+                    model={"generation": {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}})
     started = time.monotonic()
     process = start(job)
     _, err = process.communicate(timeout=300)
@@ -341,8 +341,7 @@ def test_error_rate_counts_rows_of_earlier_attempts(tmp_path, tiny_models):
 def use_parquet(job: Path) -> Path:
     data = job.parent / "rows.parquet"
     pd.read_json(job.parent / "rows.jsonl", lines=True).to_parquet(data)
-    job.write_text(job.read_text().replace(f"path: json, data_files: '{job.parent / 'rows.jsonl'}'",
-                                           f"path: parquet, data_files: '{data}'"))
+    jobs.edit_job(job, dataset={"path": "parquet", "data_files": data})
     return data
 
 

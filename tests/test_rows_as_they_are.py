@@ -23,6 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import jobs
 from jobs import run
 from pipeline_core.data.values import column_values, kind_of, prompt_field_error, text_error
 
@@ -55,16 +56,11 @@ def minilm() -> Path:
     return Path(packaged.get_model_path())
 
 
-def write_job(directory: Path, model: Path, dataset: dict, task: str, extra: str = "") -> Path:
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: {task}\nmodel: {{name: '{model}'{extra}}}\n"
-        f"dataset: {json.dumps(dataset)}\n"
-        "batching: {max_tokens: 512, max_batch_size: 4, num_workers: 0}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: 3}}\n"
-        "errors: {max_error_rate: 1.0}\n"
-    )
-    return job
+def write_job(directory: Path, model: Path, dataset: dict, task: str, **model_keys) -> Path:
+    """The usual job of tests/jobs.py over `dataset`: batches of at most 512 tokens and 4 rows, parts of 3 rows."""
+    job = jobs.job_manifest(directory, model, task=task, model=model_keys,
+                            batching={"max_tokens": 512, "max_batch_size": 4}, output={"rows_per_part": 3})
+    return jobs.write_manifest(directory / "job.yaml", {**job, "dataset": dataset})
 
 
 def mixed_source(directory: Path, layout: str) -> dict:
@@ -170,7 +166,7 @@ def test_a_null_or_missing_prompt_field_fails_its_row_and_numbers_fill_theirs(tm
                                                                                 streaming):
     dataset = {**prompt_source(tmp_path, layout, PROMPT_ROWS), "keep_columns": ["id"], "streaming": streaming}
     model = tiny_models.text_classifier
-    assert run(write_job(tmp_path, model, dataset, "text-classification", f", prompt: {json.dumps(PROMPT)}")) == 0
+    assert run(write_job(tmp_path, model, dataset, "text-classification", prompt=PROMPT)) == 0
     got = pd.read_parquet(tmp_path / "out").sort_values("row_id").reset_index(drop=True)
     assert got["id"].tolist() == [row["id"] for row in PROMPT_ROWS]
     errors = failed_rows(got)
@@ -192,7 +188,7 @@ def test_a_mixed_json_prompt_field_fills_text_and_numbers_and_fails_the_rest(tmp
     (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
     dataset = {"path": "json", "data_files": str(tmp_path / "rows.jsonl"), "keep_columns": ["id"]}
     model = tiny_models.text_classifier
-    assert run(write_job(tmp_path, model, dataset, "text-classification", ", prompt: 'About {title}: {text}'")) == 0
+    assert run(write_job(tmp_path, model, dataset, "text-classification", prompt="About {title}: {text}")) == 0
     got = pd.read_parquet(tmp_path / "out").sort_values("row_id").reset_index(drop=True)
     errors = failed_rows(got)
     assert errors == {2: "prompt field 'title' holds a list, not text or a number",

@@ -1,4 +1,10 @@
-"""`batchrun run` end to end on the tiny models, each task checked against a plain one-row-at-a-time reference."""
+"""`batchrun run` end to end on the tiny models, for what the output holds: each task's rows checked against a plain
+one-row-at-a-time reference (`pooling`, `normalize`, the merged generation settings), the output tree and its columns
+as readers see them, and rows that fail beside rows left unchanged.
+
+What the runner does around the parts (the run info, logs, reruns, exit codes, the token budget) is in test_runner.py;
+job options and run flags checked against a run without them are in test_run_options.py.
+"""
 
 from __future__ import annotations
 
@@ -23,38 +29,7 @@ from transformers import (
     GenerationConfig,
 )
 
-from pipeline_core.cli import run_cli
-
-WORDS = ("the quick brown fox jumps over the lazy dog while a cat sleeps in the warm sun and "
-         "people walk through the old city of london near the river on a quiet morning").split()
-
-
-def sample_rows(count: int = 23) -> list[dict]:
-    """Rows of varied length (1 to ~60 words), deterministic."""
-    generator = np.random.default_rng(0)
-    rows = []
-    for index in range(count):
-        length = int(generator.integers(1, 60)) if index % 4 else int(generator.integers(1, 6))
-        words = [WORDS[int(i)] for i in generator.integers(0, len(WORDS), length)]
-        rows.append({"id": f"r{index:03d}", "text": " ".join(words)})
-    return rows
-
-
-def write_job(tmp_path: Path, task: str, model: Path, rows: list[dict], extra: str = "", rows_per_part: int = 5):
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        f"task: {task}\nmodel:\n  name: '{model}'\n{extra}"
-        f"dataset: {{path: json, data_files: '{data}', keep_columns: [id]}}\n"
-        f"batching: {{max_tokens: 200, max_batch_size: 4, num_workers: 0}}\n"
-        f"output: {{path: '{tmp_path / 'out'}', rows_per_part: {rows_per_part}}}\n"
-    )
-    return job
-
-
-def run(job: Path, *args: str) -> int:
-    return run_cli(["run", str(job), "--no-progress", *args])
+from jobs import run, sample_rows, write_sample_job
 
 
 def read(output: Path) -> pd.DataFrame:
@@ -63,7 +38,7 @@ def read(output: Path) -> pd.DataFrame:
 
 def test_output_tree_row_order_and_readers(tmp_path, tiny_models):
     rows = sample_rows(23)
-    job = write_job(tmp_path, "feature-extraction", tiny_models.embedder, rows)
+    job = write_sample_job(tmp_path, tiny_models.embedder, rows, task="feature-extraction")
     assert run(job) == 0
     out = tmp_path / "out"
     assert sorted(path.name for path in out.iterdir()) == [
@@ -91,8 +66,9 @@ def test_output_tree_row_order_and_readers(tmp_path, tiny_models):
 @pytest.mark.parametrize("pooling, normalize", [("mean", False), ("cls", True)])
 def test_embeddings_match_one_row_at_a_time(tmp_path, tiny_models, pooling, normalize):
     rows = sample_rows()
-    extra = f"  pooling: {pooling}\n  normalize: {str(normalize).lower()}\n"
-    assert run(write_job(tmp_path, "feature-extraction", tiny_models.embedder, rows, extra)) == 0
+    job = write_sample_job(tmp_path, tiny_models.embedder, rows, task="feature-extraction",
+                           model={"pooling": pooling, "normalize": normalize})
+    assert run(job) == 0
     got = np.stack(read(tmp_path / "out")["embedding"].to_numpy())
     assert got.dtype == np.float32
     model = AutoModel.from_pretrained(tiny_models.embedder).eval()
@@ -108,7 +84,7 @@ def test_embeddings_match_one_row_at_a_time(tmp_path, tiny_models, pooling, norm
 
 def test_text_classification_matches_one_row_at_a_time(tmp_path, tiny_models):
     rows = sample_rows()
-    assert run(write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)) == 0
+    assert run(write_sample_job(tmp_path, tiny_models.text_classifier, rows)) == 0
     got = read(tmp_path / "out")
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models.text_classifier).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.text_classifier)
@@ -142,7 +118,7 @@ def reference_entities(text, tokenizer, model) -> list[tuple]:
 
 def test_token_classification_matches_one_row_at_a_time(tmp_path, tiny_models):
     rows = sample_rows()
-    assert run(write_job(tmp_path, "token-classification", tiny_models.token_classifier, rows)) == 0
+    assert run(write_sample_job(tmp_path, tiny_models.token_classifier, rows, task="token-classification")) == 0
     got = read(tmp_path / "out")
     model = AutoModelForTokenClassification.from_pretrained(tiny_models.token_classifier).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.token_classifier)
@@ -182,8 +158,8 @@ def reference_generation(model, tokenizer, prompts, settings) -> tuple[list[str]
 def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_models):
     rows = sample_rows()
     manifest = {"num_beams": 1, "do_sample": False, "max_new_tokens": 6, "min_new_tokens": 6}
-    extra = f"  generation: {json.dumps(manifest)}\n"
-    assert run(write_job(tmp_path, "summarization", tiny_models.seq2seq, rows, extra)) == 0
+    job = write_sample_job(tmp_path, tiny_models.seq2seq, rows, task="summarization", model={"generation": manifest})
+    assert run(job) == 0
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_models.seq2seq).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.seq2seq)
     task_params = dict(SUMMARIZATION_PARAMS["summarization"])
@@ -197,8 +173,10 @@ def test_summarization_greedy_batched_equals_one_row_at_a_time(tmp_path, tiny_mo
 
 def test_text_generation_returns_only_new_text_and_matches_one_row_at_a_time(tmp_path, tiny_models):
     rows = sample_rows()
-    extra = "  generation: {max_new_tokens: 6, min_new_tokens: 6, do_sample: false}\n"
-    assert run(write_job(tmp_path, "text-generation", tiny_models.causal_lm, rows, extra)) == 0
+    generation = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    job = write_sample_job(tmp_path, tiny_models.causal_lm, rows, task="text-generation",
+                           model={"generation": generation})
+    assert run(job) == 0
     model = AutoModelForCausalLM.from_pretrained(tiny_models.causal_lm).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.causal_lm)
     assert tokenizer.pad_token_id is None  # GPT-2 style: batches are padded with EOS
@@ -211,25 +189,14 @@ def test_text_generation_returns_only_new_text_and_matches_one_row_at_a_time(tmp
     assert not any(text.startswith(row["text"]) and row["text"] for text, row in zip(got, rows, strict=True))
 
 
-def test_workers_give_the_same_output_as_the_main_process(tmp_path, tiny_models):
-    rows = sample_rows(31)
-    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows, rows_per_part=4)
-    assert run(job, "--set", "batching.num_workers=0") == 0
-    alone = read(tmp_path / "out")
-    assert run(job, "--fresh", "--set", "batching.num_workers=2") == 0
-    pd.testing.assert_frame_equal(read(tmp_path / "out"), alone)
-    assert run(job, "--fresh", "--set", "batching.num_workers=auto") == 0
-    pd.testing.assert_frame_equal(read(tmp_path / "out"), alone)
-
-
 def test_bad_rows_are_recorded_and_good_rows_unchanged(tmp_path, tiny_models):
     rows = sample_rows(12)
     bad = [dict(row) for row in rows]
     bad[3]["text"], bad[7]["text"] = None, ""
-    assert run(write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)) == 0
+    assert run(write_sample_job(tmp_path, tiny_models.text_classifier, rows)) == 0
     clean = read(tmp_path / "out")
     (tmp_path / "bad").mkdir()
-    assert run(write_job(tmp_path / "bad", "text-classification", tiny_models.text_classifier, bad),
+    assert run(write_sample_job(tmp_path / "bad", tiny_models.text_classifier, bad),
                "--set", "errors.max_error_rate=0.5") == 0
     got = read(tmp_path / "bad" / "out")
     assert got["error"][3] == "input column 'text' is null"
@@ -241,71 +208,15 @@ def test_bad_rows_are_recorded_and_good_rows_unchanged(tmp_path, tiny_models):
 
 def test_a_column_that_is_not_text_fails_its_rows(tmp_path, tiny_models):
     rows = [{**row, "number": index} for index, row in enumerate(sample_rows(4))]
-    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)
+    job = write_sample_job(tmp_path, tiny_models.text_classifier, rows)
     assert run(job, "--set", "dataset.input_column=number", "--set", "errors.max_error_rate=1") == 0
     assert read(tmp_path / "out")["error"].tolist() == ["input column 'number' holds a number, not text"] * 4
 
 
-def test_error_rate_over_the_threshold_exits_3(tmp_path, tiny_models):
-    rows = sample_rows(6)
-    rows[0]["text"] = None
-    assert run(write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)) == 3
-    assert (tmp_path / "out" / "_SUCCESS").exists()
-
-
-def test_limit_takes_the_first_rows(tmp_path, tiny_models):
-    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, sample_rows())
-    assert run(job, "--limit", "7") == 0
-    assert read(tmp_path / "out")["row_id"].tolist() == list(range(7))
-
-
-def test_rerun_of_a_finished_job_recomputes_nothing(tmp_path, tiny_models):
-    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, sample_rows())
-    assert run(job) == 0
-    part = tmp_path / "out" / "part-000000.parquet"
-    stamp = part.stat().st_mtime_ns
-    assert run(job) == 0
-    assert part.stat().st_mtime_ns == stamp
-
-
-def test_rerun_with_another_identity_exits_2_naming_the_key(tmp_path, tiny_models, capsys):
-    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, sample_rows())
-    assert run(job) == 0
-    assert run(job, "--set", "output.rows_per_part=3") == 2
-    assert "output.rows_per_part: 5 -> 3" in capsys.readouterr().err
-    assert run(job, "--set", "batching.max_tokens=999") == 0  # batching is not identity
-
-
-def test_parquet_source_knows_its_total_and_logs_progress_without_a_terminal(tmp_path, tiny_models, monkeypatch,
-                                                                             caplog):
-    from pipeline_core.output import progress
-
-    rows = sample_rows(9)
-    pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
-    job = write_job(tmp_path, "text-classification", tiny_models.text_classifier, rows)
-    job.write_text(job.read_text().replace("{path: json, data_files: '" + str(tmp_path / "rows.jsonl"),
-                                           "{path: parquet, data_files: '" + str(tmp_path / "rows.parquet")))
-    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
-    with caplog.at_level("INFO", logger="batchrun"):
-        assert run(job) == 0
-    assert "run " in caplog.text and ": 9 rows, 0 parts already committed" in caplog.text
-    assert "/9 rows" in caplog.text and "rows/s" in caplog.text and "ETA" in caplog.text
-    snapshot = json.loads((tmp_path / "out" / "_progress.json").read_text())
-    assert (snapshot["rows_total"], snapshot["parts_total"], snapshot["rows_done"]) == (9, 2, 9)
-
-
 def test_without_keep_columns_the_output_is_row_id_task_columns_and_error(tmp_path, tiny_models):
-    job = write_job(tmp_path, "feature-extraction", tiny_models.embedder, sample_rows(7))
-    job.write_text(job.read_text().replace(", keep_columns: [id]", ""))
+    job = write_sample_job(tmp_path, tiny_models.embedder, sample_rows(7), task="feature-extraction",
+                           dataset={"keep_columns": None})
     assert run(job) == 0
     table = pads.dataset(tmp_path / "out").to_table()
     assert table.column_names == ["row_id", "embedding", "error"]
     assert table.column("row_id").to_pylist() == list(range(7))
-
-
-def test_auto_token_budget_depends_on_the_device():
-    from pipeline_core.execute import token_budget
-
-    assert token_budget("auto", torch.device("cpu")) == 4096
-    assert token_budget("auto", torch.device("cuda", 0)) == 16384
-    assert token_budget(999, torch.device("cpu")) == 999

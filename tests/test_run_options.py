@@ -1,6 +1,9 @@
-"""Documented claims about job options, each checked in a real run against a plain reference: token-budget batching,
-streamed and not streamed reading, split slicing, `model.pooling: none`, Parquet codecs, truncation by
-`batching.max_length`, batch sizes and workers that change between attempts, data_files forms and remote code.
+"""Documented claims about job options and run flags, each checked in a real run against a plain reference (the model on
+one row, or a run without the option): token-budget batching, streamed and not streamed reading, split slicing and
+`--limit`, `model.pooling: none`, Parquet codecs, truncation by `batching.max_length`, DataLoader workers, batch sizes
+and workers that change between attempts, data_files forms; and remote code refused unless trusted.
+
+What the output holds is in test_run.py; what the runner does around the parts is in test_runner.py.
 """
 
 from __future__ import annotations
@@ -27,18 +30,8 @@ rows = functools.partial(jobs.rows, seed=3)
 
 
 def write_job(directory: Path, task: str, model: Path, data: list[dict], rows_per_part: int = 4) -> Path:
-    """A job whose variations the tests pass as --set overrides; JSON is YAML."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
-    job = directory / "job.yaml"
-    job.write_text(json.dumps({
-        "task": task,
-        "model": {"name": str(model)},
-        "dataset": {"path": "json", "data_files": str(directory / "rows.jsonl"), "keep_columns": ["id"]},
-        "batching": {"max_tokens": 256, "max_batch_size": 8, "num_workers": 0},
-        "output": {"path": str(directory / "out"), "rows_per_part": rows_per_part},
-    }))
-    return job
+    """The usual job of tests/jobs.py with no errors section; the tests pass its variations as --set overrides."""
+    return jobs.write_job(directory, model, data, task=task, rows_per_part=rows_per_part, errors=None)
 
 
 def run(job: Path, output: Path, *overrides: str) -> int:
@@ -145,6 +138,13 @@ def test_a_sliced_split_processes_exactly_its_rows(tmp_path, tiny_models, stream
     pd.testing.assert_frame_equal(got, everything)
 
 
+
+def test_limit_takes_the_first_rows(tmp_path, tiny_models):
+    job = jobs.write_sample_job(tmp_path, tiny_models.text_classifier, jobs.sample_rows())
+    assert jobs.run(job, "--limit", "7") == 0
+    assert pd.read_parquet(tmp_path / "out")["row_id"].tolist() == list(range(7))
+
+
 def test_pooling_none_keeps_every_token_vector(tmp_path, tiny_models):
     data = rows(9)
     job = write_job(tmp_path, "feature-extraction", tiny_models.embedder, data)
@@ -234,6 +234,18 @@ def test_batch_sizes_and_workers_may_change_between_attempts(tmp_path, tiny_mode
     assert sorted(part["index"] for part in batches) == [3, 4]  # two workers may hand in part 4 first
     assert [len(part["forward"]) for part in batches] == [1, 1]  # the second attempt's limits: one batch a part
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), uninterrupted)
+
+
+
+def test_workers_give_the_same_output_as_the_main_process(tmp_path, tiny_models):
+    rows = jobs.sample_rows(31)
+    job = jobs.write_sample_job(tmp_path, tiny_models.text_classifier, rows, rows_per_part=4)
+    assert jobs.run(job, "--set", "batching.num_workers=0") == 0
+    alone = pd.read_parquet(tmp_path / "out")
+    assert jobs.run(job, "--fresh", "--set", "batching.num_workers=2") == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), alone)
+    assert jobs.run(job, "--fresh", "--set", "batching.num_workers=auto") == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out"), alone)
 
 
 @pytest.mark.parametrize("form", ["list", "split-mapping"])

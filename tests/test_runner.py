@@ -1,6 +1,10 @@
-"""The runner around the parts: what `_batchrun.json` records, the log lines the docs promise, what a rerun
-finds in OUTPUT (another job's run, parts without a run, a finished run), `--fresh`, leftover temporaries,
-verified parts, the exit code from the share of failed rows, and the automatic token budget.
+"""The runner around the parts: what `_batchrun.json` and `_progress.json` record, the log lines the docs promise
+(a Parquet source's total and progress without a terminal too), the exit code from the share of failed rows and
+`errors.on_error: fail`, the automatic token budget, what a rerun finds in OUTPUT (another job's run, parts without a
+run, a finished run, another identity), `--fresh`, leftover temporaries, verified parts, stopping on a signal,
+`--no-progress`, a source failing mid-run, a part damaged before the finish, and parts computed slice by slice.
+
+What the output holds is in test_run.py; job options and run flags are in test_run_options.py.
 """
 
 from __future__ import annotations
@@ -49,25 +53,21 @@ TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
 FINGERPRINT = "0123456789abcdef"
 
 
-def write_job(directory: Path, model: Path, texts: list[str | None], extra: str = "", parquet: bool = False,
-              max_tokens: int | str = 256) -> Path:
-    """A text-classification job over `texts` in parts of 4; a Parquet source knows its length, a JSON one not."""
+def write_job(directory: Path, model: Path, texts: list[str | None], parquet: bool = False,
+              max_tokens: int | str = 256, **changes) -> Path:
+    """The job tiny-sentiment: text-classification over `texts` in parts of 4, with no errors section unless
+    `changes` give one; a Parquet source knows its length, a JSON one not."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = [{"id": f"r{index}", "text": text} for index, text in enumerate(texts)]
     if parquet:
         data = directory / "rows.parquet"
         pq.write_table(pa.Table.from_pylist(rows), data)
     else:
-        data = directory / "rows.jsonl"
-        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    job = directory / "job.yaml"
-    job.write_text(
-        f"name: tiny-sentiment\ntask: text-classification\nmodel:\n  name: '{model}'\n"
-        f"dataset: {{path: {'parquet' if parquet else 'json'}, data_files: '{data}', keep_columns: [id]}}\n"
-        f"batching: {{max_tokens: {max_tokens}, max_batch_size: 8, num_workers: 0}}\n"
-        f"output: {{path: '{directory / 'out'}', rows_per_part: 4}}\n{extra}"
-    )
-    return job
+        data = jobs.write_rows(directory / "rows.jsonl", rows)
+    job = jobs.job_manifest(directory, model, name="tiny-sentiment",
+                            dataset={"path": "parquet" if parquet else "json", "data_files": data},
+                            batching={"max_tokens": max_tokens}, errors=None)
+    return jobs.write_manifest(directory / "job.yaml", jobs.merged(job, changes))
 
 
 class Lines(logging.Handler):
@@ -178,6 +178,24 @@ def test_log_of_a_run_names_the_run_its_rows_device_first_part_and_result(finish
     assert not [line for line in lines if line.startswith("WARNING")]
 
 
+
+def test_parquet_source_knows_its_total_and_logs_progress_without_a_terminal(tmp_path, tiny_models, monkeypatch,
+                                                                             caplog):
+    from pipeline_core.output import progress
+
+    rows = jobs.sample_rows(9)
+    pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
+    job = jobs.write_sample_job(tmp_path, tiny_models.text_classifier, rows)
+    jobs.edit_job(job, dataset={"path": "parquet", "data_files": tmp_path / "rows.parquet"})
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="batchrun"):
+        assert jobs.run(job) == 0
+    assert "run " in caplog.text and ": 9 rows, 0 parts already committed" in caplog.text
+    assert "/9 rows" in caplog.text and "rows/s" in caplog.text and "ETA" in caplog.text
+    snapshot = json.loads((tmp_path / "out" / "_progress.json").read_text())
+    assert (snapshot["rows_total"], snapshot["parts_total"], snapshot["rows_done"]) == (9, 2, 9)
+
+
 def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished):
     job, out, _, _ = finished
     before = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.iterdir()}
@@ -240,7 +258,7 @@ def test_failed_rows_within_the_threshold_are_logged_as_info(caplog):
 
 def test_run_with_a_failed_row_over_the_threshold_exits_3_after_finishing(tmp_path, tiny_models):
     job = write_job(tmp_path, tiny_models.text_classifier, ["good", None, "also good", "fine", "ok"],
-                    extra="errors: {max_error_rate: 0.1}\n")
+                    errors={"max_error_rate": 0.1})
     code, lines = run(job)
     assert code == 3
     assert "WARNING 1 of 5 rows failed (20.00%), above errors.max_error_rate=0.1" in lines
@@ -251,11 +269,19 @@ def test_run_with_a_failed_row_over_the_threshold_exits_3_after_finishing(tmp_pa
 
 def test_on_error_fail_names_the_first_failed_row_of_a_later_part(tmp_path, tiny_models, capsys):
     job = write_job(tmp_path, tiny_models.text_classifier, ["a", "b", "c", "d", "e", None, 7, "h"],
-                    extra="errors: {on_error: fail}\n")
+                    errors={"on_error": "fail"})
     code, _ = run(job)
     assert code == 1
     assert "row 5 failed: input column 'text' is null (errors.on_error: fail)" in capsys.readouterr().err
     assert sorted(name for name in os.listdir(tmp_path / "out") if name.startswith("part-")) == [part_name(0)]
+
+
+
+def test_error_rate_over_the_threshold_exits_3(tmp_path, tiny_models):
+    rows = jobs.sample_rows(6)
+    rows[0]["text"] = None
+    assert jobs.run(jobs.write_sample_job(tmp_path, tiny_models.text_classifier, rows)) == 3
+    assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
 # --- token budget --------------------------------------------------------------------------------------------------
@@ -270,6 +296,13 @@ def test_on_error_fail_names_the_first_failed_row_of_a_later_part(tmp_path, tiny
 ])
 def test_token_budget(setting, device, budget):
     assert token_budget(setting, device) == budget
+
+
+
+def test_auto_token_budget_depends_on_the_device():
+    assert token_budget("auto", torch.device("cpu")) == 4096
+    assert token_budget("auto", torch.device("cuda", 0)) == 16384
+    assert token_budget(999, torch.device("cpu")) == 999
 
 
 # --- what OUTPUT already holds -------------------------------------------------------------------------------------
@@ -419,6 +452,24 @@ def test_fresh_run_over_another_jobs_output_starts_over_and_keeps_other_files(tm
                                         "notes.txt", "part-000000.parquet"]
     assert (copy / "notes.txt").read_text() == "kept"
     assert json.loads((copy / "_batchrun.json").read_text())["identity"]["limit"] == 2
+
+
+
+def test_rerun_of_a_finished_job_recomputes_nothing(tmp_path, tiny_models):
+    job = jobs.write_sample_job(tmp_path, tiny_models.text_classifier, jobs.sample_rows())
+    assert jobs.run(job) == 0
+    part = tmp_path / "out" / "part-000000.parquet"
+    stamp = part.stat().st_mtime_ns
+    assert jobs.run(job) == 0
+    assert part.stat().st_mtime_ns == stamp
+
+
+def test_rerun_with_another_identity_exits_2_naming_the_key(tmp_path, tiny_models, capsys):
+    job = jobs.write_sample_job(tmp_path, tiny_models.text_classifier, jobs.sample_rows())
+    assert jobs.run(job) == 0
+    assert jobs.run(job, "--set", "output.rows_per_part=3") == 2
+    assert "output.rows_per_part: 5 -> 3" in capsys.readouterr().err
+    assert jobs.run(job, "--set", "batching.max_tokens=999") == 0  # batching is not identity
 
 
 def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path):

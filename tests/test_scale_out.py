@@ -38,7 +38,7 @@ COMPUTED = re.compile(r"computed (\d+) parts \(\d+ rows\) here")
 def write_job(directory: Path, model: Path) -> Path:
     """48 rows of 24 generated tokens, 12 parts of 4: long enough for two processes to share."""
     return jobs.write_job(directory, model, rows(48), task="text-generation", workers=1,
-                          extra="  generation: {max_new_tokens: 24, min_new_tokens: 24, do_sample: false}\n")
+                          model={"generation": {"max_new_tokens": 24, "min_new_tokens": 24, "do_sample": False}})
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
@@ -134,7 +134,7 @@ def test_a_finished_run_that_lost_a_part_is_made_whole_by_torchrun(job, referenc
 
 
 def test_a_job_that_cannot_work_exits_2_on_every_rank_before_output(job, tmp_path):
-    job.write_text(job.read_text().replace("  generation:", "  device: 'cuda:7'\n  generation:"))
+    jobs.edit_job(job, model={"device": "cuda:7"})
     process = start(torchrun(job), tmp_path / "log")
     log = finish(process, tmp_path / "log")
     assert process.returncode != 0, log
@@ -279,14 +279,9 @@ def parquet_job(tmp_path, tiny_models) -> Path:
     for index in range(6):
         table = pa.Table.from_pandas(data.iloc[index * 8:(index + 1) * 8], preserve_index=False)
         pq.write_table(table, tmp_path / f"rows-{index}.parquet", row_group_size=4)
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        f"task: text-classification\nmodel: {{name: '{tiny_models.text_classifier}'}}\n"
-        f"dataset: {{path: parquet, data_files: '{tmp_path}/rows-*.parquet', keep_columns: [id]}}\n"
-        "batching: {max_tokens: 256, max_batch_size: 8, num_workers: 0}\n"
-        f"output: {{path: '{tmp_path / 'out'}', rows_per_part: 4}}\n"
-    )
-    return job
+    dataset = {"path": "parquet", "data_files": f"{tmp_path}/rows-*.parquet", "keep_columns": ["id"]}
+    job = {**jobs.job_manifest(tmp_path, tiny_models.text_classifier, errors=None), "dataset": dataset}
+    return jobs.write_manifest(tmp_path / "job.yaml", job)
 
 
 def in_process(job: Path, capsys, *args: str) -> tuple[int, str]:

@@ -85,14 +85,10 @@ def test_outside_the_main_thread_nothing_is_installed(own_handlers):
 
 
 def test_a_second_signal_during_a_run_exits_75_at_once(tmp_path, tiny_models, monkeypatch, capsys, own_handlers):
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"text": f"row {index}"}) + "\n" for index in range(4)))
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        f"task: feature-extraction\nmodel: {{name: '{tiny_models.embedder}'}}\n"
-        f"dataset: {{path: json, data_files: '{data}'}}\nbatching: {{num_workers: 0}}\n"
-        f"output: {{path: '{tmp_path / 'out'}', rows_per_part: 2}}\n"
-    )
+    data = jobs.write_rows(tmp_path / "rows.jsonl", [{"text": f"row {index}"} for index in range(4)])
+    job = jobs.write_manifest(tmp_path / "job.yaml", jobs.manifest(
+        tiny_models.embedder, task="feature-extraction", dataset={"path": "json", "data_files": data},
+        batching={"num_workers": 0}, output={"path": tmp_path / "out", "rows_per_part": 2}))
     initialize = pipeline_core.runner.initialize
 
     def initialize_then_two_signals(job, *more):

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from jobs import ROOT, rows, write_job
+from jobs import ROOT, manifest, rows, write_job, write_manifest
 
 # In the child: the image modules loaded after each command, the baseline first.
 PROBE = """
@@ -52,9 +52,7 @@ def test_a_text_job_imports_no_image_module_of_its_own(tmp_path, tiny_models):
 
 
 def test_an_image_job_still_loads_its_image_processor(tmp_path, tiny_models):
-    image = tmp_path / "image.yaml"
-    image.write_text(f"task: image-classification\nmodel: {{name: '{tiny_models.image_classifier}'}}\n"
-                     "dataset: {path: json, data_files: x.jsonl}\n")
+    image = write_manifest(tmp_path / "image.yaml", manifest(tiny_models.image_classifier, task="image-classification"))
     seen = imports_after({"plan": ["plan", str(image), "--json"]})
     assert seen["plan"]["exit"] == 0
     assert "transformers.image_processing_base" in set(seen["plan"]["image"]) - set(seen["transformers"]["image"])

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import jobs
 from jobs import rows, write_job
 from pipeline_core.cli import run_cli
 from pipeline_core.errors import StorageError, UsageError
@@ -378,15 +379,12 @@ def write_big_job(directory: Path, model: Path, output_path: Path, count: int = 
     generator = random.Random(7)
     data = [{**row, "blob": "".join(generator.choices("0123456789abcdef", k=BLOB_CHARACTERS))}
             for row in rows(count)]
-    (directory / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in data))
-    job = directory / "job.yaml"
-    job.write_text(
-        f"task: text-classification\nmodel: {{name: '{model}'}}\n"
-        f"dataset: {{path: json, data_files: '{directory / 'rows.jsonl'}', keep_columns: [id, blob]}}\n"
-        "batching: {max_tokens: 4096, max_batch_size: 64, num_workers: 0}\n"
-        f"output: {{path: '{output_path}', rows_per_part: {ROWS_PER_PART}, compression: none}}\n"
-    )
-    return job
+    jobs.write_rows(directory / "rows.jsonl", data)
+    job = jobs.job_manifest(directory, model, dataset={"keep_columns": ["id", "blob"]},
+                            batching={"max_tokens": 4096, "max_batch_size": 64},
+                            output={"path": output_path, "rows_per_part": ROWS_PER_PART, "compression": "none"},
+                            errors=None)
+    return jobs.write_manifest(directory / "job.yaml", job)
 
 
 def committed(directory: Path) -> dict[str, int]:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import output, rows, run, write_job
+from jobs import manifest, output, rows, run, write_job, write_manifest
 from pipeline_core.identity import job as identity_job
 from pipeline_core.identity.keys import PROVENANCE_KEYS, differences, fingerprint
 from pipeline_core.manifest import load_job
@@ -248,21 +248,17 @@ OUTSIDE_THE_IDENTITY = {"name", "model.trust_remote_code", "dataset.streaming", 
                         # which scores a run reports: parts whose footers lack a metric's figures are scored from
                         # their rows (test_evaluation.py::test_metrics_added_on_resume_...)
                         "evaluate.metrics"}
-BASE_JOB = (
-    "task: text-generation\n"
-    "model: {name: tiny-model, generation: {max_new_tokens: 4}}\n"
-    "dataset: {path: json, data_files: rows.jsonl, keep_columns: [id]}\n"
-)
+BASE_JOB = manifest("tiny-model", task="text-generation", model={"generation": {"max_new_tokens": 4}},
+                    dataset={"path": "json", "data_files": "rows.jsonl", "keep_columns": ["id"]})
 
 
-EMBEDDING_JOB = "task: feature-extraction\nmodel: {name: tiny-model}\ndataset: {path: json, data_files: rows.jsonl}\n"
+EMBEDDING_JOB = manifest("tiny-model", task="feature-extraction", dataset={"path": "json", "data_files": "rows.jsonl"})
 
 
-def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None, base: str = BASE_JOB) -> dict:
+def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None, base: dict = BASE_JOB) -> dict:
     """The identity of the manifest's keys: the model's and input's provenance, which follow the files a key
     names, are test_provenance.py's."""
-    path = tmp_path / "job.yaml"
-    path.write_text(base)
+    path = write_manifest(tmp_path / "job.yaml", base)
     for name in ("rows.jsonl", "other.jsonl"):  # the data files the jobs name, relative to the working directory
         (tmp_path / name).write_text('{"id": "r0", "text": "the fox"}\n')
     cwd = os.getcwd()
@@ -330,7 +326,7 @@ def test_fingerprint_is_stable_across_loads_and_insensitive_to_key_order(tmp_pat
 @pytest.fixture
 def finished_generation(tmp_path, tiny_models, capsys) -> Path:
     job = write_job(tmp_path, tiny_models.causal_lm, rows(4), task="text-generation", rows_per_part=2,
-                    extra="  generation: {max_new_tokens: 2, do_sample: false}\n")
+                    model={"generation": {"max_new_tokens": 2, "do_sample": False}})
     assert run(job) == 0
     capsys.readouterr()
     return job

@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs import write_job
+from jobs import edit_job, write_job
 from pipeline_core.cli import run_cli
 from pipeline_core.tasks.text import TextEncoder
 
@@ -192,9 +192,9 @@ def reference_generation(model_path: Path, string: str, new_tokens: int) -> str:
 def test_a_run_generates_from_the_whole_template_and_counts_the_truncated_rows(tmp_path, tiny_models, capsys):
     rows = [{"id": "long", "text": LONG}, {"id": "short", "text": SHORT}, {"id": "long2", "text": LONG[::-1]}]
     job = write_job(tmp_path, tiny_models.causal_lm, rows, task="text-generation", rows_per_part=2,
-                    extra=f"  prompt: {json.dumps(PROMPT)}\n  generation: {{max_new_tokens: 3, min_new_tokens: 3, "
-                          "do_sample: false}\n")
-    job.write_text(job.read_text().replace("max_tokens: 256", "max_tokens: 256, max_length: 20"))
+                    model={"prompt": PROMPT, "generation": {"max_new_tokens": 3, "min_new_tokens": 3,
+                                                            "do_sample": False}})
+    edit_job(job, batching={"max_length": 20})
     assert run_cli(["run", str(job), "--no-progress", "--log-format", "json"]) == 0
     got = pd.read_parquet(tmp_path / "out").sort_values("row_id")
     tokenizer = tokenizer_of(tiny_models.causal_lm)
@@ -213,7 +213,7 @@ def test_a_run_generates_from_the_whole_template_and_counts_the_truncated_rows(t
 def test_an_encoder_run_counts_its_truncated_rows_and_says_nothing_when_none_is(tmp_path, tiny_models, capsys):
     rows = [{"id": str(index), "text": LONG if index % 3 == 0 else SHORT} for index in range(7)]
     job = write_job(tmp_path, tiny_models.text_classifier, rows, rows_per_part=4)
-    job.write_text(job.read_text().replace("max_tokens: 256", "max_tokens: 256, max_length: 16"))
+    edit_job(job, batching={"max_length": 16})
     assert run_cli(["run", str(job), "--no-progress"]) == 0
     assert "summary: 7 rows, 0 failed, 3 truncated, wall" in capsys.readouterr().err
     metrics = [json.loads(path.read_text()) for path in sorted((tmp_path / "out").glob("_metrics-*.json"))]
@@ -221,6 +221,6 @@ def test_an_encoder_run_counts_its_truncated_rows_and_says_nothing_when_none_is(
     assert run_cli(["report", str(tmp_path / "out")]) == 0
     page = (tmp_path / "out" / "_report" / "report.html").read_text()
     assert "<th scope='row'>truncated rows</th><td>3 (inputs cut to batching.max_length)</td>" in page
-    job.write_text(job.read_text().replace("max_length: 16", "max_length: 512"))
+    edit_job(job, batching={"max_length": 512})
     assert run_cli(["run", str(job), "--no-progress", "--fresh"]) == 0
     assert "summary: 7 rows, 0 failed, wall" in capsys.readouterr().err
