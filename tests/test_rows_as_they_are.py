@@ -205,7 +205,7 @@ def test_parquet_dates_and_decimals_fill_a_prompt_as_python_formats_them(tmp_pat
     dataset = {"path": "parquet", "data_files": str(tmp_path / "rows.parquet")}
     model = tiny_models.text_classifier
     prompt = "On {day:%d %B %Y}, {price} pounds: {text}"
-    assert run(write_job(tmp_path, model, dataset, "text-classification", f", prompt: {json.dumps(prompt)}")) == 0
+    assert run(write_job(tmp_path, model, dataset, "text-classification", prompt=prompt)) == 0
     got = pd.read_parquet(tmp_path / "out").sort_values("row_id").reset_index(drop=True)
     assert failed_rows(got) == {1: "prompt field 'day' is null"}
     assert_classified(got, model, {0: "On 07 December 2026, 12.50 pounds: the dog"})
