@@ -45,8 +45,23 @@ def token_budget(setting, device) -> int:
     return 4096 if device.type == "cpu" else 16384
 
 
+@dataclass
+class Computed:
+    """A slice computed in this process: done as soon as it is submitted."""
+
+    results: list[tuple[list[int], dict]]
+
+    def done(self) -> bool:
+        return True
+
+
 class PartRunner:
-    """Runs parts' batches on one model and device, with the run's token budget and stop flag."""
+    """Runs parts' batches on one model and device, with the run's token budget and stop flag.
+
+    work.py hands it slices with `submit` and takes their rows back with `result`, the seam a server's runner
+    (engines/served.py) shares: in this process a slice is computed when submitted, so nothing is held ahead."""
+
+    ahead = 0  # slices submitted before the oldest is waited on
 
     def __init__(self, task, model, device, budget: TokenBudget, stop: StopFlag, on_batch=None):
         self.task, self.model, self.device = task, model, device
@@ -58,6 +73,16 @@ class PartRunner:
     def take_measured(self) -> list[tuple[float, float, int, int, int]]:
         measured, self.measured = self.measured, []
         return measured
+
+    def take_requests(self) -> None:
+        """A server's request figures; this process sends none."""
+        return None
+
+    def submit(self, part) -> Computed:
+        return Computed(self.run(part))
+
+    def result(self, submitted: Computed) -> list[tuple[list[int], dict]]:
+        return submitted.results
 
     def run(self, part) -> list[tuple[list[int], dict]]:
         """Per batch, (part positions, task columns). Failed rows get their reason in part.encoded.errors."""

@@ -78,12 +78,18 @@ def missing_backend(url: str, key: str) -> UsageError:
 
 
 def redacted(config: dict) -> dict:
-    """The resolved manifest with every value under a `storage_options` key replaced (its keys stay, so a reader
-    sees which options were set): it goes into _batchrun.json, and options hold credentials."""
+    """The resolved manifest with every value under a `storage_options` key, and model.engine's api_key and headers,
+    replaced (their keys stay, so a reader sees which were set): it goes into _batchrun.json, and they hold
+    credentials."""
     clean = copy.deepcopy(config)
     for section in clean.values():
         if isinstance(section, dict) and section.get("storage_options"):
             section["storage_options"] = _hide(section["storage_options"])
+    engine = (clean.get("model") or {}).get("engine")
+    if isinstance(engine, dict):  # a server's credentials: its key and headers
+        for name in ("api_key", "headers"):
+            if engine.get(name):
+                engine[name] = _hide(engine[name])
     return clean
 
 

@@ -16,23 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline_core import __version__
-from pipeline_core.data.loader import BatchLimits
 from pipeline_core.data.source import Split, open_split
+from pipeline_core.engines import engine_identity, open_engine, preview_engine
 from pipeline_core.errors import EXIT_INTERRUPTED, BatchrunError
-from pipeline_core.evaluation import (
-    Evaluation,
-    model_label_names,
-    score_finished_run,
-    score_line,
-    scored_as_asked,
-)
-from pipeline_core.execute import Interrupted, PartRunner, StopFlag, TokenBudget, token_budget
-from pipeline_core.heap import HeapTrimmer
+from pipeline_core.evaluation import Evaluation, score_finished_run, score_line, scored_as_asked
+from pipeline_core.execute import Interrupted, StopFlag
 from pipeline_core.identity.job import job_identity
 from pipeline_core.identity.keys import fingerprint
-from pipeline_core.initializer import initialize, plan_summary
 from pipeline_core.initializer.embedding import EmbeddingSettings
-from pipeline_core.initializer.preview import ModelPreview, preview_model
+from pipeline_core.initializer.preview import ModelPreview
 from pipeline_core.layout import Layout, Share, check_device_map
 from pipeline_core.manifest import Job
 from pipeline_core.output.claims import Worker
@@ -49,7 +41,6 @@ from pipeline_core.output.run_dir import (
 from pipeline_core.output.stores import open_store
 from pipeline_core.remote import redacted
 from pipeline_core.signals import StopOnSignals
-from pipeline_core.tasks import build_task
 from pipeline_core.work import Work, exit_for_errors
 
 log = logging.getLogger("batchrun")
@@ -94,7 +85,10 @@ def run_job(job: Job, options: RunOptions) -> int:
         # the dataset and the model's files are checked before OUTPUT is touched and before any weights load: a
         # misspelt file, column or model exits 2 in seconds, whatever the model's size, and its fix needs no --fresh
         split = open_split(job, options.limit)
-        preview = preview_model(job)
+        preview = preview_engine(job)
+        served = engine_identity(job, preview)  # a URL that does not answer, or serves another model: exit 2 now
+        if served is not None:
+            identity["model.engine"] = served
         checked = None if stop.requested else _prepare(run_dir, identity, options, stop)  # a signal in start-up
         if stop.requested:  # also one that came while --fresh discarded OUTPUT: it completed, nothing more started
             log.warning("stopped by %s before starting; rerun the same command to resume", stop.signal_name)
@@ -139,31 +133,40 @@ def _already_finished(run_dir: RunDir, job: Job, evaluation: Evaluation | None, 
 
 
 def _run(start: Start, worker: Worker) -> int:
-    """Load the model, compute this process's share and, if it is the last, finish the job."""
+    """Load the model (or start the server), compute this process's share and, if it is the last, finish the job."""
+    start.run_dir.check_still_ours(start.identity)
     started = time.monotonic()
+    engine = open_engine(start.job, start.embedding, start.preview, start.options.layout, start.stop)
+    try:
+        return _run_on(start, worker, engine, started)
+    finally:
+        engine.close()
+
+
+def _run_on(start: Start, worker: Worker, engine, started: float) -> int:
     job, run_dir, split, stop = start.job, start.run_dir, start.split, start.stop
-    run_dir.check_still_ours(start.identity)
-    pipeline = initialize(job, start.embedding, start.preview)
+    if stop.requested:  # stopped while the server started
+        return _stopped(0)
     loaded = time.monotonic()
-    evaluation = start.evaluation.with_labels(model_label_names(pipeline)) if start.evaluation else None
+    evaluation = start.evaluation.with_labels(engine.label_names()) if start.evaluation else None
     run_fingerprint = fingerprint(start.identity)
     rows_per_part = job.get("output.rows_per_part")
     done = run_dir.verified_parts(run_fingerprint, rows_per_part, split.offset)
-    run_dir.record_run(run_record(job, start.identity, pipeline))
+    run_dir.record_run(run_record(job, start.identity, engine))
     layout = start.options.layout
     share = Share(layout, -(-split.total // rows_per_part) if split.total is not None else None)
     log.info("run %s as %s: %s rows, %d parts already committed, device %s", run_fingerprint, layout.describe(),
-             split.total if split.total is not None else "unknown", len(done), pipeline.device,
+             split.total if split.total is not None else "unknown", len(done), engine.device,
              extra={"event": "start", "fingerprint": run_fingerprint, "rows_total": split.total,
-                    "parts_committed": len(done), "device": str(pipeline.device)})
+                    "parts_committed": len(done), "device": str(engine.device)})
     progress = _progress(run_dir, share, split, rows_per_part, done, start.options)
-    task = build_task(job, pipeline, should_stop=lambda: stop.requested)
-    limits, runner = _engine(job, pipeline, task, progress, stop)
+    task = engine.task()
+    limits, runner = engine.runner(task, progress.advance)
     work = Work(job, run_dir, split, task, share, limits, runner, progress, stop, run_fingerprint, worker,
                 evaluation=evaluation)
-    worker.record.update(device=str(pipeline.device), round_robin=share.round_robin)
+    worker.record.update(device=str(engine.device), round_robin=share.round_robin)
     worker.figures = progress.figures
-    work.metrics = RunMetrics(_process_identity(worker, pipeline, start.options.started, loaded), run_fingerprint)
+    work.metrics = RunMetrics(_process_identity(worker, engine, start.options.started, loaded), run_fingerprint)
     code = None
     try:
         code = _compute(work, started, loaded)
@@ -174,20 +177,6 @@ def _run(start: Start, worker: Worker) -> int:
         _log_summary(summary, summary.get("evaluation"))
 
 
-def _engine(job: Job, pipeline, task, progress: Progress, stop: StopFlag) -> tuple[BatchLimits, PartRunner]:
-    """How batches are cut (the token budget, by device) and run (the model in this process)."""
-    max_tokens = token_budget(job.get("batching.max_tokens"), pipeline.device)
-    limits = BatchLimits(max_tokens, job.get("batching.max_batch_size"), 8 if pipeline.device.type == "cuda" else 1)
-    heap = HeapTrimmer()
-
-    def after_batch(rows: int, tokens: int) -> None:
-        progress.advance(rows, tokens)
-        heap.after_batch()
-
-    return limits, PartRunner(task, pipeline.model, pipeline.device, TokenBudget(max_tokens), stop,
-                              on_batch=after_batch)
-
-
 def _compute(work: Work, started: float, loaded: float) -> int:
     """The share, then the job's finish; a stop request ends it between batches with exit 75."""
     try:
@@ -195,13 +184,16 @@ def _compute(work: Work, started: float, loaded: float) -> int:
     except Interrupted:
         work.worker.claims.release_all()
         write_progress(work.store, work.progress.snapshot())
-        log.warning("stopped by %s after committing %d parts; rerun the same command to resume",
-                    work.stop.signal_name, work.progress.parts_done,
-                    extra={"event": "stopped", "signal": work.stop.signal_name, "parts_done": work.progress.parts_done})
-        return EXIT_INTERRUPTED
+        return _stopped(work.progress.parts_done, work.stop.signal_name)
     finally:
         work.progress.close()
     return work.finish()  # the record still says running: a finished one would let others take the finish claim
+
+
+def _stopped(parts_done: int, signal_name: str | None = None) -> int:
+    log.warning("stopped by %s after committing %d parts; rerun the same command to resume", signal_name, parts_done,
+                extra={"event": "stopped", "signal": signal_name, "parts_done": parts_done})
+    return EXIT_INTERRUPTED
 
 
 def _progress(run_dir: RunDir, share: Share, split: Split, rows_per_part: int, done: dict,
@@ -226,13 +218,13 @@ def _give_back_claims(worker: Worker) -> None:
         log.warning("could not give back this process's claims (%s)", error)
 
 
-def run_record(job: Job, identity: dict, pipeline) -> dict:
+def run_record(job: Job, identity: dict, engine) -> dict:
     """_batchrun.json as the first process to load the model records it: the manifest, versions, resolved device."""
     import datasets
     import pyarrow
     import transformers
 
-    summary = plan_summary(pipeline)
+    summary = engine.summary()
     return {
         "name": job.get("name"),
         "fingerprint": fingerprint(identity),
@@ -245,22 +237,22 @@ def run_record(job: Job, identity: dict, pipeline) -> dict:
         "dtype": summary["dtype"],
         "generation_config": summary["generation_config"],
         "stages": summary["stages"],
-        "label_names": model_label_names(pipeline),  # how integer references are named when the run is scored
+        "label_names": engine.label_names(),  # how integer references are named when the run is scored
+        **({"engine": summary["engine"]} if "engine" in summary else {}),
         "host": platform.node(),
         "started": None,  # kept from the record prepare created
         "finished": None,
     }
 
 
-def _process_identity(worker: Worker, pipeline, command_started: float, loaded: float) -> dict:
+def _process_identity(worker: Worker, engine, command_started: float, loaded: float) -> dict:
     """Who computes a part, as its metrics record it: the worker record's identity, the device and dtype, and when
     the command started (wall clock) and loaded its model."""
     record = worker.record
     now, monotonic = time.time(), time.monotonic()
     return {"worker": worker.id, "host": record["host"], "pid": record["pid"], "rank": record.get("rank"),
             "world_size": record.get("world_size"), "shard_index": record.get("shard_index"),
-            "num_shards": record.get("num_shards"), "device": str(pipeline.device),
-            "dtype": str(pipeline.model.dtype).removeprefix("torch."),
+            "num_shards": record.get("num_shards"), "device": str(engine.device), "dtype": engine.dtype,
             "started": round(now - (monotonic - command_started), 3), "loaded": round(now - (monotonic - loaded), 3)}
 
 

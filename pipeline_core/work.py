@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -70,6 +71,7 @@ class Work:
     output_totals: dict = field(default_factory=dict)  # rows and failed rows of OUTPUT's parts, once finished
     pending: dict = field(default_factory=dict)  # {part: {slice offset: computed table}} of parts in progress
     workers: WorkerCount = None  # DataLoader workers of the next pass (num_workers auto: chosen once measured)
+    in_flight: deque = field(default_factory=deque)  # (slice, submitted, when) handed to the runner, oldest first
 
     def __post_init__(self) -> None:
         self.workers = WorkerCount(self.job.get("batching.num_workers"))
@@ -80,6 +82,13 @@ class Work:
 
     def compute_share(self, started: float, loaded: float) -> None:
         """Passes over the share until every part of it is committed, by this process or others."""
+        try:
+            self._passes(started, loaded)
+        except Interrupted:
+            self._finish_whole()  # a stop: the slices whose answers are all in still count
+            raise
+
+    def _passes(self, started: float, loaded: float) -> None:
         first, waiting = True, False
         while True:
             switched = False
@@ -97,9 +106,10 @@ class Work:
                     if isinstance(item, SourceFailure):
                         raise item.error(self.job)
                     self._take(item)
-                    if not self.pending and self._switch_workers():
+                    if not self.pending and not self.in_flight and self._switch_workers():
                         switched = True
                         break
+                self._drain()  # the pass is read through: the slices still in flight are what is left of it
             if switched:
                 continue  # a stream of unknown length may have parts left that _outstanding cannot name yet
             outstanding = self._outstanding()
@@ -126,14 +136,35 @@ class Work:
                                    self.runner.device.type, self.share.total_parts is not None, self._outstanding)
 
     def _take(self, part: PreparedPart) -> None:
-        """Compute one slice; once a part's slices are all computed, commit the part."""
-        started = time.perf_counter()
+        """Hand one slice to the runner; finish the slices handed over before it, beyond what the runner keeps
+        ahead (in this process, none: each slice is computed when handed over)."""
+        started = time.perf_counter()  # computing the slice, in this process, happens in submit
+        self.in_flight.append((part, self.runner.submit(part), started))
+        while len(self.in_flight) > self.runner.ahead:
+            self._finish_slice(*self.in_flight.popleft())
+
+    def _drain(self) -> None:
+        while self.in_flight:
+            self._finish_slice(*self.in_flight.popleft())
+
+    def _finish_whole(self) -> None:
+        """After a stop: finish the slices in flight whose rows all have their answers, oldest first."""
+        while self.in_flight and self.in_flight[0][1].done():
+            try:
+                self._finish_slice(*self.in_flight.popleft())
+            except Interrupted:  # rows of it were never sent
+                break
+        self.in_flight.clear()
+
+    def _finish_slice(self, part: PreparedPart, submitted, started: float) -> None:
+        """A slice's rows, in row order; once a part's slices are all computed, commit the part."""
         slices = self.pending.setdefault(part.index, {})
-        slices[part.offset] = _compute_slice(part, self.runner, self.job, self.progress)
+        slices[part.offset] = _compute_slice(part, self.runner.result(submitted), self.job, self.progress,
+                                             self.runner.task.columns)
         if self.metrics is not None:
             self.metrics.slice_done(part.index, slices[part.offset], self.runner.take_measured(),
                                     time.perf_counter() - started, part.seconds if not self.workers.workers else 0.0,
-                                    part.encoded.truncated_rows)
+                                    part.encoded.truncated_rows, self.runner.take_requests())
         if part.read is not None:
             self.progress.input_read(part.read)
         if sum(table.num_rows for table in slices.values()) >= part.part_rows:
@@ -277,15 +308,14 @@ def _until_stopped(loader, stop: StopFlag):
         del iterator
 
 
-def _compute_slice(part, runner: PartRunner, job: Job, progress: Progress) -> pa.Table:
-    """A prepared slice's rows, computed and assembled in row order."""
-    results = runner.run(part)
+def _compute_slice(part, results: list, job: Job, progress: Progress, columns: dict) -> pa.Table:
+    """A computed slice's rows, assembled in row order."""
     failed = [row for row, error in enumerate(part.encoded.errors) if error is not None]
     if failed and job.get("errors.on_error") == "fail":
         row = failed[0]
         raise BatchrunError(f"row {part.first_row + row} failed: {part.encoded.errors[row]} (errors.on_error: fail)")
     progress.advance(len(part.encoded.errors) - sum(len(rows) for rows, _ in results), 0)
-    return assemble_part(part, results, runner.task.columns)
+    return assemble_part(part, results, columns)
 
 
 def _commit_whole_part(index: int, slices: dict[int, pa.Table], job: Job, store, run_fingerprint: str,

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from jobs import edit_job, output, rows, run, write_job
-from pipeline_core import runner
+from pipeline_core import execute
 from pipeline_core import work as work_module
 from pipeline_core.data import workers
 from pipeline_core.data.workers import WorkerChoice, choose_workers, usable_cores
@@ -94,13 +94,13 @@ def forced(monkeypatch) -> list[int]:
     monkeypatch.setattr(workers, "MEASURE_SECONDS", 0.0)
     monkeypatch.setattr(workers, "choose_workers", lambda *args: 1)
     computed: list[int] = []
-    part_runner = runner.PartRunner.run
+    part_runner = execute.PartRunner.run
 
     def counting(self, part):
         computed.append(part.index)
         return part_runner(self, part)
 
-    monkeypatch.setattr(runner.PartRunner, "run", counting)
+    monkeypatch.setattr(execute.PartRunner, "run", counting)
     return computed
 
 

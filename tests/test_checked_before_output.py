@@ -16,8 +16,8 @@ import pytest
 from output_files import write_record
 
 from jobs import edit_job, rows, run, write_job
-from pipeline_core import runner
 from pipeline_core.cli import run_cli
+from pipeline_core.engines import in_process
 from pipeline_core.errors import UsageError
 from pipeline_core.output.run_dir import RunDir
 from pipeline_core.output.store import LocalStore
@@ -26,7 +26,7 @@ from pipeline_core.output.store import LocalStore
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fails the test if any weights would load: the checks under test must come first."""
-    monkeypatch.setattr(runner, "initialize", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(in_process, "initialize", lambda *args: pytest.fail("the model was loaded"))
 
 
 def plan(job: Path) -> int:

@@ -27,6 +27,7 @@ from output_files import write_claim, write_record
 from jobs import edit_job, output, rows, run, write_job
 from pipeline_core import runner as runner_module
 from pipeline_core.cli import run_cli
+from pipeline_core.engines import in_process
 from pipeline_core.output import claims as claims_module
 from pipeline_core.output import run_dir as run_dir_module
 from pipeline_core.output.claims import Claims, Worker, held_claims
@@ -257,7 +258,7 @@ def test_a_signal_during_the_discard_of_fresh_ends_in_75_and_a_plain_rerun_compl
     reference, job = finished_and_reference(tmp_path, tiny_models)
     remove = LocalStore.remove
     loaded = []
-    initialize = runner_module.initialize
+    initialize = in_process.initialize
 
     def signalled(store, name):
         if not loaded and name == "part-000001.parquet":
@@ -265,7 +266,7 @@ def test_a_signal_during_the_discard_of_fresh_ends_in_75_and_a_plain_rerun_compl
         remove(store, name)
 
     monkeypatch.setattr(LocalStore, "remove", signalled)
-    monkeypatch.setattr(runner_module, "initialize", lambda job, *more: loaded.append(job) or initialize(job, *more))
+    monkeypatch.setattr(in_process, "initialize", lambda job, *more: loaded.append(job) or initialize(job, *more))
     caplog.set_level(logging.INFO, logger="batchrun")
     assert run(job, "--fresh") == 75
     assert loaded == [] and "stopped by SIGTERM before starting" in caplog.text

@@ -17,8 +17,8 @@ import pytest
 
 import jobs
 from jobs import run
-from pipeline_core import runner
 from pipeline_core.cli import run_cli
+from pipeline_core.engines import in_process
 
 ROWS = [{"id": f"r{index:02d}", "text": " ".join(["the quick brown fox"] * (1 + index % 5))} for index in range(60)]
 LAYOUT_ROWS = ROWS[:10]
@@ -43,7 +43,7 @@ def result(job: Path) -> pa.Table:
 @pytest.fixture
 def no_model(monkeypatch):
     """Fails the test if the model would load: the checks under test must come first."""
-    monkeypatch.setattr(runner, "initialize", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(in_process, "initialize", lambda *args: pytest.fail("the model was loaded"))
 
 
 # --- fail fast -------------------------------------------------------------------------------------------------------

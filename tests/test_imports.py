@@ -25,6 +25,7 @@ LAYERS = [
     ("pipeline_core.initializer*",),
     ("pipeline_core.tasks*",),
     ("pipeline_core.identity*", "pipeline_core.execute", "pipeline_core.evaluation"),
+    ("pipeline_core.engines*",),
     ("pipeline_core.work",),
     ("pipeline_core.runner",),
     ("pipeline_core.status", "pipeline_core.report", "pipeline_core.cli"),

@@ -156,9 +156,9 @@ def test_a_device_map_is_refused_with_several_processes_on_a_node():
 
 
 def test_the_refusal_comes_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    from pipeline_core import runner
+    from pipeline_core.engines import in_process
 
-    monkeypatch.setattr(runner, "initialize", lambda job, *more: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(in_process, "initialize", lambda job, *more: pytest.fail("the model was loaded"))
     job = write_job(tmp_path, tmp_path / "no-model-here", rows(4), model={"device_map": "auto"})
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)

@@ -207,12 +207,12 @@ def test_an_overlapping_plain_start_exits_75_at_once_without_a_model_or_touching
     cleanup(first)
     frozen_after_a_part(first, out, tmp_path / "first.log")
     before, claims = parts(out), held_claims(LocalStore(out))
-    from pipeline_core import runner
+    from pipeline_core.engines import in_process
 
     def no_model(*args, **kwargs):
         raise AssertionError("the refused start loaded a model")
 
-    monkeypatch.setattr(runner, "initialize", no_model)
+    monkeypatch.setattr(in_process, "initialize", no_model)
     started = time.monotonic()
     assert run(job) == 75
     seconds = time.monotonic() - started

@@ -16,8 +16,8 @@ import pytest
 
 import jobs
 from jobs import run
-from pipeline_core import runner
 from pipeline_core.cli import run_cli
+from pipeline_core.engines import in_process
 
 BUILDERS = ("json", "csv", "parquet")
 EXTENSIONS = {"json": "jsonl", "csv": "csv", "parquet": "parquet"}
@@ -117,7 +117,7 @@ def test_empty_files_beside_files_with_rows_are_left_out(tmp_path, tiny_models, 
 @pytest.mark.parametrize("builder", BUILDERS)
 def test_a_pattern_that_matches_no_file_exits_2_before_the_model_loads(tmp_path, tiny_models, capsys, monkeypatch,
                                                                        builder):
-    monkeypatch.setattr(runner, "initialize", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(in_process, "initialize", lambda *args: pytest.fail("the model was loaded"))
     (tmp_path / "2026-12-01").mkdir()
     pattern = str(tmp_path / "2026-12-01" / f"part-*.{EXTENSIONS[builder]}")
     job = nightly_job(tmp_path, tiny_models.text_classifier, builder, pattern)

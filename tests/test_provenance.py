@@ -211,7 +211,8 @@ def test_an_unfinished_run_changed_in_place_is_refused_before_the_model_loads(tm
     (out / "_SUCCESS").unlink()
     (out / "part-000001.parquet").unlink()
     (model / "config.json").write_text((model / "config.json").read_text() + "\n")
-    monkeypatch.setattr("pipeline_core.runner.initialize", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("pipeline_core.engines.in_process.initialize",
+                        lambda *args: pytest.fail("the model was loaded"))
     assert "model files changed: config.json (content)" in refusal(job, capsys)
 
 

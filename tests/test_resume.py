@@ -187,10 +187,10 @@ def test_a_claim_of_a_process_gone_from_another_host_is_taken_over(tmp_path, tin
 @pytest.fixture
 def computed(monkeypatch) -> dict[str, list[int]]:
     """The indexes of the parts a run computes (PartRunner.run) and commits (commit_part), in order."""
-    from pipeline_core import runner
+    from pipeline_core import execute
 
     seen: dict[str, list[int]] = {"run": [], "commit": []}
-    part_runner, commit_part = runner.PartRunner.run, work_module.commit_part
+    part_runner, commit_part = execute.PartRunner.run, work_module.commit_part
 
     def counting_run(self, part):
         seen["run"].append(part.index)
@@ -200,7 +200,7 @@ def computed(monkeypatch) -> dict[str, list[int]]:
         seen["commit"].append(index)
         return commit_part(store, index, *args)
 
-    monkeypatch.setattr(runner.PartRunner, "run", counting_run)
+    monkeypatch.setattr(execute.PartRunner, "run", counting_run)
     monkeypatch.setattr(work_module, "commit_part", counting_commit)
     return seen
 

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import jobs
-from pipeline_core import runner
+from pipeline_core import execute
 from pipeline_core.cli import run_cli
 from pipeline_core.tasks.classification import TextClassificationTask
 
@@ -48,7 +48,7 @@ def batches(monkeypatch) -> list[dict]:
     """Per part a run computes: its index, the shapes of its batches as the workers packed them, and the real
     token lengths of the rows of each batch that went through the classifier's forward pass."""
     seen: list[dict] = []
-    part_runner, forward = runner.PartRunner.run, TextClassificationTask.forward
+    part_runner, forward = execute.PartRunner.run, TextClassificationTask.forward
 
     def watching_run(self, part):
         seen.append({"index": part.index, "packed": [tuple(batch["inputs"]["input_ids"].shape)
@@ -60,7 +60,7 @@ def batches(monkeypatch) -> list[dict]:
         assert inputs["input_ids"].shape[1] == max(seen[-1]["forward"][-1])  # padded to its longest row only
         return forward(self, model, inputs)
 
-    monkeypatch.setattr(runner.PartRunner, "run", watching_run)
+    monkeypatch.setattr(execute.PartRunner, "run", watching_run)
     monkeypatch.setattr(TextClassificationTask, "forward", watching_forward)
     return seen
 

@@ -30,11 +30,12 @@ import transformers
 from output_files import exited_pid
 
 import jobs
-from pipeline_core import __version__
+from pipeline_core import __version__, execute
 from pipeline_core import runner as runner_module
 from pipeline_core import work as work_module
 from pipeline_core.cli import run_cli
 from pipeline_core.data.loader import PreparedPart, SourceFailure
+from pipeline_core.engines import in_process
 from pipeline_core.errors import OutputBusy, UsageError
 from pipeline_core.execute import StopFlag, token_budget
 from pipeline_core.identity.job import job_identity
@@ -559,7 +560,7 @@ def controlled_stop(monkeypatch):
         return build_task(job, pipeline, should_stop=should_stop)
 
     monkeypatch.setattr(runner_module, "StopOnSignals", Signals)
-    monkeypatch.setattr(runner_module, "build_task", build)
+    monkeypatch.setattr(in_process, "build_task", build)
     return flag, seen
 
 
@@ -684,13 +685,13 @@ def test_a_part_computed_slice_by_slice_equals_the_part_computed_whole(tmp_path,
     sliced = jobs.write_job(tmp_path / "sliced", tiny_models.text_classifier, jobs.rows(20), rows_per_part=8)
     monkeypatch.setattr(loader, "SLICE_ROWS", 3)  # parts of 8 rows in slices of 3, 3 and 2; the last part 3 and 1
     seen = []
-    run_slice = runner_module.PartRunner.run
+    run_slice = execute.PartRunner.run
 
     def watching(self, part):
         seen.append((part.index, part.offset, part.num_rows, part.part_rows, part.first_row))
         return run_slice(self, part)
 
-    monkeypatch.setattr(runner_module.PartRunner, "run", watching)
+    monkeypatch.setattr(execute.PartRunner, "run", watching)
     assert jobs.run(sliced) == 0
     assert seen == [(0, 0, 3, 8, 0), (0, 3, 3, 8, 3), (0, 6, 2, 8, 6), (1, 0, 3, 8, 8), (1, 3, 3, 8, 11),
                     (1, 6, 2, 8, 14), (2, 0, 3, 4, 16), (2, 3, 1, 4, 19)]

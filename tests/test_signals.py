@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import jobs
-import pipeline_core.runner
 import pipeline_core.signals
 from pipeline_core.cli import run_cli
+from pipeline_core.engines import in_process
 from pipeline_core.errors import EXIT_INTERRUPTED
 from pipeline_core.signals import STOP_SIGNALS, ProcessGuard, StopOnSignals
 
@@ -89,7 +89,7 @@ def test_a_second_signal_during_a_run_exits_75_at_once(tmp_path, tiny_models, mo
     job = jobs.write_manifest(tmp_path / "job.yaml", jobs.manifest(
         tiny_models.embedder, task="feature-extraction", dataset={"path": "json", "data_files": data},
         batching={"num_workers": 0}, output={"path": tmp_path / "out", "rows_per_part": 2}))
-    initialize = pipeline_core.runner.initialize
+    initialize = in_process.initialize
 
     def initialize_then_two_signals(job, *more):
         pipeline = initialize(job, *more)
@@ -97,7 +97,7 @@ def test_a_second_signal_during_a_run_exits_75_at_once(tmp_path, tiny_models, mo
         send(signal.SIGTERM)  # stops at once, from inside the run
         return pipeline  # reached only if the second signal was ignored: the run then ends as after one
 
-    monkeypatch.setattr(pipeline_core.runner, "initialize", initialize_then_two_signals)
+    monkeypatch.setattr(in_process, "initialize", initialize_then_two_signals)
     before = {signum: signal.getsignal(signum) for signum in own_handlers}
     assert run_cli(["run", str(job), "--no-progress"]) == 75
     err = capsys.readouterr().err

@@ -47,6 +47,9 @@ def reference_output_column(task: str, column: str) -> str:
 
 # sentence-transformers' pooling modes (initializer/embedding.py reads them from checkpoints)
 POOLING = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# model.engine.kind: this process, or a server that speaks the OpenAI API (pipeline_core/engines/)
+ENGINES = ("transformers", "vllm", "sglang", "server")
+SERVER_ENGINES = ENGINES[1:]
 
 
 def show(value: Any) -> str:
@@ -273,6 +276,36 @@ KEYS: tuple[Key, ...] = (
         "feature-extraction: the checkpoint's prompt to prepend (e.g. query); null = its default prompt, if any."),
     Key("model.sentence_transformers", Flag(), True,
         "feature-extraction: follow the checkpoint's sentence-transformers modules (modules.json) where it has them."),
+    # model.engine: where generation runs (docs: Engines)
+    Key("model.engine.kind", Choice(*ENGINES), "transformers",
+        "transformers: the model in this process; vllm or sglang: batchrun starts that server on the device; server: "
+        "an OpenAI-compatible server, started from engine.command or reached at engine.url."),
+    Key("model.engine.command", AnyOf(Null(), TextList()), None,
+        "kind server: the command that starts an OpenAI-compatible server; {model}, {port} (a free port batchrun "
+        "picks) and {device} are filled in."),
+    Key("model.engine.url", OPTIONAL_TEXT, None,
+        "kind server: the base URL of a running OpenAI-compatible server (http://host:8000); nothing is started. "
+        "Not part of the run's identity."),
+    Key("model.engine.args", TextList(), [],
+        "Arguments appended to the server's command (--tensor-parallel-size 4, --max-model-len 8192, ...)."),
+    Key("model.engine.api", AnyOf(Null(), Choice("completions", "chat")), None,
+        "completions (/v1/completions) or chat (/v1/chat/completions); null follows model.chat_template."),
+    Key("model.engine.max_concurrency", Integer(minimum=1), 64, "Requests in flight per process."),
+    Key("model.engine.request_timeout", Number(1, 86400), 600, "Seconds one request may take before it is retried."),
+    Key("model.engine.retries", Integer(minimum=0), 6,
+        "Retries of a request after a connection error, a timeout, 429 or 5xx (exponential backoff with jitter, "
+        "Retry-After honoured); past them the run exits 1."),
+    Key("model.engine.restarts", Integer(minimum=0), 2,
+        "How many times a server batchrun started is restarted after it dies; past them the run exits 1."),
+    Key("model.engine.startup_timeout", Number(1, 86400), 900,
+        "Seconds a started server has to answer /health; past them the run exits 1 with its last log lines."),
+    Key("model.engine.request", Mapping(description="a mapping of request fields"), {},
+        "Fields added to every request (seed, presence_penalty, response_format, ...); part of the run's identity.",
+        open=True),
+    Key("model.engine.api_key", OPTIONAL_TEXT, None,
+        "Bearer token sent to the server, usually ${VAR}; never recorded, logged or part of the run's identity."),
+    Key("model.engine.headers", Mapping(Text(), "a mapping of header name to value"), {},
+        "Extra HTTP headers sent to the server; never recorded, logged or part of the run's identity.", open=True),
     # dataset
     Key("dataset.path", Text(), REQUIRED,
         "A builder (json, csv, parquet, text, arrow) with data_files, a hub id, a local directory, a save_to_disk "
@@ -328,7 +361,9 @@ KEYS: tuple[Key, ...] = (
 )
 
 KEYS_BY_PATH = {key.path: key for key in KEYS}
-SECTIONS = tuple(dict.fromkeys(key.path.split(".")[0] for key in KEYS if "." in key.path))
+# every mapping of keys: the top-level sections and those within them (model.engine)
+SECTIONS = tuple(dict.fromkeys(".".join(key.path.split(".")[:end]) for key in KEYS
+                               for end in range(1, key.path.count(".") + 1)))
 
 
 def find_key(path: str) -> Key | None:

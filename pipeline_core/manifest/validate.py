@@ -95,6 +95,7 @@ def _check_together(job: dict) -> list[str]:
     _, generation = lookup(job, "model.generation")
     if generation:
         problems += _check_generation(generation)
+    problems += _check_engine(job)
     _, options = lookup(job, "dataset.options")
     if options:
         from pipeline_core.manifest.options import option_problems  # deferred: imports datasets
@@ -155,6 +156,35 @@ def _check_prompt(prompt: str) -> list[str]:
     return []
 
 
+def _check_engine(job: dict) -> list[str]:
+    """model.engine: a server engine generates text (text-generation, summarization), and `server` is given exactly
+    one of a command to start or the URL of a running server."""
+    _, kind = lookup(job, "model.engine.kind")
+    _, command = lookup(job, "model.engine.command")
+    _, url = lookup(job, "model.engine.url")
+    kind = kind or "transformers"
+    if kind == "transformers":
+        given = [name for name, value in (("command", command), ("url", url)) if value is not None]
+        return [f"model.engine.{name} is set, but model.engine.kind is transformers (the model in this process); set "
+                "model.engine.kind: server to use it" for name in given]
+    problems = []
+    if job["task"] not in ("text-generation", "summarization"):
+        problems.append(f"model.engine.kind {kind} serves text-generation and summarization; task {job['task']} runs "
+                        "in this process: set model.engine.kind: transformers (the default)")
+    if kind == "server" and (command is None) == (url is None):
+        problems.append("model.engine.kind server needs one of model.engine.command (a command that starts an "
+                        "OpenAI-compatible server) or model.engine.url (a running one), not "
+                        + ("both" if command is not None else "neither"))
+    if kind in ("vllm", "sglang") and (command is not None or url is not None):
+        problems.append(f"model.engine.kind {kind} starts its own server; for another command or a running server "
+                        "use model.engine.kind: server with model.engine.command or model.engine.url")
+    if command is not None and not command:
+        problems.append("model.engine.command is empty; give the command and its arguments as a list")
+    if url is not None and not str(url).startswith(("http://", "https://")):
+        problems.append(f"model.engine.url must start with http:// or https://, got {show(url)}")
+    return problems
+
+
 def _check_generation(generation: dict) -> list[str]:
     """Names in model.generation must be generate() settings: a typo would otherwise be ignored or crash late.
 
@@ -180,8 +210,10 @@ def fill_defaults(job: dict, stem: str) -> dict:
         # `generation:` left empty reads as null; it means "none", i.e. the empty default.
         if not present or (value is None and isinstance(key.default, (dict, list))):
             value = None if key.default is DERIVED else key.default
-        section, _, leaf = key.path.rpartition(".")
-        node = full.setdefault(section, {}) if section else full
+        *sections, leaf = key.path.split(".")
+        node = full
+        for section in sections:
+            node = node.setdefault(section, {})
         node[leaf] = copy.deepcopy(value)
     full["name"] = full["name"] or stem
     full["output"]["path"] = full["output"]["path"] or f"outputs/{full['name']}"

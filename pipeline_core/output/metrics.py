@@ -56,6 +56,7 @@ class PartMeter:
     truncated_rows: int = 0  # rows whose input was cut to max_length
     failures: dict = field(default_factory=dict)
     batches: list = field(default_factory=list)  # (ended, seconds, rows, real tokens, padded tokens) per batch
+    requests: dict | None = None  # a server engine's: requests, retries, tokens, and each request's seconds
 
 
 class RunMetrics:
@@ -66,12 +67,13 @@ class RunMetrics:
         self.fingerprint = fingerprint
         self.meters: dict[int, PartMeter] = {}
         self.parts = self.rows = self.failed_rows = self.truncated_rows = self.real_tokens = self.padded_tokens = 0
+        self.completion_tokens: int | None = None  # a server engine's answers' tokens, from their `usage`
         self.failures: dict[str, int] = {}
 
     def slice_done(self, index: int, table: pa.Table, batches: list, seconds: float, prepare_seconds: float,
-                   truncated_rows: int = 0) -> None:
-        """A computed slice of part `index` (its assembled rows, with their `error` column), its batches, and how
-        many of its rows were truncated."""
+                   truncated_rows: int = 0, requests=None) -> None:
+        """A computed slice of part `index` (its assembled rows, with their `error` column), its batches, how many
+        of its rows were truncated, and a server engine's request figures (engines/served.RequestFigures)."""
         meter = self.meters.get(index)
         if meter is None:
             meter = self.meters[index] = PartMeter(started=time.time() - seconds)
@@ -83,6 +85,12 @@ class RunMetrics:
         for reason, count in failure_counts(table.column("error")).items():
             meter.failures[reason] = meter.failures.get(reason, 0) + count
         meter.batches.extend(batches)
+        if requests is not None:
+            mine = meter.requests = meter.requests or {"requests": 0, "retries": 0, "prompt_tokens": 0,
+                                                       "completion_tokens": 0, "latencies": []}
+            for name in ("requests", "retries", "prompt_tokens", "completion_tokens"):
+                mine[name] += getattr(requests, name)
+            mine["latencies"] += requests.latencies
 
     def write_part(self, store, index: int) -> dict:
         """Part `index`'s metrics file, written whole just before the part is committed; its figures join the
@@ -98,6 +106,9 @@ class RunMetrics:
                   "started": round(meter.started, 3), "ended": round(time.time(), 3),
                   "seconds": round(meter.seconds, 4), "prepare_seconds": round(meter.prepare_seconds, 4),
                   "real_tokens": real, "padded_tokens": padded, "batches": batches, "process": self.process}
+        if meter.requests is not None:
+            record["requests"] = request_record(meter.requests)
+            self.completion_tokens = (self.completion_tokens or 0) + meter.requests["completion_tokens"]
         write_metrics(store, index, record)
         self.parts += 1
         self.rows += meter.rows
@@ -118,7 +129,22 @@ class RunMetrics:
                 "rows_per_second": round(self.rows / busy, 3), "tokens_per_second": round(self.real_tokens / busy, 1),
                 "real_tokens": self.real_tokens, "padded_tokens": self.padded_tokens,
                 "padding_efficiency": padding_efficiency(self.real_tokens, self.padded_tokens),
-                "device": self.process.get("device"), "dtype": self.process.get("dtype")}
+                "device": self.process.get("device"), "dtype": self.process.get("dtype"),
+                **({"completion_tokens": self.completion_tokens,
+                    "completion_tokens_per_second": round(self.completion_tokens / busy, 1)}
+                   if self.completion_tokens is not None else {})}
+
+
+def request_record(figures: dict) -> dict:
+    """A part's requests as its metrics file holds them: counts, tokens, and latency percentiles in seconds."""
+    latencies = sorted(figures["latencies"])
+
+    def percentile(share: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(share * len(latencies)))], 4) if latencies else None
+
+    return {"requests": figures["requests"], "retries": figures["retries"],
+            "prompt_tokens": figures["prompt_tokens"], "completion_tokens": figures["completion_tokens"],
+            "latency_p50": percentile(0.50), "latency_p90": percentile(0.90), "latency_p99": percentile(0.99)}
 
 
 def recorded_summary(info: dict, wall_seconds: float, exit_code: int) -> dict:
@@ -145,6 +171,8 @@ def summary_line(summary: dict) -> str:
              *([f"{summary['truncated_rows']:,} truncated"] if summary.get("truncated_rows") else []),
              f"wall {summary['wall_seconds']:,.1f}s (load {summary['load_seconds']:,.1f}s)",
              f"{summary['rows_per_second']:,.1f} rows/s", f"{summary['tokens_per_second']:,.0f} tokens/s",
+             *([f"{summary['completion_tokens_per_second']:,.1f} completion tokens/s"]
+               if summary.get("completion_tokens_per_second") is not None else []),
              f"padding efficiency {efficiency:.1%}" if efficiency is not None else "padding efficiency -",
              f"device {summary.get('device') or '-'}", f"dtype {summary.get('dtype') or '-'}"]
     line = "summary: " + ", ".join(words)

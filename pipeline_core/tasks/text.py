@@ -66,9 +66,11 @@ class TextEncoder:
         left_padding: bool = False,
         pad_multiple: int = 1,
         keep_template: bool = False,
+        sends_text: bool = False,
     ):
         self.tokenizer = tokenizer
-        tokenizer.truncation_side = "right"  # the rule is to keep the input's start, whatever the checkpoint says
+        if tokenizer is not None:  # none: a server engine's model that exists only on the server (texts only)
+            tokenizer.truncation_side = "right"  # the rule is to keep the input's start, whatever the checkpoint says
         self.column = column
         self.max_length = max_length
         self.prefix = prefix or ""
@@ -79,7 +81,10 @@ class TextEncoder:
         self.left_padding = left_padding  # decoder-only generation: every prompt ends where new tokens start
         self.pad_multiple = pad_multiple
         # a decoder-only model's prompt or chat template: shorten the row's text, never the template around it
-        self.keep_template = keep_template and bool(prompt or chat_template)
+        self.keep_template = keep_template and bool(prompt or chat_template) or sends_text
+        # a server engine sends each row's text, not its ids: a long row's text is shortened (the same rule), and the
+        # text sent, before any chat template, is kept in Encoded.texts
+        self.sends_text = sends_text
 
     def texts(self, table: pa.Table) -> tuple[list[str | None], list[str | None]]:
         """The text each row feeds the model (prompt filled in, prefix added), or why it has none."""
@@ -108,7 +113,7 @@ class TextEncoder:
     def __call__(self, table: pa.Table) -> Encoded:
         rows = self._rows(table)
         valid = [index for index, text in enumerate(rows.texts) if text is not None]
-        inputs = [self._templated(rows.texts[index]) for index in valid]
+        inputs = [self.templated(rows.texts[index]) for index in valid]
         # one call for the whole part: the fast tokenizer batches in Rust
         encoding = self.tokenizer(
             inputs,
@@ -127,16 +132,17 @@ class TextEncoder:
             if offsets is not None:
                 offsets[index] = encoding["offset_mapping"][position]
             if overflowed[position] and self.keep_template:
-                ids[index], rows.errors[index] = self._shortened(rows, index)
+                ids[index], rows.texts[index], rows.errors[index] = self._shortened(rows, index)
         truncated = sum(overflowed[position] and rows.errors[index] is None for position, index in enumerate(valid))
-        return Encoded(ids, rows.errors, offsets, rows.texts if self.offsets else None, truncated_rows=truncated)
+        kept_texts = rows.texts if self.offsets or self.sends_text else None
+        return Encoded(ids, rows.errors, offsets, kept_texts, truncated_rows=truncated)
 
     def collate(self, encoded: Encoded, rows: list[int]) -> dict[str, torch.Tensor]:
         """The padded tensors of a batch of the part's rows."""
         sequences = [encoded.ids[row] for row in rows]
         return pad(sequences, self.tokenizer.pad_token_id, left=self.left_padding, multiple=self.pad_multiple)
 
-    def _templated(self, text: str) -> str:
+    def templated(self, text: str) -> str:
         if not self.chat_template:
             return text
         return self.tokenizer.apply_chat_template(
@@ -145,7 +151,7 @@ class TextEncoder:
 
     def _ids(self, text: str) -> list[int]:
         """The whole input's token ids, untruncated, as the batched call makes them."""
-        return self.tokenizer(self._templated(text), add_special_tokens=not self.chat_template,
+        return self.tokenizer(self.templated(text), add_special_tokens=not self.chat_template,
                               return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
     def _overflowed(self, encoding, inputs: list[str]) -> list[bool]:
@@ -160,32 +166,32 @@ class TextEncoder:
             text, add_special_tokens=not self.chat_template)["input_ids"]) > self.max_length
             for text, ids in zip(inputs, encoding["input_ids"], strict=True)]
 
-    def _shortened(self, rows: _Rows, index: int) -> tuple[list[int] | None, str | None]:
-        """(ids, None) of a prompted decoder input over max_length: the longest start of the row's own text, cut at
-        one of its token boundaries, with which the whole prompt fits; (None, why) when not even its first token fits
-        beside the template and the other fields."""
+    def _shortened(self, rows: _Rows, index: int) -> tuple[list[int] | None, str | None, str | None]:
+        """(ids, text, None) of a prompted decoder input over max_length: the longest start of the row's own text, cut
+        at one of its token boundaries, with which the whole prompt fits (and that prompt's text, before any chat
+        template); (None, None, why) when not even its first token fits beside the template and the other fields."""
         value, fields = rows.values[index], rows.fields
         if self.prompt is None or self.column in self.fields:
             ends = [end for _, end in self.tokenizer(value, add_special_tokens=False,
                                                      return_offsets_mapping=True)["offset_mapping"]]
 
-            def ids_with(keep: int) -> list[int]:  # the whole input with the text's first `keep` tokens
-                return self._ids(self._fill(value[:ends[keep - 1]], fields, index))
+            def text_with(keep: int) -> str:  # the whole input with the text's first `keep` tokens
+                return self._fill(value[:ends[keep - 1]], fields, index)
 
             keep, ids = len(ends), self._ids(self._fill(value, fields, index))
             while len(ids) > self.max_length and keep > 0:
                 keep -= len(ids) - self.max_length  # as many of the text's tokens as the input is over
-                ids = ids_with(keep) if keep > 0 else ids
+                ids = self._ids(text_with(keep)) if keep > 0 else ids
             if keep > 0:
                 # inside the template the text's tokens need not be its own (a space merges with its first word), so
                 # the estimate may cut a few too many: the longest of the next few cuts that fits wins
                 for longer in range(min(len(ends), keep + RECHECKED_CUTS), keep, -1):
-                    if len(candidate := ids_with(longer)) <= self.max_length:
-                        return candidate, None
-                return ids, None
+                    if len(candidate := self._ids(text_with(longer))) <= self.max_length:
+                        return candidate, text_with(longer), None
+                return ids, text_with(keep), None
         bare = len(self._ids(self._fill("", fields, index)))
-        return None, (f"the prompt takes {bare} tokens without the text of input column {self.column!r}, leaving "
-                      f"no room for it within max_length {self.max_length}")
+        return None, None, (f"the prompt takes {bare} tokens without the text of input column {self.column!r}, "
+                            f"leaving no room for it within max_length {self.max_length}")
 
 
 def prompt_fields(prompt: str) -> list[str]:
