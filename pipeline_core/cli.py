@@ -126,15 +126,24 @@ def plan(job_file, overrides, as_json):
     """Run the staged initializer without processing rows and print what it resolved."""
     job = load_job(job_file, list(overrides))
     setup_logging()
-    from pipeline_core.initializer import initialize, plan_summary  # deferred: imports torch and transformers
+    from pipeline_core.engines.settings import is_served  # deferred: imports torch and transformers
 
-    summary = plan_summary(initialize(job))
+    if is_served(job):
+        from pipeline_core.engines.served import plan_served
+
+        summary = plan_served(job)
+    else:
+        from pipeline_core.initializer import initialize, plan_summary
+
+        summary = plan_summary(initialize(job))
     click.echo(json.dumps(summary, indent=2) if as_json else render_plan(job, summary))
 
 
 def render_plan(job: Job, summary: dict) -> str:
     """The plan as a person reads it: what will run where, and what each stage cost."""
     generation = summary["generation_config"]
+    if summary.get("engine"):
+        return _render_served_plan(job, summary)
     rows = [
         ("task", summary["task"]),
         ("model", f"{summary['model_class']} from {job.get('model.name')}"),
@@ -146,6 +155,23 @@ def render_plan(job: Job, summary: dict) -> str:
         ("generation", ", ".join(f"{k}={v}" for k, v in sorted(generation.items())) if generation else "-"),
         *[(name, f"{_shown(setting['value'])}  ({setting['source']})")
           for name, setting in (summary.get("embedding") or {}).items()],
+        ("stages", ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in summary["stages"])),
+    ]
+    return f"plan for {job.source}\n" + "\n".join(f"  {name:<13} {value}" for name, value in rows)
+
+
+def _render_served_plan(job: Job, summary: dict) -> str:
+    engine, generation = summary["engine"], summary["generation_config"]
+    rows = [
+        ("task", summary["task"]),
+        ("engine", f"{engine['kind']} ({engine['api']} API)"),
+        ("server", "starts: " + " ".join(engine["command"]) if engine["command"] else f"at {engine['url']}"),
+        ("model", f"{engine['served_model']} (as the server names it)" if engine["served_model"]
+         else job.get("model.name")),
+        ("tokenizer", f"{summary['tokenizer_class']} (prompts shortened here)" if summary["tokenizer_class"]
+         else "- (prompts go to the server whole)"),
+        ("device", summary["device"]),
+        ("request", ", ".join(f"{k}={v}" for k, v in sorted(generation.items())) if generation else "-"),
         ("stages", ", ".join(f"{s['name']} {s['seconds']:.2f}s" for s in summary["stages"])),
     ]
     return f"plan for {job.source}\n" + "\n".join(f"  {name:<13} {value}" for name, value in rows)

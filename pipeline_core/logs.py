@@ -100,7 +100,8 @@ def setup_logging(level: int = logging.INFO, tag: str = "", log_format: str = "t
         else:
             handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s", "%H:%M:%S"))
             handler.addFilter(_text_only)
-    logger.setLevel(level)
+    # BATCHRUN_DEBUG=1: the debug lines too (a server's own log lines, each retried request)
+    logger.setLevel(logging.DEBUG if os.environ.get("BATCHRUN_DEBUG", "") not in ("", "0") else level)
     _route_libraries(log_format == "json")
     # batchrun logs each stage's time; transformers' per-weight loading bars would only add noise to cron logs
     from transformers.utils import logging as hf_logging

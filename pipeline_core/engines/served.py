@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -29,7 +30,7 @@ from pipeline_core.engines.settings import (
     served_model,
     served_models,
 )
-from pipeline_core.errors import UsageError
+from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.execute import Interrupted
 from pipeline_core.initializer.components import load_config, load_tokenizer, model_input_limit
 from pipeline_core.initializer.generation import preview_generation_config
@@ -38,6 +39,7 @@ from pipeline_core.manifest import Job
 from pipeline_core.tasks.text import Encoded, TextEncoder
 
 log = logging.getLogger("batchrun")
+STOP_WAIT_SECONDS = 10.0
 UNBATCHED = BatchLimits(max_tokens=2**62, max_batch_size=2**31, pad_multiple=1)  # a slice is one batch of requests
 
 
@@ -50,7 +52,7 @@ def preview_served(job: Job) -> ModelPreview:
     kind, url = engine_kind(job), job.get("model.engine.url")
     try:
         config = load_config(job)
-    except UsageError:
+    except BatchrunError:  # not a local directory, not in the cache, the hub not reachable
         if url is None:
             raise
         config = None
@@ -91,6 +93,32 @@ def served_identity(job: Job, preview: ModelPreview) -> dict:
     else:
         values["served_model"] = served_model(job, served_models(settings.url, request_headers(job)), settings.url)
     return values
+
+
+def plan_served(job: Job) -> dict:
+    """`plan` for a server engine, without starting or loading anything: the engine, the command it would start (its
+    program checked) or the URL (checked to answer and serve the model), the request fields."""
+    stages, started = [], time.perf_counter()
+    preview = preview_served(job)
+    stages.append(("preview", time.perf_counter() - started))
+    engine = ServedEngine(job, preview, server_device(job, None), stop=None)
+    if not engine.settings.started:
+        started = time.perf_counter()
+        url = engine.settings.url
+        engine.model_id = served_model(job, served_models(url, request_headers(job), unreachable=UsageError), url)
+        stages.append(("server check", time.perf_counter() - started))
+    engine.stages = stages
+    summary = engine.summary()
+    summary["engine"]["url"] = _without_credentials(engine.settings.url)
+    return summary
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """The URL as plan shows it: a user:password@ in it is hidden."""
+    if url is None or "@" not in url.split("//", 1)[-1].split("/", 1)[0]:
+        return url
+    scheme, rest = url.split("//", 1)
+    return f"{scheme}//***@{rest.split('@', 1)[1]}"
 
 
 def _task_defaults(job: Job):
@@ -190,7 +218,7 @@ class ServedRunner:
         return Submitted(part, rows, self.client.submit(bodies), time.perf_counter())
 
     def result(self, submitted: Submitted) -> list[tuple[list[int], dict]]:
-        answers = submitted.answers.result()
+        answers = self._wait(submitted.answers)
         if any(answer.stopped for answer in answers):
             raise Interrupted
         part, ok, texts = submitted.part, [], []
@@ -204,6 +232,21 @@ class ServedRunner:
                 texts.append(self.task.value(answer.text))
         self._measure(submitted, answers)
         return [(ok, {self.task.column: texts})] if ok else []
+
+    def _wait(self, answers: Future) -> list:
+        """The slice's answers. After a stop, nothing more is sent, and the requests in flight have
+        STOP_WAIT_SECONDS to come back (a scheduler's grace period is short); past that the slice is dropped."""
+        stopped = None
+        while True:
+            try:
+                return answers.result(timeout=0.2)
+            except FutureTimeout:
+                if not self.stop.requested:
+                    continue
+                stopped = stopped or time.monotonic()
+                if time.monotonic() - stopped > STOP_WAIT_SECONDS:
+                    answers.cancel()
+                    raise Interrupted from None
 
     def _measure(self, submitted: Submitted, answers: list) -> None:
         figures = self.figures
@@ -230,11 +273,12 @@ class ServedRunner:
 class ServedEngine:
     """A server for the run: started under its guard (or reached at its URL), its served model id, the client."""
 
-    def __init__(self, job: Job, preview: ModelPreview, device: str, stop):
+    def __init__(self, job: Job, preview: ModelPreview, device: tuple[str, bool], stop):
         self.job, self.preview, self.stop = job, preview, stop
         self.settings = engine_settings(job, preview.config)
-        self.device = torch.device("cpu")
-        self.server_device = device
+        self.server_device, self.pinned = device
+        # where the answers are computed, as the summary line and the metrics name it
+        self.device = self.server_device if self.settings.started else "server"
         self.server: ServerProcess | None = None
         self.client: ServerClient | None = None
         self.model_id: str | None = None
@@ -247,7 +291,7 @@ class ServedEngine:
             command = server_command(settings.kind, job.get("model.engine.command"), job.get("model.engine.args"))
             self.server = ServerProcess(command, job.get("model.name"), self.server_device,
                                         job.get("model.engine.startup_timeout"), job.get("model.engine.restarts"),
-                                        _visible_devices(settings.kind, self.server_device))
+                                        _visible_devices(settings.kind, self.server_device, self.pinned))
             self.server.start(lambda: self.stop.requested)
             if self.stop.requested:
                 return self
@@ -281,13 +325,13 @@ class ServedEngine:
         return None
 
     def summary(self) -> dict:
-        """plan's and _batchrun.json's account of the run: the engine (never its URL, which may carry
-        credentials), the request fields, the stages."""
+        """plan's and _batchrun.json's account of the run: the engine, the request fields, the stages (plan adds
+        the URL, without credentials)."""
         job, settings = self.job, self.settings
         tokenizer = self.preview.tokenizer
         return {"task": job.get("task"), "model_class": None,
                 "tokenizer_class": type(tokenizer).__name__ if tokenizer is not None else None,
-                "processor_class": None, "device": self.server_device if settings.started else "server",
+                "processor_class": None, "device": self.device,
                 "dtype": None, "hf_device_map": None, "generation_config": settings.fields, "input_prefix": None,
                 "embedding": None,
                 "engine": {"kind": settings.kind, "api": settings.api, "served_model": self.model_id,
@@ -296,20 +340,22 @@ class ServedEngine:
                 "stages": [{"name": name, "seconds": round(seconds, 4)} for name, seconds in self.stages]}
 
 
-def _visible_devices(kind: str, device: str) -> dict | None:
-    """vLLM and SGLang take the GPUs they see: a started server on cuda:N sees GPU N (a rank's own)."""
-    if kind in ("vllm", "sglang") and device.startswith("cuda:"):
+def _visible_devices(kind: str, device: str, pinned: bool) -> dict | None:
+    """vLLM and SGLang take the GPUs they see. A server pinned to cuda:N (by model.device, or as a launched rank's
+    own GPU) sees GPU N alone; otherwise it sees every GPU, so that --tensor-parallel-size can span them."""
+    if pinned and kind in ("vllm", "sglang") and device.startswith("cuda:"):
         return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}
     return None
 
 
-def server_device(job: Job, local_rank: int | None) -> str:
-    """The device a started server runs on: model.device, or under a launcher the rank's local GPU."""
+def server_device(job: Job, local_rank: int | None) -> tuple[str, bool]:
+    """The device a started server runs on, and whether it is pinned to it: model.device, or under a launcher the
+    rank's local GPU; else the first GPU, unpinned."""
     requested = job.get("model.device")
     if isinstance(requested, int):
-        return "cpu" if requested < 0 else f"cuda:{requested}"
+        return ("cpu" if requested < 0 else f"cuda:{requested}"), requested >= 0
     if requested != "auto":
-        return requested
+        return requested, ":" in requested
     if torch.cuda.is_available():
-        return f"cuda:{(local_rank or 0) % torch.cuda.device_count()}"
-    return "cpu"
+        return f"cuda:{(local_rank or 0) % torch.cuda.device_count()}", local_rank is not None
+    return "cpu", False

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import GenerationConfig
 
-from pipeline_core.errors import UsageError
+from pipeline_core.errors import BatchrunError, UsageError
 from pipeline_core.manifest import Job
 
 # generate() settings and the API field each one is sent as (top_k, min_tokens and repetition_penalty are the
@@ -84,18 +84,20 @@ def request_headers(job: Job) -> dict:
     return headers
 
 
-def served_models(url: str, headers: dict, timeout: float = 30) -> list[str]:
-    """The ids GET /v1/models lists; exit 2 when the server does not answer it."""
+def served_models(url: str, headers: dict, timeout: float = 30, unreachable=BatchrunError) -> list[str]:
+    """The ids GET /v1/models lists. A server that does not answer is `unreachable` (exit 1 for a run, which a
+    scheduler retries: a shared server may be restarting; plan says exit 2)."""
     base = url.rstrip("/")
     address = (base if base.endswith("/v1") else base + "/v1") + "/models"
     try:
         with urllib.request.urlopen(urllib.request.Request(address, headers=headers), timeout=timeout) as answer:
             payload = json.load(answer)
     except urllib.error.HTTPError as error:
-        raise UsageError(f"model.engine.url: {address} answered HTTP {error.code} ({error.reason})") from None
+        failure = UsageError if error.code in (401, 403, 404) else unreachable
+        raise failure(f"model.engine.url: {address} answered HTTP {error.code} ({error.reason})") from None
     except (urllib.error.URLError, OSError, ValueError) as error:
-        raise UsageError(f"model.engine.url: no OpenAI-compatible server answers at {address} "
-                         f"({getattr(error, 'reason', error)})") from None
+        raise unreachable(f"model.engine.url: no OpenAI-compatible server answers at {address} "
+                          f"({getattr(error, 'reason', error)})") from None
     return [str(entry.get("id")) for entry in payload.get("data") or [] if isinstance(entry, dict)]
 
 
