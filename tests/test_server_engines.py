@@ -144,6 +144,9 @@ class Relay:
     def __init__(self, upstream: str):
         self.upstream, self.script, self.always = upstream, [], "pass"
         self.seen: list[dict] = []  # per request to /v1/...completions: its headers
+        self.retry_after = "0.2"
+        self.active = self.peak = 0  # requests being passed through now, and the most at once
+        self.lock = threading.Lock()
         relay = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -158,7 +161,7 @@ class Relay:
                 relay.seen.append(dict(self.headers))
                 fault = relay.script.pop(0) if relay.script else relay.always
                 if fault in ("503", "429"):
-                    self._answer(int(fault), {"error": {"message": "busy"}}, {"Retry-After": "0.2"})
+                    self._answer(int(fault), {"error": {"message": "busy"}}, {"Retry-After": relay.retry_after})
                 elif fault == "drop":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -166,7 +169,14 @@ class Relay:
                     time.sleep(5)
                     self.close_connection = True
                 else:
-                    self._forward(body)
+                    with relay.lock:
+                        relay.active += 1
+                        relay.peak = max(relay.peak, relay.active)
+                    try:
+                        self._forward(body)
+                    finally:
+                        with relay.lock:
+                            relay.active -= 1
 
             def _forward(self, body):
                 request = urllib.request.Request(relay.upstream + self.path, data=body,
@@ -290,12 +300,15 @@ def test_a_row_the_server_rejects_fails_alone_with_the_servers_message(tmp_path,
                          ids=["503", "429", "dropped", "stalled"])
 def test_overload_and_lost_connections_are_retried(tmp_path, tiny_models, reference, relay, faults, caplog,
                                                    monkeypatch):
-    relay.script = list(faults)
+    relay.script, relay.retry_after = list(faults), "1.5" if faults[0] == "429" else "0.2"
     monkeypatch.setenv("BATCHRUN_DEBUG", "1")  # each retry is a debug line
     job = write_generation_job(tmp_path, tiny_models.causal_lm, url_engine(
         relay.url, retries=3, request_timeout=2, max_concurrency=1), data=ROWS[:4])
+    started = time.monotonic()
     assert jobs.run(job) == 0
     assert answers(job) == {row["id"]: reference[row["id"]] for row in ROWS[:4]}
+    if faults[0] == "429":  # Retry-After, longer than the first retry's backoff (under 0.5 s), is honoured
+        assert time.monotonic() - started >= float(relay.retry_after)
     assert json.loads((tmp_path / "out" / "_metrics-000000.json").read_text())["requests"]["retries"] == len(faults)
     assert sum("retry" in record.getMessage() for record in caplog.records) == len(faults)
 
@@ -435,3 +448,20 @@ def test_a_server_that_exits_or_never_answers_fails_the_run_with_its_last_lines(
     err = capsys.readouterr().err
     assert "startup_timeout=2" in err and marker in err
     wait_for(lambda: not processes_with(f"print('{marker}'"), 30, "the server that never answered was left running")
+
+
+def test_a_long_row_is_shortened_here_as_in_process_when_the_tokenizer_is_here(tmp_path, tiny_models, server):
+    data = [*ROWS[:3], {"id": "long", "text": " ".join(["word"] * 900)}]  # over the model's 512 positions
+    in_process = write_generation_job(tmp_path / "in-process", tiny_models.causal_lm, None, data=data)
+    served = write_generation_job(tmp_path / "served", tiny_models.causal_lm, url_engine(server), data=data)
+    assert jobs.run(in_process) == 0 and jobs.run(served) == 0
+    assert answers(served) == answers(in_process)  # the long row answered, not rejected by the server
+    metrics = json.loads((tmp_path / "served" / "out" / "_metrics-000000.json").read_text())
+    assert metrics["truncated_rows"] == 1 and metrics["requests"]["prompt_tokens"] <= 4 * (512 - NEW_TOKENS)
+
+
+def test_the_next_parts_requests_go_out_before_the_current_part_is_answered(tmp_path, tiny_models, reference, relay):
+    job = write_generation_job(tmp_path, tiny_models.causal_lm, url_engine(relay.url, max_concurrency=16))
+    assert jobs.run(job) == 0
+    assert answers(job) == reference
+    assert relay.peak > 4, "never more requests in flight than one part of 4 rows: the server idles between parts"
