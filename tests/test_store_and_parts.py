@@ -248,6 +248,27 @@ OUTSIDE_THE_IDENTITY = {"name", "model.trust_remote_code", "dataset.streaming", 
                         # which scores a run reports: parts whose footers lack a metric's figures are scored from
                         # their rows (test_evaluation.py::test_metrics_added_on_resume_...)
                         "evaluate.metrics"}
+# model.engine: a server engine's keys enter the identity as one entry, `model.engine` (engines/served.py); the
+# transformers engine adds none, so runs recorded before server engines keep their fingerprint.
+ENGINE_CHANGES = {
+    "model.engine.kind": ("model.engine.kind=vllm", "model.engine.command=null"),
+    "model.engine.command": ("model.engine.command=[serve2, '{model}', --port, '{port}']",),
+    "model.engine.args": ("model.engine.args=[--dtype, bfloat16]",),
+    "model.engine.api": ("model.engine.api=chat",),
+    "model.engine.request": ("model.engine.request.seed=3",),
+}
+# the URL (a run may move to another endpoint of the same model: test_server_engines.py), the credentials and how
+# requests are sent
+ENGINE_FREE = {
+    "model.engine.api_key": "model.engine.api_key=rotated",
+    "model.engine.headers": "model.engine.headers={X-Team: rotated}",
+    "model.engine.max_concurrency": "model.engine.max_concurrency=3",
+    "model.engine.request_timeout": "model.engine.request_timeout=5",
+    "model.engine.retries": "model.engine.retries=1",
+    "model.engine.restarts": "model.engine.restarts=0",
+    "model.engine.startup_timeout": "model.engine.startup_timeout=60",
+}
+ENGINE_BY_URL = {"model.engine.url"}
 BASE_JOB = manifest("tiny-model", task="text-generation", model={"generation": {"max_new_tokens": 4}},
                     dataset={"path": "json", "data_files": "rows.jsonl", "keep_columns": ["id"]})
 
@@ -272,8 +293,39 @@ def job_identity(tmp_path: Path, *overrides: str, limit: int | None = None, base
 
 def test_every_manifest_key_is_either_in_the_identity_free_or_listed_outside_it():
     listed = set(IDENTITY_CHANGES) | set(EMBEDDING_CHANGES) | RESOLVED_BY_THE_CHECKPOINT | set(FREE_CHANGES) \
-        | OUTSIDE_THE_IDENTITY
+        | OUTSIDE_THE_IDENTITY | set(ENGINE_CHANGES) | set(ENGINE_FREE) | ENGINE_BY_URL
     assert {key.path for key in KEYS} == listed
+
+
+ENGINE_JOB = manifest("tiny-model", task="text-generation", model={
+    "generation": {"max_new_tokens": 4}, "engine": {"kind": "server", "command": ["serve", "{model}", "{port}"]}},
+    dataset={"path": "json", "data_files": "rows.jsonl"})
+
+
+def engine_identity(tmp_path: Path, *overrides: str) -> dict:
+    """The `model.engine` entry of a started server's identity (no server is started for it)."""
+    from pipeline_core.engines.served import served_identity
+    from pipeline_core.initializer.preview import ModelPreview
+
+    job = load_job(write_manifest(tmp_path / "engine.yaml", ENGINE_JOB), list(overrides))
+    return {"model.engine": served_identity(job, ModelPreview(None))}
+
+
+@pytest.mark.parametrize("key", sorted(ENGINE_CHANGES))
+def test_changing_a_server_engine_key_changes_the_fingerprint(tmp_path, key):
+    base, changed = engine_identity(tmp_path), engine_identity(tmp_path, *ENGINE_CHANGES[key])
+    assert fingerprint(changed) != fingerprint(base)
+    assert [line.split(": ")[0] for line in differences(base, changed)] == ["model.engine"]
+
+
+@pytest.mark.parametrize("key", sorted(ENGINE_FREE))
+def test_credentials_and_how_requests_are_sent_leave_the_fingerprint_alone(tmp_path, key):
+    assert fingerprint(engine_identity(tmp_path, ENGINE_FREE[key])) == fingerprint(engine_identity(tmp_path))
+
+
+def test_the_transformers_engine_adds_nothing_to_the_identity(tmp_path):
+    assert "model.engine" not in job_identity(tmp_path)
+    assert job_identity(tmp_path, "model.engine.max_concurrency=3") == job_identity(tmp_path)
 
 
 @pytest.mark.parametrize("key", sorted(IDENTITY_CHANGES))
