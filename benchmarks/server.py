@@ -16,7 +16,7 @@ concurrency to the same server, interleaved rounds, best of each: overhead = (ba
 Encoders (--encoders, for gpu.sh): a random MiniLM-shaped BERT (6 layers, 384 wide), batchrun against the
 transformers pipeline and the limit loop of benchmarks/throughput.py, for feature-extraction and classification.
 
-    python benchmarks/server.py --out server.json                # the CPU run of RESULTS.md, ~5 minutes on 2 cores
+    python benchmarks/server.py --out server.json                # RESULTS.md's CPU run: 7 minutes on 2 busy cores
     python benchmarks/server.py --rows 4 --runs in-process --no-overhead --out smoke.json
     benchmarks/gpu.sh                                            # the GPU run: a 0.5B-parameter decoder, bf16
 Nothing is downloaded: models and tokenizers are built here from tests/tiny_models.py's seeded builders.
