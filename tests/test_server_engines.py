@@ -465,3 +465,33 @@ def test_the_next_parts_requests_go_out_before_the_current_part_is_answered(tmp_
     assert jobs.run(job) == 0
     assert answers(job) == reference
     assert relay.peak > 4, "never more requests in flight than one part of 4 rows: the server idles between parts"
+
+
+def torchrun(job: Path) -> list[str]:
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "-m", "pipeline_core", "run",
+            str(job), "--no-progress"]
+
+
+def test_torchrun_ranks_share_one_url(tmp_path, tiny_models, reference, server):
+    job = write_generation_job(tmp_path, tiny_models.causal_lm, url_engine(server, max_concurrency=4))
+    log = tmp_path / "ranks.log"
+    process = subprocess.run(torchrun(job), cwd=jobs.ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                             timeout=300)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert answers(job) == reference
+    ranks = {json.loads(path.read_text())["process"]["rank"] for path in (tmp_path / "out").glob("_metrics-*.json")}
+    assert ranks == {0, 1}  # both ranks computed parts
+
+
+@pytest.mark.slow
+def test_each_torchrun_rank_starts_its_own_server_and_none_outlives_the_run(tmp_path, tiny_models, reference):
+    job = write_generation_job(tmp_path, tiny_models.causal_lm, {"kind": "server", "command": serve_command()})
+    log = tmp_path / "ranks.log"
+    process = subprocess.run(torchrun(job), cwd=jobs.ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                             timeout=600)
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert answers(job) == reference
+    ports = {int(line.rsplit("--port ", 1)[1].split()[0]) for line in log.read_text().splitlines()
+             if "starting the server:" in line}
+    assert len(ports) == 2  # one server a rank
+    assert all(not processes_with(f"--port {port}") and port_is_free(port) for port in ports)
