@@ -495,3 +495,37 @@ def test_each_torchrun_rank_starts_its_own_server_and_none_outlives_the_run(tmp_
              if "starting the server:" in line}
     assert len(ports) == 2  # one server a rank
     assert all(not processes_with(f"--port {port}") and port_is_free(port) for port in ports)
+
+
+# A server that answers /health and /v1/models, then dies at its first request: a real process on a real port, so
+# that the restart limit is reached in seconds rather than a `transformers serve` start each time. Its braces pass
+# through the command untouched: only {port} and {model} are placeholders.
+DYING_SERVER = """
+import http.server, json, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": sys.argv[2]}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        print("dying at the first request", flush=True)
+        os._exit(1)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_server_that_keeps_dying_stops_the_run_past_its_restarts_with_its_last_lines(tmp_path, tiny_models,
+                                                                                       capsys):
+    job = write_generation_job(tmp_path, tiny_models.causal_lm, {
+        "kind": "server", "restarts": 1, "command": [sys.executable, "-c", DYING_SERVER, "{port}", "{model}"]},
+        data=ROWS[:4])
+    assert jobs.run(job) == 1
+    err = capsys.readouterr().err
+    assert "starting it again (0 restarts left)" in err and "model.engine.restarts is used up" in err
+    assert "dying at the first request" in err
+    assert committed(job) == []  # nothing partial: no part of "connection refused" rows
+    assert not processes_with("dying at the first request")

@@ -3,14 +3,13 @@ batchrun asks (SIGTERM) or when batchrun is gone, however it went (kill -9 inclu
 run and holds the GPU or the port.
 
 Run as a script by engines/server.py (`python guard.py PARENT_PID GRACE -- COMMAND...`), so it imports only the
-standard library and starts in milliseconds. It polls its parent's pid rather than relying on the kernel's
-parent-death signal alone: that signal follows the thread that started the child, not the process. Linux's
-PR_SET_PDEATHSIG is set too, for the instant answer where it applies.
+standard library and starts in milliseconds. It polls its parent's pid (five times a second) rather than asking for
+Linux's parent-death signal: that signal follows the thread that started the child, not the process, and a restart
+is started from a worker thread, whose end would take a healthy server down.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -18,14 +17,6 @@ import sys
 import time
 
 POLL_SECONDS = 0.2
-
-
-def _ask_for_death_signal() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the pid poll alone
-        pass
 
 
 def _take_down(server: subprocess.Popen, grace: float) -> None:
@@ -49,8 +40,7 @@ def main(argv: list[str]) -> int:
     stop = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda number, frame: stop.append(number))
-    _ask_for_death_signal()
-    if os.getppid() != parent:  # batchrun died before the signal was asked for
+    if os.getppid() != parent:  # batchrun died while this started
         return 1
     try:
         server = subprocess.Popen(command, start_new_session=True)

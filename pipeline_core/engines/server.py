@@ -57,8 +57,15 @@ def check_executable(kind: str, command: list[str]) -> None:
 
 
 def fill(command: list[str], model: str, port: int, device: str) -> list[str]:
-    values = {"model": model, "port": str(port), "device": device}
-    return [part.format_map(values) if "{" in part else part for part in command]
+    """The placeholders replaced, and only they: other braces in an argument stay (a JSON argument such as
+    `--chat-template-kwargs '{"enable_thinking": true}'`)."""
+    values = {"{model}": model, "{port}": str(port), "{device}": device}
+    filled = []
+    for part in command:
+        for placeholder, value in values.items():
+            part = part.replace(placeholder, value)
+        filled.append(part)
+    return filled
 
 
 def free_port() -> int:
