@@ -329,13 +329,20 @@ def test_past_the_retries_the_run_exits_1_with_nothing_partial_committed(tmp_pat
 
 # ---- a server batchrun started: kill -9, SIGTERM, its death ------------------------------------------------------
 
-def test_kill_9_of_batchrun_takes_its_server_down_and_a_rerun_completes(tmp_path, tiny_models, reference):
+def run_until_a_part_is_committed(tmp_path: Path, tiny_models):
+    """`batchrun run` as a command with a server it starts, one request at a time (so the run lasts), once its first
+    part is committed: (job, its log, the process, the server's port)."""
     job = write_generation_job(tmp_path, tiny_models.causal_lm,
                                {"kind": "server", "command": serve_command(), "max_concurrency": 1})
     log = tmp_path / "run.log"
     process = start_run(job, log)
     port = started_port(log)
     wait_for(lambda: committed(job), 120, "no part was committed")
+    return job, log, process, port
+
+
+def test_kill_9_of_batchrun_takes_its_server_down_and_a_rerun_completes(tmp_path, tiny_models, reference):
+    job, _, process, port = run_until_a_part_is_committed(tmp_path, tiny_models)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     wait_for(lambda: not processes_with(f"--port {port}"), 30, "the server outlived batchrun")
@@ -346,12 +353,7 @@ def test_kill_9_of_batchrun_takes_its_server_down_and_a_rerun_completes(tmp_path
 
 
 def test_sigterm_stops_sending_commits_whole_parts_stops_the_server_and_exits_75(tmp_path, tiny_models, reference):
-    job = write_generation_job(tmp_path, tiny_models.causal_lm,
-                               {"kind": "server", "command": serve_command(), "max_concurrency": 1})
-    log = tmp_path / "run.log"
-    process = start_run(job, log)
-    port = started_port(log)
-    wait_for(lambda: committed(job), 120, "no part was committed")
+    job, _, process, port = run_until_a_part_is_committed(tmp_path, tiny_models)
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 75
     assert not processes_with(f"--port {port}") and port_is_free(port)
@@ -365,12 +367,7 @@ def test_sigterm_stops_sending_commits_whole_parts_stops_the_server_and_exits_75
 
 
 def test_a_server_that_dies_mid_run_is_started_again_and_the_output_is_the_same(tmp_path, tiny_models, reference):
-    job = write_generation_job(tmp_path, tiny_models.causal_lm,
-                               {"kind": "server", "command": serve_command(), "max_concurrency": 1})
-    log = tmp_path / "run.log"
-    process = start_run(job, log)
-    port = started_port(log)
-    wait_for(lambda: committed(job), 120, "no part was committed")
+    job, log, process, port = run_until_a_part_is_committed(tmp_path, tiny_models)
     for pid in processes_with(f"serve {tiny_models.causal_lm} --host 127.0.0.1 --port {port}"):
         os.kill(pid, signal.SIGKILL)
     assert process.wait(300) == 0, log.read_text()[-3000:]
