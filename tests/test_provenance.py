@@ -318,6 +318,15 @@ def test_a_saved_datasets_fingerprint_is_its_identity(tmp_path):
                               {"kind": "saved", "fingerprint": "cafe"}) == ["input fingerprint f00d -> cafe"]
 
 
+def test_a_saved_dataset_without_splits_is_known_by_its_own_fingerprint_for_any_split(tmp_path):
+    saved = tmp_path / "saved"  # a Dataset's layout: state.json at the top, no folder per split
+    saved.mkdir()
+    (saved / "state.json").write_text(json.dumps({"_fingerprint": "f00d"}))
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"arrow")
+    job = load_job(write_job(tmp_path, "model", rows(1)), [f"dataset.path={saved}", "dataset.data_files=null"])
+    assert input_provenance(job, "train") == {"kind": "saved", "fingerprint": "f00d"}
+
+
 def test_arrow_files_are_known_by_size_and_time(tmp_path):
     arrow = tmp_path / "arrows"
     arrow.mkdir()
@@ -342,6 +351,8 @@ def test_remote_files_are_known_by_what_fsspec_reports_and_a_failed_lookup_is_un
     assert found["kind"] == "remote"
     assert [(name, summary["size"]) for name, summary in found["files"].items()] == [
         ("memory:///provenance-test/day.jsonl", 14)]
+    plain = load_job(tmp_path / "job.yaml", ["dataset.data_files=memory://provenance-test/day.jsonl"])  # no wildcard
+    assert input_provenance(plain, "train") == found
     broken = load_job(tmp_path / "job.yaml", ["dataset.data_files=nosuchprotocol://bucket/day.jsonl"])
     assert input_provenance(broken, "train") == {"kind": "remote", "files": None}
     assert provenance_changes("input", found, {"kind": "remote", "files": None}) == []
