@@ -299,6 +299,19 @@ def test_a_hub_models_new_commit_is_named_and_an_unknown_one_is_not_compared(tmp
     assert differences(before, job_identity(job, None)[0]) == []
 
 
+def test_a_provenance_of_another_kind_is_named_by_both_kinds():
+    files = {"kind": "files", "files": {"/data/day.jsonl": {"size": 14, "mtime_ns": 1}}}
+    assert provenance_changes("input", files, {"kind": "saved", "fingerprint": "f00d"}) == ["input: files -> saved"]
+    local = {"kind": "local", "digest": "d", "files": {}}
+    assert provenance_changes("model", {"kind": "hub", "commit": SHA_A}, local) == ["model: hub -> local"]
+
+
+def test_every_changed_file_is_named_in_one_change():
+    old = {"kind": "local", "files": {"config.json": {"sha256": "a"}, "vocab.txt": {"sha256": "b"}}}
+    new = {"kind": "local", "files": {"config.json": {"sha256": "c"}}}
+    assert provenance_changes("model", old, new) == ["model files changed: config.json (content), vocab.txt (gone)"]
+
+
 def test_a_hub_datasets_commit_comes_from_the_cache(tmp_path, hub_cache):
     fake_hub_cache(hub_cache, "datasets--org--rows", {"main": SHA_A})
     job = load_job(write_job(tmp_path, "model", rows(1)), ["dataset.path=org/rows", "dataset.data_files=null"])
