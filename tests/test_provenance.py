@@ -101,6 +101,8 @@ def test_a_copy_of_the_model_keeps_its_identity(finished, model, tmp_path):
     job = load_job(finished, [])
     moved = load_job(finished, [f"model.name={copy}"])
     assert model_provenance(moved)["digest"] == model_provenance(job)["digest"]
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")  # an edit does change it
+    assert model_provenance(moved)["digest"] != model_provenance(job)["digest"]
 
 
 def test_weights_with_other_tensors_are_named_by_their_header_too(tmp_path):
@@ -307,9 +309,12 @@ def test_a_provenance_of_another_kind_is_named_by_both_kinds():
 
 
 def test_every_changed_file_is_named_in_one_change():
-    old = {"kind": "local", "files": {"config.json": {"sha256": "a"}, "vocab.txt": {"sha256": "b"}}}
-    new = {"kind": "local", "files": {"config.json": {"sha256": "c"}}}
-    assert provenance_changes("model", old, new) == ["model files changed: config.json (content), vocab.txt (gone)"]
+    old = {"kind": "local", "files": {"config.json": {"sha256": "a"}, "tokenizer.json": {"sha256": "t"},
+                                      "vocab.txt": {"sha256": "b"}}}
+    grown = {"size": 2**27, "samples": "s"}  # a file now over SMALL_FILE: known by size and samples
+    new = {"kind": "local", "files": {"config.json": {"sha256": "c"}, "tokenizer.json": grown}}
+    assert provenance_changes("model", old, new) == [
+        "model files changed: config.json (content), tokenizer.json (content), vocab.txt (gone)"]
 
 
 def test_a_hub_datasets_commit_comes_from_the_cache(tmp_path, hub_cache):
