@@ -345,6 +345,21 @@ def test_a_saved_dataset_without_splits_is_known_by_its_own_fingerprint_for_any_
     assert input_provenance(job, "train") == {"kind": "saved", "fingerprint": "f00d"}
 
 
+def test_an_image_jobs_folder_is_known_by_its_images_and_a_text_jobs_without_them(tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "cat").mkdir(parents=True)
+    for name in ("cat/a.png", "cat/b.jpg", "README.md", "metadata.jsonl"):
+        (folder / name).write_bytes(b"x")
+    job = write_job(tmp_path, "model", rows(1))
+    image = load_job(job, ["task=image-classification", f"dataset.path={folder}", "dataset.data_files=null",
+                           "dataset.input_column=null", "dataset.image_column=image"])
+    text = load_job(job, [f"dataset.path={folder}", "dataset.data_files=null"])
+    listed = {kind: sorted(Path(name).relative_to(folder).as_posix()
+                           for name in input_provenance(loaded, "train")["files"])
+              for kind, loaded in (("image", image), ("text", text))}
+    assert listed == {"image": ["cat/a.png", "cat/b.jpg", "metadata.jsonl"], "text": ["metadata.jsonl"]}
+
+
 def test_arrow_files_are_known_by_size_and_time(tmp_path):
     arrow = tmp_path / "arrows"
     arrow.mkdir()
