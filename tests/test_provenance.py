@@ -129,6 +129,7 @@ def test_documentation_and_hidden_files_of_the_model_are_left_out(finished, mode
     (model / "README.md").write_text("# a model card edited mid-run")
     (model / ".cache").mkdir()
     (model / ".cache" / "state.json").write_text("{}")
+    (model / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     caplog.set_level("INFO", logger="batchrun")
     assert run(finished) == 0
     assert "nothing to do" in caplog.text
@@ -170,6 +171,11 @@ def test_weights_are_read_only_in_sampled_blocks(tmp_path, monkeypatch):
     bin_file.write_bytes(b"y" * 2_000_000)  # rewritten: every block differs
     assert provenance.changed_files(before["files"], model_provenance(job)["files"]) == [
         "pytorch_model.bin (content)"]
+    rewritten = model_provenance(job)["files"]["pytorch_model.bin"]
+    tail = bytearray(bin_file.read_bytes())
+    tail[-1] = ord("z")  # the last block ends at the file's last byte
+    bin_file.write_bytes(bytes(tail))
+    assert model_provenance(job)["files"]["pytorch_model.bin"] != rewritten
 
 
 class Reading:
@@ -321,6 +327,9 @@ def test_a_hub_datasets_commit_comes_from_the_cache(tmp_path, hub_cache):
     fake_hub_cache(hub_cache, "datasets--org--rows", {"main": SHA_A})
     job = load_job(write_job(tmp_path, "model", rows(1)), ["dataset.path=org/rows", "dataset.data_files=null"])
     assert input_provenance(job, "train") == {"kind": "hub", "commit": SHA_A}
+    fake_hub_cache(hub_cache, "datasets--org--rows", {"v1": SHA_B})
+    assert input_provenance(load_job(tmp_path / "job.yaml", ["dataset.path=org/rows", "dataset.data_files=null",
+                                                            "dataset.revision=v1"]), "train")["commit"] == SHA_B
 
 
 def test_a_saved_datasets_fingerprint_is_its_identity(tmp_path):
