@@ -21,6 +21,7 @@ from pipeline_core.identity.keys import differences, fingerprint, provenance_cha
 from pipeline_core.identity.provenance import (
     file_summary,
     input_provenance,
+    local_files,
     model_provenance,
     safetensors_header,
     sampled_digest,
@@ -367,6 +368,20 @@ def test_an_image_jobs_folder_is_known_by_its_images_and_a_text_jobs_without_the
                            for name in input_provenance(loaded, "train")["files"])
               for kind, loaded in (("image", image), ("text", text))}
     assert listed == {"image": ["cat/a.png", "cat/b.jpg", "metadata.jsonl"], "text": ["metadata.jsonl"]}
+
+
+def test_a_safetensors_file_that_is_not_one_has_no_header_digest(tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(struct.pack("<Q", 100) + b'{"w": 1}')  # a header of 100 bytes announced, 8 there
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(b"\xff" * 8 + b"{}")  # a length no file holds: nothing is read
+    assert (safetensors_header(str(truncated)), safetensors_header(str(huge))) == (None, None)
+
+
+def test_a_data_file_gone_since_it_was_listed_leaves_the_others_known(tmp_path):
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    found = local_files([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
+    assert list(found) == [str(tmp_path / "b.jsonl")]
 
 
 def test_arrow_files_are_known_by_size_and_time(tmp_path):
