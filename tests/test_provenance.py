@@ -384,6 +384,11 @@ def test_a_data_file_gone_since_it_was_listed_leaves_the_others_known(tmp_path):
     assert list(found) == [str(tmp_path / "b.jsonl")]
 
 
+def test_a_data_file_inside_an_archive_is_left_to_datasets(tmp_path):
+    job = load_job(write_job(tmp_path, "model", rows(1)), [f"dataset.data_files=zip://rows.jsonl::{tmp_path}/a.zip"])
+    assert input_provenance(job, "train") is None  # zip:// names a file inside an archive, not a remote one
+
+
 def test_arrow_files_are_known_by_size_and_time(tmp_path):
     arrow = tmp_path / "arrows"
     arrow.mkdir()
