@@ -9,6 +9,7 @@ what the store holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -453,3 +454,7 @@ def test_the_inputs_files_on_s3_are_listed_afresh_for_each_provenance(moto, buck
     assert [(name, summary["size"]) for name, summary in first.items()] == [(f"s3://{bucket}/in/day.jsonl", 14)]
     assert [(name, summary["size"]) for name, summary in second.items()] == [
         (f"s3://{bucket}/in/day.jsonl", 25), (f"s3://{bucket}/in/night.jsonl", 14)]
+    # S3's ETag of a single-part upload is its MD5, given without the quotes S3 wraps it in; the time as text
+    day = second[f"s3://{bucket}/in/day.jsonl"]
+    assert day["etag"] == hashlib.md5(b'{"text": "a longer row"}\n').hexdigest()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d.*", day["mtime"])
