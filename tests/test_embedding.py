@@ -366,6 +366,16 @@ def test_the_checkpoints_settings_and_the_keys_that_pick_them_change_the_identit
     assert identity_of(tmp_path, model, "model.pooling=cls") == base  # the same value, set in the job
 
 
+def test_another_tasks_identity_keeps_plain_embedding_keys_over_a_sentence_transformers_checkpoint(tmp_path,
+                                                                                                  tiny_models):
+    """A classifier's run never reads the checkpoint's pooling: its identity keeps what runs of it always recorded."""
+    model = save_checkpoint(tmp_path / "st", tiny_models.embedder)
+    job = write_job(tmp_path, model, rows(1), task="text-classification")
+    values, embedding = job_identity(load_job(job, []), None)
+    assert (values["model.pooling"], values["model.normalize"], embedding) == ("mean", False, None)
+    assert "embedding" not in values
+
+
 def test_a_finished_run_rerun_after_its_checkpoint_changed_its_modules_exits_2(tmp_path, tiny_models, capsys):
     model = save_checkpoint(tmp_path / "st", tiny_models.embedder)
     job = write_job(tmp_path / "run", model, rows(3), task="feature-extraction")

@@ -9,6 +9,7 @@ what the store holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -436,3 +437,24 @@ def _close(end: socket.socket) -> None:
     except OSError:
         pass
     end.close()
+
+
+def test_the_inputs_files_on_s3_are_listed_afresh_for_each_provenance(moto, bucket):
+    """A rerun's provenance must see files changed since the last one listed them: a cached filesystem instance
+    would answer from its earlier listing."""
+    from pipeline_core.identity.provenance import remote_files
+
+    options = {"endpoint_url": moto, "key": "testing", "secret": "testing"}
+    fs = moto_fs(moto)
+    fs.pipe(f"{bucket}/in/day.jsonl", b'{"text": "a"}\n')
+    first = remote_files([f"s3://{bucket}/in/*.jsonl"], options)
+    fs.pipe(f"{bucket}/in/day.jsonl", b'{"text": "a longer row"}\n')
+    fs.pipe(f"{bucket}/in/night.jsonl", b'{"text": "b"}\n')
+    second = remote_files([f"s3://{bucket}/in/*.jsonl"], options)
+    assert [(name, summary["size"]) for name, summary in first.items()] == [(f"s3://{bucket}/in/day.jsonl", 14)]
+    assert [(name, summary["size"]) for name, summary in second.items()] == [
+        (f"s3://{bucket}/in/day.jsonl", 25), (f"s3://{bucket}/in/night.jsonl", 14)]
+    # S3's ETag of a single-part upload is its MD5, given without the quotes S3 wraps it in; the time as text
+    day = second[f"s3://{bucket}/in/day.jsonl"]
+    assert day["etag"] == hashlib.md5(b'{"text": "a longer row"}\n').hexdigest()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d.*", day["mtime"])

@@ -21,6 +21,7 @@ from pipeline_core.identity.keys import differences, fingerprint, provenance_cha
 from pipeline_core.identity.provenance import (
     file_summary,
     input_provenance,
+    local_files,
     model_provenance,
     safetensors_header,
     sampled_digest,
@@ -101,6 +102,8 @@ def test_a_copy_of_the_model_keeps_its_identity(finished, model, tmp_path):
     job = load_job(finished, [])
     moved = load_job(finished, [f"model.name={copy}"])
     assert model_provenance(moved)["digest"] == model_provenance(job)["digest"]
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")  # an edit does change it
+    assert model_provenance(moved)["digest"] != model_provenance(job)["digest"]
 
 
 def test_weights_with_other_tensors_are_named_by_their_header_too(tmp_path):
@@ -127,6 +130,7 @@ def test_documentation_and_hidden_files_of_the_model_are_left_out(finished, mode
     (model / "README.md").write_text("# a model card edited mid-run")
     (model / ".cache").mkdir()
     (model / ".cache" / "state.json").write_text("{}")
+    (model / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     caplog.set_level("INFO", logger="batchrun")
     assert run(finished) == 0
     assert "nothing to do" in caplog.text
@@ -168,6 +172,11 @@ def test_weights_are_read_only_in_sampled_blocks(tmp_path, monkeypatch):
     bin_file.write_bytes(b"y" * 2_000_000)  # rewritten: every block differs
     assert provenance.changed_files(before["files"], model_provenance(job)["files"]) == [
         "pytorch_model.bin (content)"]
+    rewritten = model_provenance(job)["files"]["pytorch_model.bin"]
+    tail = bytearray(bin_file.read_bytes())
+    tail[-1] = ord("z")  # the last block ends at the file's last byte
+    bin_file.write_bytes(bytes(tail))
+    assert model_provenance(job)["files"]["pytorch_model.bin"] != rewritten
 
 
 class Reading:
@@ -300,10 +309,29 @@ def test_a_hub_models_new_commit_is_named_and_an_unknown_one_is_not_compared(tmp
     assert differences(before, job_identity(job, None)[0]) == []
 
 
+def test_a_provenance_of_another_kind_is_named_by_both_kinds():
+    files = {"kind": "files", "files": {"/data/day.jsonl": {"size": 14, "mtime_ns": 1}}}
+    assert provenance_changes("input", files, {"kind": "saved", "fingerprint": "f00d"}) == ["input: files -> saved"]
+    local = {"kind": "local", "digest": "d", "files": {}}
+    assert provenance_changes("model", {"kind": "hub", "commit": SHA_A}, local) == ["model: hub -> local"]
+
+
+def test_every_changed_file_is_named_in_one_change():
+    old = {"kind": "local", "files": {"config.json": {"sha256": "a"}, "tokenizer.json": {"sha256": "t"},
+                                      "vocab.txt": {"sha256": "b"}}}
+    grown = {"size": 2**27, "samples": "s"}  # a file now over SMALL_FILE: known by size and samples
+    new = {"kind": "local", "files": {"config.json": {"sha256": "c"}, "tokenizer.json": grown}}
+    assert provenance_changes("model", old, new) == [
+        "model files changed: config.json (content), tokenizer.json (content), vocab.txt (gone)"]
+
+
 def test_a_hub_datasets_commit_comes_from_the_cache(tmp_path, hub_cache):
     fake_hub_cache(hub_cache, "datasets--org--rows", {"main": SHA_A})
     job = load_job(write_job(tmp_path, "model", rows(1)), ["dataset.path=org/rows", "dataset.data_files=null"])
     assert input_provenance(job, "train") == {"kind": "hub", "commit": SHA_A}
+    fake_hub_cache(hub_cache, "datasets--org--rows", {"v1": SHA_B})
+    assert input_provenance(load_job(tmp_path / "job.yaml", ["dataset.path=org/rows", "dataset.data_files=null",
+                                                            "dataset.revision=v1"]), "train")["commit"] == SHA_B
 
 
 def test_a_saved_datasets_fingerprint_is_its_identity(tmp_path):
@@ -317,6 +345,49 @@ def test_a_saved_datasets_fingerprint_is_its_identity(tmp_path):
     assert input_provenance(job, "test") == {"kind": "saved", "fingerprint": "beef"}
     assert provenance_changes("input", {"kind": "saved", "fingerprint": "f00d"},
                               {"kind": "saved", "fingerprint": "cafe"}) == ["input fingerprint f00d -> cafe"]
+
+
+def test_a_saved_dataset_without_splits_is_known_by_its_own_fingerprint_for_any_split(tmp_path):
+    saved = tmp_path / "saved"  # a Dataset's layout: state.json at the top, no folder per split
+    saved.mkdir()
+    (saved / "state.json").write_text(json.dumps({"_fingerprint": "f00d"}))
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"arrow")
+    job = load_job(write_job(tmp_path, "model", rows(1)), [f"dataset.path={saved}", "dataset.data_files=null"])
+    assert input_provenance(job, "train") == {"kind": "saved", "fingerprint": "f00d"}
+
+
+def test_an_image_jobs_folder_is_known_by_its_images_and_a_text_jobs_without_them(tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "cat").mkdir(parents=True)
+    for name in ("cat/a.png", "cat/b.jpg", "README.md", "metadata.jsonl"):
+        (folder / name).write_bytes(b"x")
+    job = write_job(tmp_path, "model", rows(1))
+    image = load_job(job, ["task=image-classification", f"dataset.path={folder}", "dataset.data_files=null",
+                           "dataset.input_column=null", "dataset.image_column=image"])
+    text = load_job(job, [f"dataset.path={folder}", "dataset.data_files=null"])
+    listed = {kind: sorted(Path(name).relative_to(folder).as_posix()
+                           for name in input_provenance(loaded, "train")["files"])
+              for kind, loaded in (("image", image), ("text", text))}
+    assert listed == {"image": ["cat/a.png", "cat/b.jpg", "metadata.jsonl"], "text": ["metadata.jsonl"]}
+
+
+def test_a_safetensors_file_that_is_not_one_has_no_header_digest(tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(struct.pack("<Q", 100) + b'{"w": 1}')  # a header of 100 bytes announced, 8 there
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(b"\xff" * 8 + b"{}")  # a length no file holds: nothing is read
+    assert (safetensors_header(str(truncated)), safetensors_header(str(huge))) == (None, None)
+
+
+def test_a_data_file_gone_since_it_was_listed_leaves_the_others_known(tmp_path):
+    (tmp_path / "b.jsonl").write_text("{}\n")
+    found = local_files([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
+    assert list(found) == [str(tmp_path / "b.jsonl")]
+
+
+def test_a_data_file_inside_an_archive_is_left_to_datasets(tmp_path):
+    job = load_job(write_job(tmp_path, "model", rows(1)), [f"dataset.data_files=zip://rows.jsonl::{tmp_path}/a.zip"])
+    assert input_provenance(job, "train") is None  # zip:// names a file inside an archive, not a remote one
 
 
 def test_arrow_files_are_known_by_size_and_time(tmp_path):
@@ -343,6 +414,8 @@ def test_remote_files_are_known_by_what_fsspec_reports_and_a_failed_lookup_is_un
     assert found["kind"] == "remote"
     assert [(name, summary["size"]) for name, summary in found["files"].items()] == [
         ("memory:///provenance-test/day.jsonl", 14)]
+    plain = load_job(tmp_path / "job.yaml", ["dataset.data_files=memory://provenance-test/day.jsonl"])  # no wildcard
+    assert input_provenance(plain, "train") == found
     broken = load_job(tmp_path / "job.yaml", ["dataset.data_files=nosuchprotocol://bucket/day.jsonl"])
     assert input_provenance(broken, "train") == {"kind": "remote", "files": None}
     assert provenance_changes("input", found, {"kind": "remote", "files": None}) == []
