@@ -78,8 +78,10 @@ def preview_served(job: Job) -> ModelPreview:
 
 def engine_settings(job: Job, config) -> EngineSettings:
     generation = preview_generation_config(job, config) if config is not None else _task_defaults(job)
-    return EngineSettings(engine_kind(job), api_of(job), job.get("model.engine.url"),
-                          request_fields(job, generation))
+    url = job.get("model.engine.url")
+    command = None if url else server_command(engine_kind(job), job.get("model.engine.command"),
+                                              job.get("model.engine.args"))
+    return EngineSettings(engine_kind(job), api_of(job), url, request_fields(job, generation), command)
 
 
 def served_identity(job: Job, preview: ModelPreview) -> dict:
@@ -88,8 +90,7 @@ def served_identity(job: Job, preview: ModelPreview) -> dict:
     settings = engine_settings(job, preview.config)
     values = {"kind": settings.kind, "api": settings.api, "request": settings.fields}
     if settings.started:
-        values["command"] = server_command(settings.kind, job.get("model.engine.command"),
-                                           job.get("model.engine.args"))
+        values["command"] = settings.command
     else:
         values["served_model"] = served_model(job, served_models(settings.url, request_headers(job)), settings.url)
     return values
@@ -288,8 +289,7 @@ class ServedEngine:
         job, settings, started = self.job, self.settings, time.perf_counter()
         headers = request_headers(job)
         if settings.started:
-            command = server_command(settings.kind, job.get("model.engine.command"), job.get("model.engine.args"))
-            self.server = ServerProcess(command, job.get("model.name"), self.server_device,
+            self.server = ServerProcess(settings.command, job.get("model.name"), self.server_device,
                                         job.get("model.engine.startup_timeout"), job.get("model.engine.restarts"),
                                         _visible_devices(settings.kind, self.server_device, self.pinned))
             self.server.start(lambda: self.stop.requested)
@@ -335,8 +335,7 @@ class ServedEngine:
                 "dtype": None, "hf_device_map": None, "generation_config": settings.fields, "input_prefix": None,
                 "embedding": None,
                 "engine": {"kind": settings.kind, "api": settings.api, "served_model": self.model_id,
-                           "command": server_command(settings.kind, job.get("model.engine.command"),
-                                                     job.get("model.engine.args")) if settings.started else None},
+                           "command": settings.command},
                 "stages": [{"name": name, "seconds": round(seconds, 4)} for name, seconds in self.stages]}
 
 

@@ -31,6 +31,7 @@ class EngineSettings:
     api: str  # completions or chat
     url: str | None  # a running server's; None: batchrun starts one
     fields: dict  # added to every request: the generation settings as API fields, then model.engine.request
+    command: list[str] | None  # a started server's, placeholders unfilled (engines/server.py); None for a URL
 
     @property
     def started(self) -> bool:
